@@ -1,0 +1,204 @@
+"""`InterpretableModel`: the wrapper users hold. It names modules, runs traces and hands analyses
+to the experiments layer; it computes nothing itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxterp.tracing.inputs import Inputs, to_token_array
+from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
+from mlxterp.tracing.trace import Intervention, Trace, TraceError
+
+
+class InterpretableModel:
+    """Wrap any MLX module to read and change what its modules compute.
+
+    `model.model` is the wrapped module, so full module names read `model.model.layers.3.mlp`
+    for an mlx-lm model; any dot-boundary suffix (`layers.3.mlp`) works as a key.
+
+    Example:
+        >>> base, tokenizer = mlxterp.load("smollm2-135m")
+        >>> model = InterpretableModel(base, tokenizer=tokenizer)
+        >>> with model.trace("The capital of France is"):
+        ...     logits = model.output.save()
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"InterpretableModel wraps an mlx.nn.Module; got {type(model).__name__}."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self._tree = ModuleTree(model)
+        self._active: Trace | None = None
+
+    # -- running -------------------------------------------------------------------------------
+
+    def __call__(self, inputs: Inputs, *args, **kwargs):
+        """Run the wrapped model on `inputs`; with no trace active this is the bare model."""
+        return self.model(self._tokens(inputs), *args, **kwargs)
+
+    def trace(
+        self,
+        inputs: Inputs,
+        interventions: Mapping[str, Intervention] | None = None,
+        capture: Iterable[str] | None = None,
+    ) -> Trace:
+        """A forward pass to read activations from and intervene on, as a context manager.
+
+        Args:
+            inputs: a string, a list of strings of equal token length, token ids (a list, a
+                list of lists, or an mx.array).
+            interventions: `{key: fn}`; `fn(activation) -> activation` replaces the output of
+                the module `key` (or its input, for keys ending in `:input`).
+            capture: record only these keys (faster, and nothing else is kept alive); by
+                default every module's input and output is recorded.
+
+        Example:
+            >>> with model.trace(corrupted, interventions={"layers.10.mlp": iv.zero_out}):
+            ...     logits = model.output.save()
+        """
+        if self._active is not None:
+            raise TraceError(
+                "a trace is already running on this model; traces cannot be nested. Finish "
+                "the outer `with model.trace(...)` block first."
+            )
+        trace = Trace(self.model, self._tree, self._tokens(inputs), interventions, capture,
+                      on_exit=self._end_trace)
+        self._active = trace
+        return trace
+
+    def _end_trace(self) -> None:
+        self._active = None
+
+    def _tokens(self, inputs: Inputs) -> mx.array:
+        return to_token_array(inputs, self.tokenizer, self._embedding_rows())
+
+    def _embedding_rows(self) -> int | None:
+        rows = [m.weight.shape[0] for m in self._tree.modules.values()
+                if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
+        return max(rows) if rows else None
+
+    def _current_trace(self, what: str) -> Trace:
+        if self._active is None:
+            raise TraceError(f"{what} is only available inside a `with model.trace(...)` block.")
+        return self._active
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @property
+    def output(self) -> ActivationProxy:
+        """The model's output in the current trace: `model.output.save()`."""
+        return ActivationProxy(self, OUTPUT_KEY)
+
+    @property
+    def layers(self) -> LayerList:
+        """The model's blocks, in order; each has `.output` and its sub-modules (`.mlp`, ...)."""
+        return LayerList(self)
+
+    def module_names(self) -> list[str]:
+        """Full names of every module, in tree order."""
+        return list(self._tree.modules)
+
+    def resolve(self, key: str) -> str:
+        """The full module name a (short) key stands for, e.g. `layers.3.mlp`."""
+        return self._tree.resolve(key)
+
+    # -- tokenizer helpers ---------------------------------------------------------------------
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise TraceError("this model was wrapped without a tokenizer; pass tokenizer=...")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, as the model sees it (with BOS where the model adds one)."""
+        return list(self._require_tokenizer().encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids."""
+        return self._require_tokenizer().decode(list(ids))
+
+    def token_to_str(self, token_id: int) -> str:
+        """The text of one token."""
+        return self.decode([token_id])
+
+    def to_str_tokens(self, text_or_ids: str | Sequence[int]) -> list[str]:
+        """Each token of a text (or id list) as its own string."""
+        ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+        return [self.token_to_str(i) for i in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding (the logit width of a language model)."""
+        rows = self._embedding_rows()
+        return rows if rows is not None else len(self._require_tokenizer().vocab)
+
+
+class ActivationProxy:
+    """An activation by name, read from the current trace with `.save()`."""
+
+    def __init__(self, owner: InterpretableModel, key: str):
+        self._owner, self._key = owner, key
+
+    def save(self) -> mx.array:
+        """The activation in the current trace (an mx.array that stays valid after the block)."""
+        return self._owner._current_trace(f"{self._key}.save()").activations[self._key]
+
+    def __repr__(self) -> str:
+        return f"ActivationProxy({self._key!r})"
+
+
+class ModuleProxy:
+    """A module by name: `.output`, `.input` and its sub-modules as attributes."""
+
+    def __init__(self, owner: InterpretableModel, name: str):
+        self._owner, self.name = owner, name
+
+    @property
+    def output(self) -> ActivationProxy:
+        return ActivationProxy(self._owner, self.name)
+
+    @property
+    def input(self) -> ActivationProxy:
+        return ActivationProxy(self._owner, f"{self.name}:input")
+
+    def __getattr__(self, attr: str) -> ModuleProxy:
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        child = f"{self.name}.{attr}"
+        if child not in self._owner._tree.modules:
+            children = sorted({n[len(self.name) + 1:].split(".")[0]
+                               for n in self._owner._tree.modules if n.startswith(self.name + ".")})
+            raise UnknownModuleError(
+                f"{self.name!r} has no sub-module {attr!r}; its sub-modules are {children}."
+            )
+        return ModuleProxy(self._owner, child)
+
+    def __repr__(self) -> str:
+        return f"ModuleProxy({self.name!r})"
+
+
+class LayerList(Sequence):
+    """The model's blocks as proxies: `model.layers[3].mlp.output.save()`."""
+
+    def __init__(self, owner: InterpretableModel):
+        self._owner = owner
+        self._names = owner._tree.blocks
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [ModuleProxy(self._owner, n) for n in self._names[index]]
+        if not -len(self) <= index < len(self):
+            raise IndexError(
+                f"layer {index} is out of range: the model has {len(self)} layers "
+                f"(0 to {len(self) - 1})."
+            )
+        return ModuleProxy(self._owner, self._names[index])

@@ -1,0 +1,141 @@
+"""`load()`: a real model and its tokenizer from a bundled name, a GGUF file or anything mlx-lm loads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxterp.errors import ModelLoadError
+from mlxterp.models.bundled import BUNDLED
+from mlxterp.models.gguf import convert_gguf
+
+# Bump when the conversion changes, so that folders converted by older code are not reused.
+CONVERTER_VERSION = 1
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$MLXTERP_CACHE`, else `~/.cache/mlxterp`."""
+    return Path(os.environ.get("MLXTERP_CACHE") or Path.home() / ".cache" / "mlxterp")
+
+
+def default_dtype() -> mx.Dtype:
+    """float32 on the CPU (half-precision matmuls are slow there), bfloat16 on a GPU."""
+    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+
+
+def _resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype:
+    if dtype is None:
+        return default_dtype()
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ModelLoadError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
+    return dtype
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_folder(gguf_path: Path, dtype: mx.Dtype, quantized: bool) -> Path:
+    """The mlx-lm folder for a GGUF file, converting it on first use.
+
+    The folder is keyed by the file's sha256, the dtype and the quantized flag. A conversion is
+    written to a temporary folder and renamed into place only when complete, so a conversion
+    that was interrupted is never read.
+    """
+    key = f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}-{_dtype_name(dtype)}"
+    key += f"{'-quantized' if quantized else ''}-v{CONVERTER_VERSION}"
+    folder = cache_dir() / "models" / key
+    if folder.is_dir():
+        return folder
+    staging = folder.with_name(f".partial-{key}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        convert_gguf(gguf_path, staging, dtype, quantized)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # only a concurrent conversion that finished first is fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _unknown_name(name: str) -> ModelLoadError:
+    bundled = "\n".join(f"  {m.name:14s} {m.description}" for m in BUNDLED.values())
+    return ModelLoadError(
+        f"unknown model {name!r}. Bundled models (no network needed):\n{bundled}\n"
+        "Other models: a path to a .gguf file, a local mlx-lm folder, or a hub id of the form "
+        "'org/name' (e.g. 'mlx-community/Llama-3.2-1B-Instruct-4bit')."
+    )
+
+
+def load(
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    dtype: mx.Dtype | str | None = None,
+    quantized: bool = False,
+) -> tuple[nn.Module, object]:
+    """Load a model and its tokenizer, like `mlx_lm.load`, with bundled models that need no network.
+
+    Args:
+        name_or_path: a bundled name (`"smollm2-135m"`, `"gemma3-270m"`), a `.gguf` file of a
+            supported architecture (llama, gemma3), a local mlx-lm folder, or a hub id `org/name`
+            (passed to `mlx_lm.load` unchanged).
+        dtype: `mx.float32`, `mx.bfloat16`, `mx.float16` or their names. Default: float32 on the
+            CPU, bfloat16 on a GPU.
+        quantized: for GGUF files, keep Q4_0/Q4_1/Q8_0 weights as MLX affine quantized weights
+            (group size 32, exact repacking) instead of dequantizing them. Saves memory; logits
+            are then close to, not equal to, the float32 ones (see docs/models.md).
+
+    Returns:
+        `(model, tokenizer)`, the tokenizer being mlx-lm's `TokenizerWrapper`.
+
+    Example:
+        >>> model, tokenizer = mlxterp.load("smollm2-135m")
+        >>> tokenizer.encode("The capital of France is")
+        [504, 3575, 282, 4649, 314]
+    """
+    import mlx_lm
+
+    explicit_dtype = dtype is not None
+    dtype = _resolve_dtype(dtype)
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if name in BUNDLED:
+        gguf_path = BUNDLED[name].gguf_path(cache_dir())
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        gguf_path = path
+    else:
+        if not path.is_dir() and name.count("/") != 1:
+            raise _unknown_name(name)
+        if quantized:
+            raise ModelLoadError(
+                "quantized=True applies to GGUF files; an mlx-lm model keeps the quantization "
+                "it was saved with."
+            )
+        model, tokenizer = mlx_lm.load(name)
+        if explicit_dtype:
+            model.set_dtype(dtype)
+        return model, tokenizer
+    return mlx_lm.load(str(converted_folder(gguf_path, dtype, quantized)))

@@ -1,0 +1,132 @@
+"""Module names: every module of a model by its path, and short keys resolved to full names.
+
+A module's full name is its path from the wrapper, whose attribute `model` is the wrapped module:
+`model.model.layers.10.mlp` in an mlx-lm Llama. A key given by a user is a full name or any
+suffix of one that starts at a dot (`layers.10.mlp`, `10.mlp`).
+
+Two suffixes address more than a module's output:
+- `name:input` is the first positional argument the module was called with (for `o_proj`, the
+  concatenated head outputs),
+- `name#k` is the k-th call (from 0) of a module called several times in one forward; `name`
+  alone is its first call when read, and every call when intervened on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxterp.errors import MlxterpError
+
+ROOT = "model"
+OUTPUT_KEY = "output"  # the key of the model's own output in `trace.activations`
+
+_SITE = re.compile(r"^(?P<module>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<input>input))?$")
+
+
+def _natural(name: str) -> list:
+    """Sort key that orders `layers.2` before `layers.10`."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
+
+
+class UnknownModuleError(MlxterpError, KeyError):
+    """A key that names no module, or several."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an activation lives: a module, which call of it, and its output or its input."""
+
+    module: str  # full name
+    call: int | None = None  # None: the first call when read, every call when intervened on
+    is_input: bool = False
+
+    @property
+    def key(self) -> str:
+        call = "" if self.call is None else f"#{self.call}"
+        return f"{self.module}{call}{':input' if self.is_input else ''}"
+
+
+class ModuleTree:
+    """All modules of a model by full name, with the one list of blocks the model runs through.
+
+    Example:
+        >>> tree = ModuleTree(mlx_lm_llama)
+        >>> tree.resolve("layers.10.mlp")
+        'model.model.layers.10.mlp'
+    """
+
+    def __init__(self, model: nn.Module):
+        named = {f"{ROOT}.{path}" if path else ROOT: m for path, m in model.named_modules()}
+        self.modules: dict[str, nn.Module] = {name: named[name] for name in sorted(named, key=_natural)}
+        self.blocks_name = self._find_blocks()
+
+    def _find_blocks(self) -> str | None:
+        """The module list holding the most parameters: the blocks a transformer iterates over.
+
+        Every mlx-lm model keeps its blocks in one list (`layers`, `h`, `blocks`, ...); weighing
+        lists by parameter count picks the language model's over, say, a list of two norms.
+        """
+        best, best_size = None, 0
+        for name, module in self.modules.items():
+            for attr, value in module.items():
+                if isinstance(value, list) and value and all(isinstance(v, nn.Module) for v in value):
+                    size = sum(p.size for m in value for _, p in tree_flatten(m.parameters()))
+                    if size > best_size:
+                        best, best_size = f"{name}.{attr}", size
+        return best
+
+    @property
+    def blocks(self) -> list[str]:
+        """Full names of the blocks, in order (empty when the model has no list of modules)."""
+        if self.blocks_name is None:
+            return []
+        count = sum(1 for name in self.modules if name.rpartition(".")[0] == self.blocks_name)
+        return [f"{self.blocks_name}.{i}" for i in range(count)]
+
+    def resolve(self, key: str) -> str:
+        """The full module name a key addresses; a clear error when it matches none or several."""
+        if key in self.modules:
+            return key
+        matches = [name for name in self.modules if name.endswith("." + key)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            close = difflib.get_close_matches(key, self._short_names(key), n=5, cutoff=0.5)
+            hint = f" Closest names: {', '.join(close)}." if close else ""
+            raise UnknownModuleError(f"no module matches {key!r}.{hint}")
+        shown = ", ".join(matches[:8]) + (f", ... ({len(matches)} in all)" if len(matches) > 8 else "")
+        raise UnknownModuleError(
+            f"{key!r} matches several modules: {shown}. Use a longer key, e.g. {matches[0]!r}."
+        )
+
+    def _short_names(self, key: str) -> list[str]:
+        """Each module name cut to as many dot-parts as the key has, for close-match hints."""
+        parts = key.count(".") + 1
+        return sorted({".".join(name.split(".")[-parts:]) for name in self.modules} | set(self.modules))
+
+    def site(self, key: str) -> Site:
+        """Parse and resolve an activation key such as `layers.3.self_attn.o_proj#0:input`."""
+        match = _SITE.match(key)
+        if match is None:
+            raise UnknownModuleError(
+                f"{key!r} is not an activation key; use a module name, optionally followed by "
+                "#k (its k-th call) and :input (its input), e.g. 'layers.3.self_attn.o_proj:input'."
+            )
+        call = match["call"]
+        return Site(self.resolve(match["module"]), None if call is None else int(call),
+                    match["input"] is not None)
+
+    def canonical_key(self, key: str) -> str:
+        """The key a trace stores an activation under: full name, with `#k` only past call 0."""
+        if key == OUTPUT_KEY:
+            return key
+        site = self.site(key)
+        return Site(site.module, site.call or None, site.is_input).key

@@ -1,0 +1,219 @@
+"""A traced forward pass: what every intercepted module was called with and returned, and the
+interventions applied on the way.
+
+Nothing here evaluates: activations are MLX's lazy arrays, computed when the user evaluates
+them (or anything that depends on them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxterp.errors import MlxterpError
+from mlxterp.tracing.intercept import intercepted
+from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, Site, UnknownModuleError
+
+Intervention = Callable[[mx.array], mx.array]
+
+
+class TraceError(MlxterpError, RuntimeError):
+    """A trace used wrongly, or an intervention that did not do what it was asked to."""
+
+
+class NotRecordedError(MlxterpError, KeyError):
+    """An activation that exists by name but was not recorded in this trace."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass
+class _Planned:
+    site: Site
+    fn: Intervention
+    ran: int = 0
+
+
+class Activations(Mapping):
+    """Recorded activations by key; short keys (`layers.3.mlp`) resolve like intervention keys."""
+
+    def __init__(self, tree: ModuleTree, store: dict[str, object]):
+        self._tree, self._store = tree, store
+
+    def __getitem__(self, key: str):
+        canonical = self._tree.canonical_key(key)
+        if canonical not in self._store:
+            raise NotRecordedError(
+                f"{canonical!r} was not recorded in this trace: the module was not called that "
+                "often in the forward pass, or the trace's `capture` list left it out."
+            )
+        return self._store[canonical]
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        try:
+            return self._tree.canonical_key(key) in self._store
+        except UnknownModuleError:
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._store)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+class Trace:
+    """One forward pass with recording and interventions; made by `InterpretableModel.trace`.
+
+    The forward pass runs when the `with` block is entered. Inside the block, `activations`
+    holds every recorded activation by full name (and `"output"`, the model's output); after
+    the block the trace lets go of them, keeping only what was `.save()`d.
+
+    Example:
+        >>> with model.trace("The capital of France is") as trace:
+        ...     mlp = trace.activations["layers.10.mlp"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tree: ModuleTree,
+        inputs: mx.array,
+        interventions: Mapping[str, Intervention] | None = None,
+        capture: Iterable[str] | None = None,
+        on_exit: Callable[[], None] = lambda: None,
+    ):
+        self._model, self._tree, self._inputs, self._on_exit = model, tree, inputs, on_exit
+        self._planned = [_Planned(tree.site(key), _check_callable(key, fn))
+                         for key, fn in (interventions or {}).items()]
+        self._capture = None if capture is None else {
+            tree.canonical_key(key) for key in capture
+        }
+        self._store: dict[str, object] = {}
+        self._calls: Counter[str] = Counter()
+        self._open = False
+        self._done = False
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _probed_modules(self) -> list[str]:
+        if self._capture is None:
+            modules = set(self._tree.modules) - {"model"}
+        else:
+            modules = {self._tree.site(key).module for key in self._capture if key != OUTPUT_KEY}
+        modules |= {plan.site.module for plan in self._planned}
+        return sorted(modules)
+
+    def _wants(self, key: str) -> bool:
+        return self._capture is None or key in self._capture
+
+    def _handle_call(self, name: str, module: nn.Module, args: tuple, kwargs: dict):
+        call = self._calls[name]
+        self._calls[name] += 1
+        key = name if call == 0 else f"{name}#{call}"
+        plans = [p for p in self._planned if p.site.module == name and p.site.call in (None, call)]
+        if args:
+            x = args[0]
+            for plan in plans:
+                if plan.site.is_input:
+                    x = _apply(plan, x)
+            args = (x, *args[1:])
+            if self._wants(f"{key}:input"):
+                self._store[f"{key}:input"] = x
+        out = module(*args, **kwargs)
+        for plan in plans:
+            if not plan.site.is_input:
+                out = _apply(plan, out)
+        if self._wants(key):
+            self._store[key] = out
+        return out
+
+    def __enter__(self) -> Trace:
+        if self._done:
+            raise TraceError("this trace has already run; start a new `with model.trace(...)`.")
+        self._open = True
+        try:
+            with intercepted(self._tree, self._probed_modules(), self._handle_call):
+                output = self._model(self._inputs)
+            self._check_interventions_ran()
+        except BaseException:
+            self._close()
+            raise
+        self._store[OUTPUT_KEY] = output
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._open, self._done = False, True
+        self._store = {}
+        self._on_exit()
+
+    def _check_interventions_ran(self) -> None:
+        for plan in self._planned:
+            if plan.ran == 0:
+                calls = self._calls[plan.site.module]
+                raise TraceError(
+                    f"the intervention on {plan.site.key!r} never ran: the module was called "
+                    f"{calls} time(s) in this forward pass."
+                    + (" A module's calls are numbered from #0." if plan.site.call else "")
+                )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _require_open(self, what: str) -> None:
+        if not self._open:
+            raise TraceError(
+                f"{what} is only available inside the `with model.trace(...)` block; "
+                "inside it, keep what you need with `.save()` or by assigning the array."
+            )
+
+    @property
+    def activations(self) -> Activations:
+        """Recorded activations by key (full or short module name, `#k`, `:input`, `"output"`)."""
+        self._require_open("trace.activations")
+        return Activations(self._tree, self._store)
+
+    @property
+    def output(self) -> mx.array:
+        """The model's output (logits for a language model)."""
+        self._require_open("trace.output")
+        return self._store[OUTPUT_KEY]
+
+
+def _check_callable(key: str, fn: object) -> Intervention:
+    if not callable(fn):
+        raise TypeError(
+            f"the intervention for {key!r} is a {type(fn).__name__}, not a function. Use a "
+            "callable activation -> activation, e.g. iv.replace_with(array) or iv.scale(0.5)."
+        )
+    return fn
+
+
+def _apply(plan: _Planned, x):
+    """Run one intervention, checking that it kept the activation's shape and dtype."""
+    y = plan.fn(x)
+    plan.ran += 1
+    if isinstance(x, mx.array):
+        if not isinstance(y, mx.array):
+            raise TraceError(
+                f"the intervention on {plan.site.key!r} returned {type(y).__name__}; "
+                f"it must return an mx.array of shape {tuple(x.shape)}."
+            )
+        if y.shape != x.shape:
+            raise TraceError(
+                f"the intervention on {plan.site.key!r} returned shape {tuple(y.shape)}; "
+                f"the activation has shape {tuple(x.shape)}."
+            )
+        if y.dtype != x.dtype:
+            # A float32 vector added to a bfloat16 model must not turn every later layer float32.
+            y = y.astype(x.dtype)
+    return y
