@@ -6,8 +6,13 @@ Example:
     >>> model = InterpretableModel(*mlxterp.load("smollm2-135m"))
 """
 
-from mlxterp import interventions
-from mlxterp.model import InterpretableModel
-from mlxterp.models import load
+import os
+
+# transformers warns at import that torch is missing; mlxterp only uses its tokenizers.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from mlxterp import interventions  # noqa: E402
+from mlxterp.model import InterpretableModel  # noqa: E402
+from mlxterp.models import load  # noqa: E402
 
 __all__ = ["InterpretableModel", "interventions", "load"]
