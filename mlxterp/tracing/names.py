@@ -67,6 +67,11 @@ class ModuleTree:
         named = {f"{ROOT}.{path}" if path else ROOT: m for path, m in model.named_modules()}
         self.modules: dict[str, nn.Module] = {name: named[name] for name in sorted(named, key=_natural)}
         self.blocks_name = self._find_blocks()
+        # Full names of the blocks, in order (empty when the model has no list of modules).
+        self.blocks: list[str] = []
+        if self.blocks_name is not None:
+            owner, _, attr = self.blocks_name.rpartition(".")
+            self.blocks = [f"{self.blocks_name}.{i}" for i in range(len(self.modules[owner][attr]))]
 
     def _find_blocks(self) -> str | None:
         """The module list holding the most parameters: the blocks a transformer iterates over.
@@ -82,14 +87,6 @@ class ModuleTree:
                     if size > best_size:
                         best, best_size = f"{name}.{attr}", size
         return best
-
-    @property
-    def blocks(self) -> list[str]:
-        """Full names of the blocks, in order (empty when the model has no list of modules)."""
-        if self.blocks_name is None:
-            return []
-        count = sum(1 for name in self.modules if name.rpartition(".")[0] == self.blocks_name)
-        return [f"{self.blocks_name}.{i}" for i in range(count)]
 
     def resolve(self, key: str) -> str:
         """The full module name a key addresses; a clear error when it matches none or several."""

@@ -1,0 +1,248 @@
+"""The one engine that runs patch sites, and the naive procedure it must agree with.
+
+Both return the metric of every run: clean, corrupted, and one patched run per site and pair.
+
+The engine runs many patches in one forward pass. The batch starts as the clean and corrupted
+prompts; when the forward reaches block l, it appends one copy of the receiving row (the
+corrupted one, when denoising) for every site patched in block l, and the patch of each copied
+row takes the donor's value from the donor's own row of the same batch, so no activation cache
+is needed. Blocks below l are computed once for all the sites of block l and above, instead of
+once per site. After the last block only the measured position goes on to the unembedding.
+This relies on the model calling its block list once each, in order, with the residual stream
+as the first argument, and on nothing after the blocks mixing positions: true of every mlx-lm
+model. Where the blocks are not called in order, the engine falls back to putting every row in
+the batch from the start, and warns.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlxterp.errors import MlxterpError
+from mlxterp.experiments.metrics import Metric, evaluate
+from mlxterp.experiments.sites import PatchSite
+from mlxterp.tracing.intercept import intercepted
+
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one forward may hold
+
+
+class PatchNotAppliedError(MlxterpError, RuntimeError):
+    """A patch site whose module never ran: patching it would silently measure nothing."""
+
+
+@dataclass
+class SweepValues:
+    """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites."""
+
+    clean: np.ndarray  # (pairs,)
+    corrupted: np.ndarray  # (pairs,)
+    patched: np.ndarray  # (pairs, sites)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """A patched row of the batch: its site, the base row it copies, the base row it takes from."""
+
+    site: PatchSite
+    pair: int
+    receiver: int
+    donor: int
+
+
+def _rows(sites: Sequence[PatchSite], pairs: int, direction: str) -> list[_Row]:
+    """Patched rows, pair-major. Base rows are clean 0..pairs-1, then corrupted."""
+    rows = []
+    for pair in range(pairs):
+        clean, corrupted = pair, pairs + pair
+        receiver, donor = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+        rows += [_Row(site, pair, receiver, donor) for site in sites]
+    return rows
+
+
+class _BlocksOutOfOrder(Exception):
+    """Raised inside a forward when the model does not call its blocks once each, in order."""
+
+
+class _BatchedForward:
+    """One forward pass of base rows plus patched rows; see the module docstring."""
+
+    def __init__(self, model, tokens: mx.array, rows: list[_Row], position: int, grow: bool):
+        self.model, self.rows, self.position, self.grow = model, rows, position, grow
+        self.base = tokens.shape[0]
+        self.blocks = {name: i for i, name in enumerate(model._tree.blocks)}
+        self.next_block = 0
+        # Final batch index of every patched row: rows entering at earlier blocks come first.
+        order = sorted(range(len(rows)), key=lambda i: rows[i].site.layer) if grow else range(len(rows))
+        self.index = {row_id: self.base + slot for slot, row_id in enumerate(order)}
+        self.entering = defaultdict(list)  # layer -> row ids appended at that block's input
+        for row_id in order:
+            self.entering[rows[row_id].site.layer if grow else -1].append(row_id)
+        self.patches = defaultdict(list)  # activation key -> row ids patched there
+        for row_id, row in enumerate(rows):
+            self.patches[row.site.key].append(row_id)
+        self.applied: set[str] = set()
+        if not grow:  # every row in the batch from the start
+            receivers = [rows[i].receiver for i in self.entering[-1]]
+            tokens = mx.concatenate([tokens, tokens[mx.array(receivers, dtype=mx.int32)]]) \
+                if receivers else tokens
+        self.tokens = tokens
+
+    def run(self) -> mx.array:
+        """Logits (batch, vocab) at the measured position, for base rows then patched rows."""
+        names = set(self.patches) | (set(self.blocks) if self.grow else set())
+        modules = sorted({key.removesuffix(":input") for key in names})
+        with intercepted(self.model._tree, modules, self._call):
+            logits = self.model.model(self.tokens)
+        missing = set(self.patches) - self.applied
+        if missing:
+            raise PatchNotAppliedError(
+                f"patch sites {sorted(missing)} were never reached in the forward pass: their "
+                "modules were not called. Patch a module the model runs."
+            )
+        if not self.grow:
+            logits = logits[:, self.position:self.position + 1]
+        return logits[:, 0]
+
+    def _call(self, name: str, module, args: tuple, kwargs: dict):
+        if name in self.blocks and self.grow:
+            layer = self.blocks[name]
+            if layer != self.next_block:
+                raise _BlocksOutOfOrder(name)
+            self.next_block += 1
+            entering = self.entering.get(layer)
+            if entering:
+                x = args[0]
+                receivers = mx.array([self.rows[i].receiver for i in entering], dtype=mx.int32)
+                args = (mx.concatenate([x, x[receivers]]), *args[1:])
+        input_key = f"{name}:input"
+        if input_key in self.patches:
+            args = (self._patch(input_key, args[0]), *args[1:])
+        out = module(*args, **kwargs)
+        if name in self.patches:
+            out = self._patch(name, out)
+        if self.grow and name in self.blocks and self.blocks[name] == len(self.blocks) - 1:
+            out = out[:, self.position:self.position + 1]  # only this position is measured
+        return out
+
+    def _patch(self, key: str, x: mx.array) -> mx.array:
+        """Patch the rows of `key` in `x`, each from its donor row of the same batch."""
+        self.applied.add(key)
+        mask = np.zeros(x.shape, dtype=bool)
+        donors = np.arange(x.shape[0])
+        for row_id in self.patches[key]:
+            row = self.rows[row_id]
+            index = self.index[row_id]
+            mask[index] = row.site.mask(x.shape)
+            donors[index] = row.donor
+        return mx.where(mx.array(mask), x[mx.array(donors)], x)
+
+
+def _bytes_per_row(model, seq_len: int) -> int:
+    """A rough upper bound of the activations one row of one forward holds at once (float32)."""
+    widths = [m.weight.shape[0] for name, m in model._tree.modules.items()
+              if name.startswith(model._tree.blocks[0] + ".") and hasattr(m, "weight")
+              and m.weight.ndim == 2]
+    return 4 * seq_len * (8 * max(widths, default=4096) + 16 * sum(widths) // max(len(widths), 1))
+
+
+def run_engine(
+    model,
+    clean: mx.array,
+    corrupted: mx.array,
+    sites: Sequence[PatchSite],
+    metric: Metric,
+    position: int,
+    direction: str = "denoise",
+    max_batch: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool | None = None,
+) -> SweepValues:
+    """Metric values of clean, corrupted and every patched run, many patches per forward.
+
+    `clean` and `corrupted` are (pairs, seq) token arrays. Rows per forward are limited by
+    `max_batch`, or else by `memory_budget` bytes.
+    """
+    pairs, seq_len = clean.shape
+    tokens = mx.concatenate([clean, corrupted])
+    rows = _rows(sites, pairs, direction)
+    per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, seq_len) - 2 * pairs)
+    chunks = [range(i, min(i + per_forward, len(rows))) for i in range(0, len(rows), per_forward)]
+    grow = len(model._tree.blocks) > 0
+    base = np.zeros((pairs, 2))
+    patched = np.zeros(len(rows))
+    for chunk in _progress(chunks, progress):
+        chunk_rows = [rows[i] for i in chunk]
+        try:
+            forward = _BatchedForward(model, tokens, chunk_rows, position, grow)
+            logits = forward.run()
+        except _BlocksOutOfOrder as err:
+            warnings.warn(
+                f"the model does not call its blocks once each in order ({err} came out of "
+                "turn), so the engine cannot reuse the rows below each patch; running every "
+                "patched row through the whole model instead.", stacklevel=2)
+            grow = False
+            forward = _BatchedForward(model, tokens, chunk_rows, position, grow)
+            logits = forward.run()
+        # Per pair: its clean row, its corrupted row, then its patched rows (chunk order).
+        members = [[i for i, row in enumerate(chunk_rows) if row.pair == pair] for pair in range(pairs)]
+        values = [
+            evaluate(metric, logits[mx.array([pair, pairs + pair] + [forward.index[i] for i in ids])],
+                     logits[pair])
+            for pair, ids in enumerate(members)
+        ]
+        mx.eval(values)
+        for pair, (ids, pair_values) in enumerate(zip(members, values)):
+            numbers = np.array(pair_values, dtype=np.float64)
+            base[pair] = numbers[:2]
+            patched[[chunk[i] for i in ids]] = numbers[2:]
+    return SweepValues(base[:, 0], base[:, 1], patched.reshape(pairs, len(sites)))
+
+
+def run_naive(
+    model,
+    clean: mx.array,
+    corrupted: mx.array,
+    sites: Sequence[PatchSite],
+    metric: Metric,
+    position: int,
+    direction: str = "denoise",
+) -> SweepValues:
+    """The reference: one clean and one corrupted forward, then one patched forward per site,
+    each with every activation captured."""
+    pairs = clean.shape[0]
+    values = SweepValues(np.zeros(pairs), np.zeros(pairs), np.zeros((pairs, len(sites))))
+    for pair in range(pairs):
+        with model.trace(clean[pair:pair + 1]) as trace:
+            clean_acts, clean_logits = dict(trace.activations), trace.output[0, position]
+        with model.trace(corrupted[pair:pair + 1]) as trace:
+            corrupted_acts, corrupted_logits = dict(trace.activations), trace.output[0, position]
+        donor_acts, receiver = (clean_acts, corrupted) if direction == "denoise" else (
+            corrupted_acts, clean)
+        base = evaluate(metric, mx.stack([clean_logits, corrupted_logits]), clean_logits)
+        values.clean[pair], values.corrupted[pair] = np.array(base, dtype=np.float64)
+        for i, site in enumerate(sites):
+            donor = donor_acts[site.key]
+            with model.trace(receiver[pair:pair + 1],
+                             interventions={site.key: lambda x, s=site, d=donor: s.patch(x, d)}
+                             ) as trace:
+                logits = trace.output[0, position]
+            values.patched[pair, i] = evaluate(metric, logits[None], clean_logits).item()
+    return values
+
+
+def _progress(chunks: list, enabled: bool | None):
+    if enabled is None:
+        enabled = len(chunks) > 1 and sys.stderr.isatty()
+    if not enabled:
+        return chunks
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc="patching", unit="forward", total=len(chunks))
+

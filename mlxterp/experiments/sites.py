@@ -1,0 +1,168 @@
+"""Patch sites: where one patch goes, as data.
+
+A site names an activation (a module's output, or its input), the block it belongs to, and which
+part of it is patched: all positions or some, all features or one head's slice. Sweeps are lists
+of sites; the engine and the naive reference both read them, so they patch the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from mlxterp.errors import MlxterpError
+
+SUBMODULES = ("mlp", "self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+              "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+COMPONENTS = ("input", "output", *SUBMODULES)
+ALIASES = {"attn": "self_attn"}
+AXES = ("layer", "position", "head")
+
+
+class SiteError(MlxterpError, ValueError):
+    """A sweep that asks for a site that does not exist."""
+
+
+@dataclass(frozen=True)
+class PatchSite:
+    """One patch: replace part of the activation `key` (block `layer`) with the donor's."""
+
+    key: str  # full activation key, e.g. 'model.model.layers.3.mlp' or '...o_proj:input'
+    layer: int
+    positions: tuple[int, ...] | None = None  # None: every position
+    head: int | None = None  # None: all features; else one of `n_heads` equal feature slices
+    n_heads: int | None = None
+    labels: dict = field(default_factory=dict, compare=False)  # e.g. {"layer": 3, "head": 2}
+
+    def mask(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Boolean (seq, features) mask of the part patched, for an activation of `shape`."""
+        seq, width = shape[-2], shape[-1]
+        selected = np.zeros((seq, width), dtype=bool)
+        rows = slice(None) if self.positions is None else list(self.positions)
+        cols = slice(None)
+        if self.head is not None:
+            if width % self.n_heads:
+                raise SiteError(f"{self.key}: width {width} does not split into {self.n_heads} heads.")
+            size = width // self.n_heads
+            cols = slice(self.head * size, (self.head + 1) * size)
+        selected[rows, cols] = True
+        return selected
+
+    def patch(self, receiver: mx.array, donor: mx.array) -> mx.array:
+        """`receiver` with this site's part taken from `donor` (both (batch, seq, features))."""
+        return mx.where(mx.array(self.mask(receiver.shape)), donor, receiver)
+
+
+def component_key(model, layer: int, component: str) -> str:
+    """The activation key of `component` in block `layer` (`input` is the block's input)."""
+    block = model._tree.blocks[layer]
+    if component == "input":
+        return f"{block}:input"
+    if component == "output":
+        return block
+    key = f"{block}.{component}"
+    if key not in model._tree.modules:
+        children = sorted(n[len(block) + 1:] for n in model._tree.modules if n.startswith(block + "."))
+        raise SiteError(
+            f"block {layer} has no component {component!r}. Valid components: 'input', 'output' "
+            f"and its sub-modules {children}."
+        )
+    return key
+
+
+def _check_component(component: str) -> str:
+    component = ALIASES.get(component, component)
+    if component not in COMPONENTS and not component.startswith(("mlp.", "self_attn.")):
+        raise SiteError(
+            f"unknown component {component!r}; valid components: {list(COMPONENTS)} "
+            "('attn' is an alias of 'self_attn')."
+        )
+    return component
+
+
+def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
+    """(activation key, number of heads) whose per-head slices a head sweep patches.
+
+    Heads are query heads: slices of the o_proj input (the concatenated head outputs). For
+    k_proj / v_proj they are key/value heads (grouped-query attention has fewer).
+    """
+    block = model._tree.blocks[layer]
+    attention = model._tree.modules.get(f"{block}.self_attn")
+    if attention is None or not hasattr(attention, "n_heads"):
+        raise SiteError(f"head sweeps need block {layer} to have a self_attn module with n_heads.")
+    if component in ("self_attn", "self_attn.o_proj"):
+        return f"{block}.self_attn.o_proj:input", attention.n_heads
+    if component == "self_attn.q_proj":
+        return f"{block}.self_attn.q_proj", attention.n_heads
+    if component in ("self_attn.k_proj", "self_attn.v_proj"):
+        return f"{block}.{component}", attention.n_kv_heads
+    raise SiteError(
+        f"heads apply to attention components ('self_attn', 'self_attn.q_proj', "
+        f"'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj'), not {component!r}."
+    )
+
+
+def _checked_indices(values: Sequence[int] | None, count: int, what: str) -> list[int]:
+    if values is None:
+        return list(range(count))
+    values = list(values)
+    if not values:
+        raise SiteError(f"no {what}s given; give at least one, or None for all {count}.")
+    bad = [v for v in values if not -count <= v < count]
+    if bad:
+        raise SiteError(f"{what} {bad} out of range: valid {what}s are 0 to {count - 1}.")
+    return [v % count for v in values]
+
+
+def sweep_sites(
+    model,
+    component: str,
+    over: Sequence[str],
+    seq_len: int,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+) -> list[PatchSite]:
+    """The sites of a sweep over `over` (a subset of layer, position, head; layer required).
+
+    Example:
+        >>> sweep_sites(model, "mlp", ("layer", "position"), seq_len=6, layers=[3, 4])
+    """
+    over = tuple(over)
+    if "layer" not in over or any(axis not in AXES for axis in over) or len(set(over)) != len(over):
+        raise SiteError(
+            f"over={over!r}: sweep over ('layer',), ('layer', 'position'), ('layer', 'head') or "
+            "('layer', 'head', 'position')."
+        )
+    component = _check_component(component)
+    n_layers = len(model._tree.blocks)
+    if n_layers == 0:
+        raise SiteError("this model has no list of blocks to sweep over.")
+    layer_list = _checked_indices(layers, n_layers, "layer")
+    position_list = _checked_indices(positions, seq_len, "position") if "position" in over else [None]
+    sites = []
+    for layer in layer_list:
+        if "head" in over:
+            key, n_heads = _head_layout(model, layer, component)
+            head_list = _checked_indices(heads, n_heads, "head")
+        else:
+            key, head_list = component_key(model, layer, component), [None]
+        for head in head_list:
+            for position in position_list:
+                labels = {"layer": layer}
+                if head is not None:
+                    labels["head"] = head
+                if position is not None:
+                    labels["position"] = position
+                sites.append(PatchSite(
+                    key, layer,
+                    positions=None if position is None else (position,),
+                    head=head,
+                    n_heads=None if head is None else n_heads,
+                    labels=labels,
+                ))
+    return sites
+

@@ -1,0 +1,86 @@
+"""Plots of patching results. They read a result and draw; they compute nothing."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    ipython = shell.get_ipython() if shell is not None else None
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+
+
+def _figure(width: float, height: float):
+    # A bare Figure, not pyplot: nothing opens a window or blocks a script.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def bar_chart(result):
+    """Recovery per layer (or per site), positive bars blue, negative red."""
+    values = result.mean
+    labels = [result.label(site) for site in result.sites]
+    fig = _figure(max(6.0, 0.28 * len(values)), 3.6)
+    ax = fig.add_subplot()
+    ax.bar(range(len(values)), values, color=["#2b6cb0" if v >= 0 else "#c53030" for v in values])
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(values)), [label.removeprefix("L") for label in labels],
+                  rotation=90 if len(values) > 40 else 0, fontsize=8)
+    ax.set_xlabel("layer" if result.over == ("layer",) else "site")
+    ax.set_ylabel(f"recovery (%), {result.metric}")
+    ax.set_title(f"Patching {result.component}: {result.clean[0]!r} -> {result.corrupted[0]!r}",
+                 fontsize=9)
+    return fig
+
+
+def heatmap(result):
+    """Recovery over two axes (layer x position or layer x head), token labels on positions."""
+    grid = result.grid()
+    if grid.ndim == 3:  # layer x head x position: one row per (layer, head)
+        layers, heads = result.axis_values("layer"), result.axis_values("head")
+        grid = grid.reshape(len(layers) * len(heads), -1)
+        row_labels = [f"L{layer}H{head}" for layer in layers for head in heads]
+        column_axis = "position"
+    else:
+        row_labels = [str(v) for v in result.axis_values("layer")]
+        column_axis = result.over[1]
+    columns = result.axis_values(column_axis)
+    if column_axis == "position" and result.tokens:
+        column_labels = [f"{p} {result.tokens[0][p]!r}" for p in columns]
+    else:
+        column_labels = [str(c) for c in columns]
+    limit = float(np.nanmax(np.abs(grid))) or 1.0
+    fig = _figure(max(5.0, 0.5 * len(columns) + 2), max(4.0, 0.22 * len(row_labels) + 1.5))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(columns)), column_labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_xlabel(column_axis)
+    ax.set_ylabel("layer" if grid.ndim == 2 and len(result.over) == 2 else "layer, head")
+    fig.colorbar(image, ax=ax, label=f"recovery (%), {result.metric}")
+    ax.set_title(f"Patching {result.component} over {' x '.join(result.over)}", fontsize=9)
+    return fig
+
+
+def plot_result(result, path: str | Path | None = None):
+    """Draw `result`; show it inline in a notebook, else save a PNG (to `path`) and print where.
+
+    Returns the matplotlib Figure.
+    """
+    fig = bar_chart(result) if len(result.over) == 1 else heatmap(result)
+    if path is None and _in_notebook():
+        from IPython.display import display
+
+        display(fig)
+        return fig
+    if path is None:
+        path = Path(f"mlxterp-patching-{result.component}-{time.strftime('%Y%m%d-%H%M%S')}.png")
+    fig.savefig(path, dpi=130)
+    print(f"plot saved to {path}")
+    return fig
