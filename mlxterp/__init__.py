@@ -8,6 +8,9 @@ Example:
 
 import os
 
+# First, before anything imports mlx: on Linux, arms the OpenBLAS preload (see mlxterp/blas.py).
+from mlxterp import blas as _blas
+
 # transformers warns at import that torch is missing; mlxterp only uses its tokenizers.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
@@ -16,3 +19,5 @@ from mlxterp.model import InterpretableModel  # noqa: E402
 from mlxterp.models import load  # noqa: E402
 
 __all__ = ["InterpretableModel", "interventions", "load"]
+
+_blas.warn_if_slow()

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxterp.experiments import patching
 from mlxterp.tracing.inputs import Inputs, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
@@ -107,6 +108,27 @@ class InterpretableModel:
     def resolve(self, key: str) -> str:
         """The full module name a (short) key stands for, e.g. `layers.3.mlp`."""
         return self._tree.resolve(key)
+
+    # -- analyses (delegates to the experiments layer) ----------------------------------------
+
+    def activation_patching(self, clean_text: str, corrupted_text: str, component: str = "mlp",
+                            layers=None, metric="l2", plot: bool = False, **options) -> dict[int, float]:
+        """`{layer: recovery %}`; see `mlxterp.experiments.patching.activation_patching`.
+
+        Example:
+            >>> model.activation_patching("Paris is the capital of France",
+            ...                           "London is the capital of France", component="mlp")
+        """
+        return patching.activation_patching(self, clean_text, corrupted_text, component, layers, metric,
+                                   plot, **options)
+
+    def patching_sweep(self, clean, corrupted, **options):
+        """A `PatchingResult`; see `mlxterp.experiments.patching.patching_sweep`.
+
+        Example:
+            >>> model.patching_sweep(clean, corrupted, component="input", over=("layer", "position"))
+        """
+        return patching.patching_sweep(self, clean, corrupted, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------
 

@@ -224,7 +224,8 @@ def test_bad_input_gives_clear_error_and_leaves_model(wrapped, case):
 
 def test_errors_inside_the_forward_restore_the_model(wrapped):
     before = parameters_snapshot(wrapped.model)
-    with pytest.raises(TraceError, match=r"returned shape \(1, 2, 2\); the activation has shape \(1, 2, 576\)"):
+    shapes = r"returned shape \(1, 2, 2\); the activation has shape \(1, 2, 576\)"
+    with pytest.raises(TraceError, match=shapes):
         with wrapped.trace("Paris is", interventions={"layers.5.mlp": lambda x: x[:, :, :2]}):
             pass
     with pytest.raises(ZeroDivisionError):
@@ -251,7 +252,7 @@ def test_nested_trace_and_use_after_block(wrapped):
             wrapped.trace("Paris is")
         saved = wrapped.output.save()
     with pytest.raises(TraceError, match="only available inside"):
-        trace.activations
+        _ = trace.activations
     with pytest.raises(TraceError, match="only available inside"):
         wrapped.output.save()
     with pytest.raises(TraceError, match="already run"):
@@ -261,7 +262,7 @@ def test_nested_trace_and_use_after_block(wrapped):
     with pytest.raises(IndexError, match="30 layers"):
         wrapped.layers[30]
     with pytest.raises(UnknownModuleError, match="sub-modules are"):
-        wrapped.layers[0].mlpp
+        _ = wrapped.layers[0].mlpp
 
 
 def test_tokenizer_helpers(wrapped):

@@ -198,7 +198,7 @@ def run_engine(
             for pair, ids in enumerate(members)
         ]
         mx.eval(values)
-        for pair, (ids, pair_values) in enumerate(zip(members, values)):
+        for pair, (ids, pair_values) in enumerate(zip(members, values, strict=True)):
             numbers = np.array(pair_values, dtype=np.float64)
             base[pair] = numbers[:2]
             patched[[chunk[i] for i in ids]] = numbers[2:]
@@ -220,15 +220,16 @@ def run_naive(
     values = SweepValues(np.zeros(pairs), np.zeros(pairs), np.zeros((pairs, len(sites))))
     for pair in range(pairs):
         with model.trace(clean[pair:pair + 1]) as trace:
-            clean_acts, clean_logits = dict(trace.activations), trace.output[0, position]
+            clean_acts = [trace.activations[site.key] for site in sites]
+            clean_logits = trace.output[0, position]
         with model.trace(corrupted[pair:pair + 1]) as trace:
-            corrupted_acts, corrupted_logits = dict(trace.activations), trace.output[0, position]
-        donor_acts, receiver = (clean_acts, corrupted) if direction == "denoise" else (
+            corrupted_acts = [trace.activations[site.key] for site in sites]
+            corrupted_logits = trace.output[0, position]
+        donors, receiver = (clean_acts, corrupted) if direction == "denoise" else (
             corrupted_acts, clean)
         base = evaluate(metric, mx.stack([clean_logits, corrupted_logits]), clean_logits)
         values.clean[pair], values.corrupted[pair] = np.array(base, dtype=np.float64)
-        for i, site in enumerate(sites):
-            donor = donor_acts[site.key]
+        for i, (site, donor) in enumerate(zip(sites, donors, strict=True)):
             with model.trace(receiver[pair:pair + 1],
                              interventions={site.key: lambda x, s=site, d=donor: s.patch(x, d)}
                              ) as trace:

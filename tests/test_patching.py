@@ -1,0 +1,172 @@
+"""Activation patching: the engine equals the naive one-forward-per-site procedure, and bad
+input is refused clearly."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxterp.experiments.engine import PatchNotAppliedError
+from mlxterp.experiments.metrics import MetricError
+from mlxterp.experiments.patching import BaselineError, PatchingResult
+from mlxterp.experiments.sites import PatchSite, SiteError
+from mlxterp.tracing.inputs import InputError
+
+PARIS = ("Paris is the capital of France", "London is the capital of France")
+NAMES = ("When Mary and John went to the store, John gave a drink to",
+         "When John and Mary went to the store, Mary gave a drink to")
+
+
+def total_abs_sum(logits: mx.array, clean: mx.array) -> mx.array:
+    """A user metric: batched L1 distance."""
+    return mx.sum(mx.abs(logits - clean), axis=-1)
+
+
+CASES = {
+    # id: (prompts, sweep options)
+    "layer-mlp-l2": (PARIS, dict(component="mlp", layers=[0, 9, 14, 29])),
+    "layer-mlp-cosine-noise": (PARIS, dict(component="mlp", layers=[0, 14, 29], metric="cosine",
+                                           direction="noise")),
+    "layer-down_proj-mse": (PARIS, dict(component="mlp.down_proj", layers=[1, 20], metric="mse")),
+    "layer-q_proj-user-metric": (PARIS, dict(component="self_attn.q_proj", layers=[2, 28],
+                                             metric=total_abs_sum)),
+    "layer-position-input-kl": (NAMES, dict(component="input", over=("layer", "position"),
+                                            layers=[0, 12, 29], positions=[0, 3, 5, 13],
+                                            metric="kl")),
+    "layer-position-mlp-kl-noise": (NAMES, dict(component="mlp", over=("layer", "position"),
+                                                layers=[4, 20], positions=[1, 13], metric="kl",
+                                                direction="noise")),
+    "layer-head-logit-diff": (NAMES, dict(component="self_attn", over=("layer", "head"),
+                                          layers=[16, 23, 29], heads=[0, 1, 3], metric="logit_diff",
+                                          answer=" Mary", wrong_answer=" John")),
+    "layer-kv-head-position-l2-noise": (NAMES, dict(component="self_attn.v_proj",
+                                                    over=("layer", "head", "position"), layers=[3, 23],
+                                                    positions=[2, 13], direction="noise")),
+    "layer-output-l2": (PARIS, dict(component="output", layers=[0, 15, 29])),
+    "measured-position-2": (PARIS, dict(component="self_attn", layers=[0, 1], position=2, metric="kl")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_engine_equals_naive(wrapped, case):
+    (clean, corrupted), options = CASES[case]
+    engine = wrapped.patching_sweep(clean, corrupted, **options)
+    naive = wrapped.patching_sweep(clean, corrupted, naive=True, **options)
+    assert engine.sites == naive.sites
+    assert np.all(np.isfinite(engine.recovery))
+    np.testing.assert_allclose(engine.recovery, naive.recovery, rtol=0, atol=0.01)
+    e, n = engine.metric_values, naive.metric_values
+    for ours, reference in ((e.corrupted, n.corrupted), (e.patched, n.patched)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+    # something was patched: not every site left the corrupted run as it was
+    assert np.abs(engine.recovery).max() > 0.1
+
+
+def test_several_pairs_give_per_pair_and_mean(wrapped):
+    clean = [PARIS[0], "Rome is the capital of Italy"]
+    corrupted = [PARIS[1], "Paris is the capital of Italy"]
+    both = wrapped.patching_sweep(clean, corrupted, layers=[0, 5], metric="kl")
+    single = wrapped.patching_sweep(clean[1], corrupted[1], layers=[0, 5], metric="kl")
+    assert both.recovery.shape == (2, 2)
+    np.testing.assert_allclose(both.recovery[1], single.recovery[0], atol=0.01)
+    np.testing.assert_allclose(both.mean, both.recovery.mean(axis=0))
+
+
+def test_output_component_recovers_everything(wrapped):
+    result = wrapped.activation_patching(*PARIS, component="output")
+    assert sorted(result) == list(range(30))
+    assert all(r == pytest.approx(100.0, abs=1e-3) for r in result.values())
+
+
+def test_guide_quick_start(wrapped, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    results = wrapped.activation_patching(clean_text=PARIS[0], corrupted_text=PARIS[1],
+                                          component="mlp", plot=True)
+    sorted_results = sorted(results.items(), key=lambda x: x[1], reverse=True)
+    lines = [f"  Layer {layer_idx}: {recovery:.1f}% recovery" for layer_idx, recovery in sorted_results[:3]]
+    assert len(lines) == 3 and all(math.isfinite(r) for r in results.values())
+    assert list(tmp_path.glob("*.png"))  # a script saves the plot instead of blocking
+    assert "plot saved to" in capsys.readouterr().out
+    for metric in ("l2", "mse", "cosine"):
+        assert len(wrapped.activation_patching(*PARIS, metric=metric, layers=[3])) == 1
+
+
+def test_result_round_trips_and_tables(wrapped):
+    result = wrapped.patching_sweep(*NAMES, component="input", over=("layer", "position"),
+                                    layers=[0, 1], positions=[0, 13], metric="kl")
+    again = PatchingResult.from_json(result.to_json())
+    np.testing.assert_array_equal(again.recovery, result.recovery)
+    assert again.sites == result.sites and again.tokens == result.tokens
+    frame = result.to_dataframe()
+    assert list(frame.columns) == ["pair", "layer", "position", "recovery", "token"]
+    assert frame.loc[frame.position == 13, "token"].iloc[0] == " to"
+    assert result.grid().shape == (2, 2)
+    label, value = result.top(1)[0]
+    assert value == result.mean.max() and label.startswith("L")
+
+
+def test_explicit_sites(wrapped):
+    sites = [PatchSite("model.model.layers.3.mlp", 3, positions=(5,), labels={"layer": 3}),
+             PatchSite("model.model.layers.3.self_attn.o_proj:input", 3, head=2, n_heads=9,
+                       labels={"layer": 3, "head": 2})]
+    engine = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl")
+    naive = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl", naive=True)
+    np.testing.assert_allclose(engine.recovery, naive.recovery, atol=0.01)
+
+
+def test_chunking_gives_the_same_numbers(wrapped):
+    whole = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl")
+    chunked = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl", max_batch=2)
+    np.testing.assert_allclose(whole.recovery, chunked.recovery, atol=0.01)
+
+
+def test_bad_input(wrapped):
+    with pytest.raises(InputError, match=r"(?s)same number of tokens.*'Paris'.*Patching compares"):
+        wrapped.patching_sweep("Paris is the capital of France", "The city of London is the capital")
+    with pytest.raises(InputError, match="non-empty"):
+        wrapped.patching_sweep("", "")
+    with pytest.raises(SiteError, match="valid layers are 0 to 29"):
+        wrapped.patching_sweep(*PARIS, layers=[30])
+    with pytest.raises(SiteError, match="valid positions are 0 to 5"):
+        wrapped.patching_sweep(*PARIS, over=("layer", "position"), positions=[6])
+    with pytest.raises(SiteError, match="valid heads are 0 to 8"):
+        wrapped.patching_sweep(*PARIS, component="self_attn", over=("layer", "head"), heads=[9])
+    with pytest.raises(SiteError, match="valid heads are 0 to 2"):  # GQA: 3 key/value heads
+        wrapped.patching_sweep(*PARIS, component="self_attn.k_proj", over=("layer", "head"), heads=[3])
+    with pytest.raises(SiteError, match="unknown component 'mpl'.*'mlp'"):
+        wrapped.patching_sweep(*PARIS, component="mpl")
+    with pytest.raises(SiteError, match="heads apply to attention"):
+        wrapped.patching_sweep(*PARIS, component="mlp", over=("layer", "head"))
+    with pytest.raises(MetricError, match="unknown metric 'l3'"):
+        wrapped.patching_sweep(*PARIS, metric="l3")
+    with pytest.raises(MetricError, match="needs answer= and wrong_answer="):
+        wrapped.patching_sweep(*PARIS, metric="logit_diff")
+    with pytest.raises(InputError, match="must be one token"):
+        wrapped.patching_sweep(*PARIS, metric="logit_diff", answer=" Parisians", wrong_answer=" London")
+    with pytest.raises(BaselineError, match="nothing to recover"):
+        wrapped.patching_sweep(PARIS[0], PARIS[0])
+    with pytest.raises(SiteError, match="position 6 is out of range"):
+        wrapped.patching_sweep(*PARIS, position=6)
+
+
+def test_a_patch_that_never_runs_is_an_error():
+    import mlx.nn as nn
+    from conftest import tiny_model
+
+    from mlxterp import InterpretableModel
+    from mlxterp.experiments.engine import run_engine, run_naive
+    from mlxterp.experiments.metrics import METRICS
+    from mlxterp.tracing import NotRecordedError
+
+    base = tiny_model("llama")
+    base.model.layers[1].unused = nn.Linear(32, 32)  # exists, never called
+    model = InterpretableModel(base)
+    site = PatchSite("model.model.layers.1.unused", 1, labels={"layer": 1})
+    clean, corrupted = mx.array([[1, 2, 3]]), mx.array([[4, 2, 3]])
+    with pytest.raises(PatchNotAppliedError, match="never reached"):
+        run_engine(model, clean, corrupted, [site], METRICS["l2"], position=2)
+    with pytest.raises(NotRecordedError, match="not called"):
+        run_naive(model, clean, corrupted, [site], METRICS["l2"], position=2)
