@@ -58,9 +58,12 @@ def test_engine_equals_naive(wrapped, case):
     assert engine.sites == naive.sites
     assert np.all(np.isfinite(engine.recovery))
     np.testing.assert_allclose(engine.recovery, naive.recovery, rtol=0, atol=0.01)
+    # Raw metric values agree to 1e-4 of the baseline: rows computed on a suffix of positions
+    # round differently in attention (~1e-6 relative), an absolute floor for distances near 0.
     e, n = engine.metric_values, naive.metric_values
+    scale = np.abs(n.clean - n.corrupted).max()
     for ours, reference in ((e.corrupted, n.corrupted), (e.patched, n.patched)):
-        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * scale)
     # something was patched: not every site left the corrupted run as it was
     assert np.abs(engine.recovery).max() > 0.1
 

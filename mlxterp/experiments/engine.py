@@ -16,6 +16,7 @@ the batch from the start, and warns.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections import defaultdict
@@ -70,32 +71,80 @@ class _BlocksOutOfOrder(Exception):
     """Raised inside a forward when the model does not call its blocks once each, in order."""
 
 
+class _KVRecorder:
+    """mlx-lm's attention-cache protocol for the main batch: keeps keys and values, changes nothing."""
+
+    offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _PrefixKV:
+    """The attention-cache protocol for rows that compute only positions start..T-1: keys and
+    values of the earlier positions are the receiving run's, and rotary offsets start at start."""
+
+    def __init__(self, keys: mx.array, values: mx.array, start: int):
+        self.keys, self.values, self.offset = keys, values, start
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        return (mx.concatenate([self.keys, keys], axis=2),
+                mx.concatenate([self.values, values], axis=2))
+
+
+def _takes_cache(block) -> bool:
+    return "cache" in inspect.signature(type(block).__call__).parameters
+
+
 class _BatchedForward:
-    """One forward pass of base rows plus patched rows; see the module docstring."""
+    """One forward pass of base rows plus patched rows; see the module docstring.
+
+    Rows live in groups by the first position they compute: group 0 is the model's own batch
+    (base rows first); a row patched only at position p > 0 joins group p, which the engine runs
+    through each block beside group 0 on positions p..T-1 only.
+    """
 
     def __init__(self, model, tokens: mx.array, rows: list[_Row], position: int, grow: bool):
         self.model, self.rows, self.position, self.grow = model, rows, position, grow
         self.base = tokens.shape[0]
         self.blocks = {name: i for i, name in enumerate(model._tree.blocks)}
         self.next_block = 0
-        # Final batch index of every patched row: rows entering at earlier blocks come first.
-        order = sorted(range(len(rows)), key=lambda i: rows[i].site.layer) if grow else range(len(rows))
-        self.index = {row_id: self.base + slot for slot, row_id in enumerate(order)}
-        self.entering = defaultdict(list)  # layer -> row ids appended at that block's input
+        suffixes = grow and _takes_cache(model._tree.modules[model._tree.blocks[0]])
+        self.group = {}  # row id -> first position it computes
+        for row_id, row in enumerate(rows):
+            p = row.site.positions[0] if row.site.positions and len(row.site.positions) == 1 else 0
+            self.group[row_id] = p if suffixes and 0 < p <= position else 0
+        order = sorted(range(len(rows)), key=lambda i: (self.group[i], rows[i].site.layer if grow else 0))
+        self.slot = {}  # row id -> index in its group's batch
+        self.entering = defaultdict(list)  # (group, layer) -> row ids appended at that block's input
+        sizes = defaultdict(lambda: 0)
+        sizes[0] = self.base
         for row_id in order:
-            self.entering[rows[row_id].site.layer if grow else -1].append(row_id)
+            group = self.group[row_id]
+            self.slot[row_id] = sizes[group]
+            sizes[group] += 1
+            self.entering[group, rows[row_id].site.layer if grow else -1].append(row_id)
+        self.groups = sorted(g for g in sizes if g > 0)
+        offsets, total = {}, 0
+        for group in [0, *self.groups]:
+            offsets[group], total = total, total + sizes[group]
+        self.index = {row_id: offsets[self.group[row_id]] + self.slot[row_id] for row_id in order}
         self.patches = defaultdict(list)  # activation key -> row ids patched there
         for row_id, row in enumerate(rows):
             self.patches[row.site.key].append(row_id)
         self.applied: set[str] = set()
+        self.donor_values: dict[str, mx.array] = {}  # key -> base rows' activation, this forward
+        self.active = 0  # the group whose rows the current call computes
+        self.hidden: dict[int, mx.array] = {}  # group -> its rows' residual stream
         if not grow:  # every row in the batch from the start
-            receivers = [rows[i].receiver for i in self.entering[-1]]
+            receivers = [rows[i].receiver for i in self.entering[0, -1]]
             tokens = mx.concatenate([tokens, tokens[mx.array(receivers, dtype=mx.int32)]]) \
                 if receivers else tokens
         self.tokens = tokens
 
     def run(self) -> mx.array:
-        """Logits (batch, vocab) at the measured position, for base rows then patched rows."""
+        """Logits (rows, vocab) at the measured position, in the order of `self.index`."""
         names = set(self.patches) | (set(self.blocks) if self.grow else set())
         modules = sorted({key.removesuffix(":input") for key in names})
         with intercepted(self.model._tree, modules, self._call):
@@ -111,37 +160,89 @@ class _BatchedForward:
         return logits[:, 0]
 
     def _call(self, name: str, module, args: tuple, kwargs: dict):
-        if name in self.blocks and self.grow:
-            layer = self.blocks[name]
-            if layer != self.next_block:
-                raise _BlocksOutOfOrder(name)
-            self.next_block += 1
-            entering = self.entering.get(layer)
-            if entering:
-                x = args[0]
-                receivers = mx.array([self.rows[i].receiver for i in entering], dtype=mx.int32)
-                args = (mx.concatenate([x, x[receivers]]), *args[1:])
+        if self.grow and name in self.blocks and self.active == 0:
+            return self._block(self.blocks[name], name, module, args, kwargs)
+        return self._module(name, module, args, kwargs)
+
+    def _module(self, name: str, module, args: tuple, kwargs: dict):
         input_key = f"{name}:input"
         if input_key in self.patches:
             args = (self._patch(input_key, args[0]), *args[1:])
         out = module(*args, **kwargs)
         if name in self.patches:
             out = self._patch(name, out)
-        if self.grow and name in self.blocks and self.blocks[name] == len(self.blocks) - 1:
-            out = out[:, self.position:self.position + 1]  # only this position is measured
+        return out
+
+    def _grown(self, x: mx.array, group: int, layer: int, source: mx.array) -> mx.array:
+        """`x` with the rows of `group` that enter at `layer` appended (copies of receivers)."""
+        entering = self.entering.get((group, layer))
+        if not entering:
+            return x
+        receivers = mx.array([self.rows[i].receiver for i in entering], dtype=mx.int32)
+        new = source[receivers][:, group:]
+        return new if x is None else mx.concatenate([x, new])
+
+    def _block(self, layer: int, name: str, module, args: tuple, kwargs: dict):
+        if layer != self.next_block:
+            raise _BlocksOutOfOrder(name)
+        self.next_block += 1
+        block_input = args[0]
+        args = (self._grown(block_input, 0, layer, block_input), *args[1:])
+        recorder = None
+        if self.groups:
+            recorder = _KVRecorder()
+            kwargs = {**kwargs, "cache": recorder}
+            args = args[:2]  # the cache goes by keyword
+        out = self._module(name, module, args, kwargs)
+        mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        for group in self.groups:
+            hidden = self._grown(self.hidden.get(group), group, layer, block_input)
+            if hidden is None:
+                continue
+            receivers = mx.array([self.rows[i].receiver for i in sorted(
+                (i for i in self.slot if self.group[i] == group), key=self.slot.get)], dtype=mx.int32)
+            receivers = receivers[: hidden.shape[0]]
+            prefix = _PrefixKV(recorder.keys[receivers, :, :group],
+                               recorder.values[receivers, :, :group], group)
+            self.active = group
+            self.hidden[group] = self._module(name, module, (hidden, _suffix_mask(mask, group, out.shape[1])),
+                                              {"cache": prefix})
+            self.active = 0
+        if layer == len(self.blocks) - 1:  # only the measured position goes on
+            pieces = [out[:, self.position:self.position + 1]]
+            pieces += [self.hidden[g][:, self.position - g:self.position - g + 1] for g in self.groups]
+            out = mx.concatenate(pieces)
         return out
 
     def _patch(self, key: str, x: mx.array) -> mx.array:
-        """Patch the rows of `key` in `x`, each from its donor row of the same batch."""
+        """Patch the rows of the active group at `key`, each from its donor's activation."""
         self.applied.add(key)
+        group = self.active
+        if group == 0:
+            self.donor_values[key] = x[: self.base]
+            source = x
+        else:
+            source = self.donor_values[key][:, group:]
+        rows = [i for i in self.patches[key] if self.group[i] == group]
+        if not rows:
+            return x
         mask = np.zeros(x.shape, dtype=bool)
-        donors = np.arange(x.shape[0])
-        for row_id in self.patches[key]:
+        donors = np.arange(x.shape[0]) if group == 0 else np.zeros(x.shape[0], dtype=np.int64)
+        full_shape = (*x.shape[:-2], x.shape[-2] + group, x.shape[-1])
+        for row_id in rows:
             row = self.rows[row_id]
-            index = self.index[row_id]
-            mask[index] = row.site.mask(x.shape)
-            donors[index] = row.donor
-        return mx.where(mx.array(mask), x[mx.array(donors)], x)
+            mask[self.slot[row_id]] = row.site.mask(full_shape)[group:]
+            donors[self.slot[row_id]] = row.donor
+        return mx.where(mx.array(mask), source[mx.array(donors)], x)
+
+
+def _suffix_mask(mask, start: int, length: int):
+    """The attention mask of queries start..length-1 over keys 0..length-1."""
+    if isinstance(mask, mx.array):
+        return mask[..., start:, :]
+    if mask is None or mask == "causal":
+        return mx.arange(start, length)[:, None] >= mx.arange(length)[None]
+    raise MlxterpError(f"unexpected attention mask {mask!r}")
 
 
 def _bytes_per_row(model, seq_len: int) -> int:

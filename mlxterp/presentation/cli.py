@@ -1,10 +1,12 @@
-"""The `mlxterp` command line: `mlxterp doctor`, `mlxterp demo`."""
+"""The `mlxterp` command line: `mlxterp patch`, `mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from mlxterp.presentation import tables
 
 
 def doctor(args: argparse.Namespace) -> int:
@@ -56,9 +58,51 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def patch(args: argparse.Namespace) -> int:
+    """Sweep patches of CLEAN into CORRUPTED; print the ranking, write the plot and the JSON."""
+    from pathlib import Path
+
+    import mlxterp
+    from mlxterp import InterpretableModel
+
+    model = InterpretableModel(*mlxterp.load(args.model))
+    over = tuple(axis.strip() for axis in args.over.split(","))
+    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
+    result = model.patching_sweep(
+        args.clean, args.corrupted, component=args.component, over=over, layers=layers,
+        metric=args.metric, answer=args.answer, wrong_answer=args.wrong_answer,
+        direction=args.direction, progress=None)
+    print(tables.summary(result))
+    print(tables.ranking(result, args.top))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"patch-{result.component}-{'-'.join(result.over)}-{result.metric}"
+    result.to_json(out / f"{stem}.json")
+    result.plot(out / f"{stem}.png")
+    print(f"result saved to {out / f'{stem}.json'}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxterp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    patch_parser = commands.add_parser(
+        "patch", help="activation-patching sweep of a clean prompt into a corrupted one")
+    patch_parser.add_argument("clean", help="the clean prompt")
+    patch_parser.add_argument("corrupted", help="the corrupted prompt (same number of tokens)")
+    patch_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    patch_parser.add_argument("--component", default="mlp",
+                              help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
+    patch_parser.add_argument("--metric", default="kl",
+                              help="kl (default here), l2, cosine, mse, logit_diff")
+    patch_parser.add_argument("--answer", help="logit_diff: the clean answer token, e.g. ' Paris'")
+    patch_parser.add_argument("--wrong-answer", help="logit_diff: the corrupted answer token")
+    patch_parser.add_argument("--over", default="layer",
+                              help="layer | layer,position | layer,head | layer,head,position")
+    patch_parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    patch_parser.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    patch_parser.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    patch_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -69,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"doctor": doctor, "demo": demo}[args.command](args)
+    return {"patch": patch, "doctor": doctor, "demo": demo}[args.command](args)
 
 
 if __name__ == "__main__":
