@@ -116,20 +116,20 @@ class _BatchedForward:
             p = row.site.positions[0] if row.site.positions and len(row.site.positions) == 1 else 0
             self.group[row_id] = p if suffixes and 0 < p <= position else 0
         order = sorted(range(len(rows)), key=lambda i: (self.group[i], rows[i].site.layer if grow else 0))
-        self.slot = {}  # row id -> index in its group's batch
+        self.members = defaultdict(list)  # group -> its patched row ids, in batch order
         self.entering = defaultdict(list)  # (group, layer) -> row ids appended at that block's input
-        sizes = defaultdict(lambda: 0)
-        sizes[0] = self.base
         for row_id in order:
             group = self.group[row_id]
-            self.slot[row_id] = sizes[group]
-            sizes[group] += 1
+            self.members[group].append(row_id)
             self.entering[group, rows[row_id].site.layer if grow else -1].append(row_id)
-        self.groups = sorted(g for g in sizes if g > 0)
-        offsets, total = {}, 0
+        self.groups = sorted(g for g in self.members if g > 0)
+        # Index of each row in its group's batch (group 0 starts with the base rows), and in the
+        # final logits, where the groups follow one another.
+        self.slot, self.index, total = {}, {}, self.base
         for group in [0, *self.groups]:
-            offsets[group], total = total, total + sizes[group]
-        self.index = {row_id: offsets[self.group[row_id]] + self.slot[row_id] for row_id in order}
+            for slot, row_id in enumerate(self.members[group], start=self.base if group == 0 else 0):
+                self.slot[row_id], self.index[row_id] = slot, total
+                total += 1
         self.patches = defaultdict(list)  # activation key -> row ids patched there
         for row_id, row in enumerate(rows):
             self.patches[row.site.key].append(row_id)
@@ -199,9 +199,8 @@ class _BatchedForward:
             hidden = self._grown(self.hidden.get(group), group, layer, block_input)
             if hidden is None:
                 continue
-            receivers = mx.array([self.rows[i].receiver for i in sorted(
-                (i for i in self.slot if self.group[i] == group), key=self.slot.get)], dtype=mx.int32)
-            receivers = receivers[: hidden.shape[0]]
+            receivers = mx.array([self.rows[i].receiver
+                                  for i in self.members[group][: hidden.shape[0]]], dtype=mx.int32)
             prefix = _PrefixKV(recorder.keys[receivers, :, :group],
                                recorder.values[receivers, :, :group], group)
             self.active = group
