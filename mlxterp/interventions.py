@@ -27,15 +27,17 @@ class InterventionError(MlxterpError, ValueError):
     """An intervention that cannot apply to the activation it was given."""
 
 
-def replace_with(value: mx.array | float, positions: Positions | None = None) -> Intervention:
-    """Replace the activation by `value` (broadcast to its shape), or only at `positions`.
+def replace_with(value: mx.array | float, positions: Positions | None = None,
+                 axis: int = 1) -> Intervention:
+    """Replace the activation by `value` (broadcast to its shape), or only at `positions` of
+    the sequence axis `axis`.
 
     Example:
         >>> iv.replace_with(clean_mlp)                  # the whole activation
         >>> iv.replace_with(clean_mlp, positions=[-1])  # the last token only
     """
     if positions is not None:
-        return at_positions(positions, replace_with(value))
+        return at_positions(positions, replace_with(value), axis=axis)
 
     def replace(x: mx.array) -> mx.array:
         source = mx.array(value) if not isinstance(value, mx.array) else value

@@ -36,6 +36,10 @@ class InterpretableModel:
         self.tokenizer = tokenizer
         self._tree = ModuleTree(model)
         self._active: Trace | None = None
+        # Rows of the input embedding: token ids must stay below it.
+        rows = [m.weight.shape[0] for m in self._tree.modules.values()
+                if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
+        self._embedding_rows = max(rows) if rows else None
 
     # -- running -------------------------------------------------------------------------------
 
@@ -63,26 +67,22 @@ class InterpretableModel:
             >>> with model.trace(corrupted, interventions={"layers.10.mlp": iv.zero_out}):
             ...     logits = model.output.save()
         """
+        return Trace(self.model, self._tree, self._tokens(inputs), interventions, capture,
+                     on_enter=self._begin_trace, on_exit=self._end_trace)
+
+    def _begin_trace(self, trace: Trace) -> None:
         if self._active is not None:
             raise TraceError(
                 "a trace is already running on this model; traces cannot be nested. Finish "
                 "the outer `with model.trace(...)` block first."
             )
-        trace = Trace(self.model, self._tree, self._tokens(inputs), interventions, capture,
-                      on_exit=self._end_trace)
         self._active = trace
-        return trace
 
     def _end_trace(self) -> None:
         self._active = None
 
     def _tokens(self, inputs: Inputs) -> mx.array:
-        return to_token_array(inputs, self.tokenizer, self._embedding_rows())
-
-    def _embedding_rows(self) -> int | None:
-        rows = [m.weight.shape[0] for m in self._tree.modules.values()
-                if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
-        return max(rows) if rows else None
+        return to_token_array(inputs, self.tokenizer, self._embedding_rows)
 
     def _current_trace(self, what: str) -> Trace:
         if self._active is None:
@@ -157,7 +157,7 @@ class InterpretableModel:
     @property
     def vocab_size(self) -> int:
         """Rows of the input embedding (the logit width of a language model)."""
-        rows = self._embedding_rows()
+        rows = self._embedding_rows
         return rows if rows is not None else len(self._require_tokenizer().vocab)
 
 

@@ -204,7 +204,7 @@ def _bad_calls(model: InterpretableModel):
                          TypeError, "not a function"),
         "unequal lengths": (lambda: model.trace([good, "Hi"]), InputError, "same number"),
         "id out of range": (lambda: model.trace([[1, 2, 999999]]), InputError, r"\[0, 49152\)"),
-        "empty": (lambda: model.trace([]), InputError, "empty"),
+        "empty": (lambda: model.trace([]), InputError, r"type list \(empty\); give a string"),
         "empty text": (lambda: model.trace(""), InputError, "no tokens"),
     }
 
@@ -249,8 +249,10 @@ def test_text_without_tokenizer():
 def test_nested_trace_and_use_after_block(wrapped):
     with wrapped.trace("Paris is") as trace:
         with pytest.raises(TraceError, match="cannot be nested"):
-            wrapped.trace("Paris is")
+            with wrapped.trace("Paris is"):
+                pass
         saved = wrapped.output.save()
+        kept = trace.activations
     with pytest.raises(TraceError, match="only available inside"):
         _ = trace.activations
     with pytest.raises(TraceError, match="only available inside"):
@@ -259,6 +261,11 @@ def test_nested_trace_and_use_after_block(wrapped):
         with trace:
             pass
     assert saved.shape == (1, 2, 49152)  # saved arrays outlive the block
+    assert len(kept) == 0  # a view kept past the block holds nothing alive
+    unused = wrapped.trace("Paris is")  # made but never entered: blocks nothing
+    with wrapped.trace("London is") as trace:
+        assert trace.output.shape == (1, 2, 49152)
+    del unused
     with pytest.raises(IndexError, match="30 layers"):
         wrapped.layers[30]
     with pytest.raises(UnknownModuleError, match="sub-modules are"):
@@ -277,7 +284,7 @@ def test_tokenizer_helpers(wrapped):
 def test_inputs_forms_agree(wrapped):
     ids = wrapped.encode("Paris is the capital")
     outs = []
-    for inputs in ("Paris is the capital", ids, [ids], mx.array(ids), mx.array([ids])):
+    for inputs in ("Paris is the capital", ids, [ids], mx.array(ids), mx.array([ids]), np.array([ids])):
         with wrapped.trace(inputs) as trace:
             outs.append(trace.output)
     assert all(np.array_equal(np.array(outs[0]), np.array(o)) for o in outs[1:])

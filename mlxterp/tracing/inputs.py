@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from mlxterp.errors import MlxterpError
 
-Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | mx.array
+Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | mx.array | np.ndarray
 
 
 class InputError(MlxterpError, ValueError):
@@ -57,6 +58,8 @@ def to_token_array(inputs: Inputs, tokenizer, vocab_size: int | None) -> mx.arra
         >>> to_token_array("Paris is", tokenizer, 49152)
         array([[40, 1161]], dtype=int32)
     """
+    if isinstance(inputs, np.ndarray):
+        inputs = mx.array(inputs)
     if isinstance(inputs, mx.array):
         array = inputs[None] if inputs.ndim == 1 else inputs
     elif isinstance(inputs, str):
@@ -70,10 +73,10 @@ def to_token_array(inputs: Inputs, tokenizer, vocab_size: int | None) -> mx.arra
                   for r in inputs)):
         array = equal_length_rows([list(r) for r in inputs], None, tokenizer)
     else:
+        empty = " (empty)" if isinstance(inputs, Sequence) and not inputs else ""
         raise InputError(
-            f"cannot run inputs of type {type(inputs).__name__} "
-            f"{'(empty)' if isinstance(inputs, Sequence) and not inputs else ''}; give a string, "
-            "a list of strings, a list of token ids, a list of such lists, or an mx.array."
+            f"cannot run inputs of type {type(inputs).__name__}{empty}; give a string, a list of "
+            "strings, a list of token ids, a list of such lists, or an mx.array."
         )
     if array.size == 0:
         raise InputError("the inputs are empty; give at least one token.")

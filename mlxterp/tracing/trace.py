@@ -88,9 +88,11 @@ class Trace:
         inputs: mx.array,
         interventions: Mapping[str, Intervention] | None = None,
         capture: Iterable[str] | None = None,
+        on_enter: Callable[[Trace], None] = lambda trace: None,
         on_exit: Callable[[], None] = lambda: None,
     ):
-        self._model, self._tree, self._inputs, self._on_exit = model, tree, inputs, on_exit
+        self._model, self._tree, self._inputs = model, tree, inputs
+        self._on_enter, self._on_exit = on_enter, on_exit
         self._planned = [_Planned(tree.site(key), _check_callable(key, fn))
                          for key, fn in (interventions or {}).items()]
         self._capture = None if capture is None else {
@@ -138,6 +140,7 @@ class Trace:
     def __enter__(self) -> Trace:
         if self._done:
             raise TraceError("this trace has already run; start a new `with model.trace(...)`.")
+        self._on_enter(self)
         self._open = True
         try:
             with intercepted(self._tree, self._probed_modules(), self._handle_call):
@@ -154,7 +157,7 @@ class Trace:
 
     def _close(self) -> None:
         self._open, self._done = False, True
-        self._store = {}
+        self._store.clear()  # also empties any Activations view kept past the block
         self._on_exit()
 
     def _check_interventions_ran(self) -> None:

@@ -1,0 +1,77 @@
+"""The examples run as users run them, and print what a direct computation gives."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from mlxterp import interventions as iv
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCHING_EXAMPLE = ROOT / "examples" / "activation_patching_example.py"
+CLEAN = "Paris is the capital of France"
+CORRUPTED = "London is the capital of France"
+PERCENT = r"(-?\d+\.\d)% recovery"
+
+
+def l2(a: mx.array, b: mx.array) -> float:
+    return float(mx.sqrt(mx.sum((a - b) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def patching_output() -> str:
+    result = subprocess.run([sys.executable, str(PATCHING_EXAMPLE)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_patching_example_reports_every_layer(patching_output):
+    baseline = re.search(r"^Baseline L2 distance: (\d+\.\d+)$", patching_output, re.M)
+    assert baseline and 0 < float(baseline[1]) < math.inf
+    layers = re.findall(rf"^Layer +(\d+): +{PERCENT}$", patching_output, re.M)
+    assert [int(layer) for layer, _ in layers] == list(range(30))
+    values = {int(layer): float(value) for layer, value in layers}
+    assert all(math.isfinite(v) for v in values.values())
+    assert len(set(values.values())) > 10  # not one number repeated
+
+    top = re.findall(rf"^  Layer +(\d+): +{PERCENT}$", patching_output, re.M)
+    assert len(top) == 5
+    assert [float(v) for _, v in top] == sorted(values.values(), reverse=True)[:5]
+    assert all(values[int(layer)] == float(v) for layer, v in top)
+
+
+def test_patching_example_matches_a_direct_computation(patching_output, wrapped):
+    """Layer 10 (whole MLP, and last position only) recomputed the guide's way."""
+    model = wrapped
+    with model.trace(CLEAN) as trace:
+        clean_output = model.output.save()
+        clean_mlp = trace.activations["model.model.layers.10.mlp"]
+    with model.trace(CORRUPTED):
+        corrupted_output = model.output.save()
+    baseline = l2(corrupted_output[0, -1], clean_output[0, -1])
+
+    def selective_patch(corrupted_activation):
+        patched = mx.array(corrupted_activation)
+        patched[0, -1, :] = clean_mlp[0, -1, :]
+        return patched
+
+    expected = {}
+    for label, patch in (("whole", iv.replace_with(clean_mlp)), ("last", selective_patch)):
+        with model.trace(CORRUPTED, interventions={"layers.10.mlp": patch}):
+            patched = model.output.save()
+        expected[label] = (baseline - l2(patched[0, -1], clean_output[0, -1])) / baseline * 100
+
+    baseline_printed = re.search(r"^Baseline L2 distance: (\S+)$", patching_output, re.M)[1]
+    layer10 = re.search(rf"^Layer 10: +{PERCENT}$", patching_output, re.M)[1]
+    last = re.search(rf"^Layer 10 MLP, last position only: {PERCENT}$", patching_output, re.M)[1]
+    assert float(baseline_printed) == pytest.approx(baseline, abs=0.01)
+    assert float(layer10) == pytest.approx(expected["whole"], abs=0.1)
+    assert float(last) == pytest.approx(expected["last"], abs=0.1)
+    assert abs(expected["whole"] - expected["last"]) > 1  # the two patches differ
