@@ -26,7 +26,8 @@ def understanding_results(model: InterpretableModel) -> None:
         print(f"{metric:>10}: baseline {result.baseline[0]:.4g}; top {result.top(3)}")
     print("layer      l2      kl  logit_diff")
     for layer in range(30):
-        print(f"{layer:>5} {rows['l2'][layer]:7.1f} {rows['kl'][layer]:7.1f} {rows['logit_diff'][layer]:11.1f}")
+        l2, kl, ld = (rows[m][layer] for m in ("l2", "kl", "logit_diff"))
+        print(f"{layer:>5} {l2:7.1f} {kl:7.1f} {ld:11.1f}")
 
 
 def l2_versus_signal(model: InterpretableModel) -> None:

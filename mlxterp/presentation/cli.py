@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from mlxterp.errors import MlxterpError
 from mlxterp.presentation import tables
 
 
@@ -113,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"patch": patch, "doctor": doctor, "demo": demo}[args.command](args)
+    try:
+        return {"patch": patch, "doctor": doctor, "demo": demo}[args.command](args)
+    except MlxterpError as err:  # our own errors already say what to do: no traceback
+        print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""The command line: the README's main job prints what the README shows."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+from mlxterp.experiments.patching import PatchingResult
+from mlxterp.presentation.cli import main
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def readme_main_job() -> tuple[list[str], str]:
+    """The arguments of the README's `mlxterp patch` command and the output block after it."""
+    command = next(line for line in README.splitlines() if ".venv/bin/mlxterp patch" in line)
+    args = shlex.split(command.split(".venv/bin/mlxterp", 1)[1])
+    output = README.split("into `out/`:\n\n```\n", 1)[1].split("```", 1)[0]
+    return args, output
+
+
+def ranking(text: str) -> list[tuple[str, float]]:
+    return [(m[1], float(m[2])) for m in re.finditer(r"^\s+\d+\s+(\S+)\s+(-?[\d.]+)%$", text, re.M)]
+
+
+def test_readme_main_job(tmp_path, capsys):
+    args, expected = readme_main_job()
+    out = tmp_path / "out"
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[:4] == expected.splitlines()[:4]  # prompts, sweep, baseline
+    ours, theirs = ranking(printed), ranking(expected)
+    assert [site for site, _ in ours] == [site for site, _ in theirs]
+    assert all(abs(a - b) < 0.2 for (_, a), (_, b) in zip(ours, theirs, strict=True))
+    result = PatchingResult.from_json(out / "patch-mlp-layer-kl.json")
+    assert len(result.sites) == 30 and result.metric == "kl"
+    assert (out / "patch-mlp-layer-kl.png").stat().st_size > 10_000
+    assert json.loads((out / "patch-mlp-layer-kl.json").read_text())["component"] == "mlp"
+
+
+def test_demo_and_doctor(capsys):
+    assert main(["demo", "The capital of France is", "--top", "3"]) == 0
+    assert "' Paris'" in capsys.readouterr().out.splitlines()[2]
+    code = main(["doctor"])
+    report = capsys.readouterr().out
+    assert "smollm2-135m: installed" in report and "model cache" in report
+    assert code == (0 if "fix:" not in report else 1)
+
+
+def test_patch_reports_bad_input(tmp_path, capsys):
+    args = ["patch", "Paris is the capital of France", "The city of London", "--out", str(tmp_path)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mlxterp patch: error: inputs in one batch must have the same number")
+    assert "'The city of London': 4 tokens" in error and "Traceback" not in error
+    assert main(["patch", "Paris is", "London is", "--metric", "l3", "--out", str(tmp_path)]) == 2
+    assert "unknown metric 'l3'" in capsys.readouterr().err
