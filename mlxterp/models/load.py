@@ -22,7 +22,7 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 
 def cache_dir() -> Path:
     """Where converted models live: `$MLXTERP_CACHE`, else `~/.cache/mlxterp`."""
-    return Path(os.environ.get("MLXTERP_CACHE") or Path.home() / ".cache" / "mlxterp")
+    return Path(os.environ.get("MLXTERP_CACHE") or "~/.cache/mlxterp").expanduser()
 
 
 def default_dtype() -> mx.Dtype:
