@@ -3,7 +3,6 @@
 Each block below is copied verbatim from `shared/spec/activation-patching-guide.txt` (a test
 checks that, when the guide is present beside the repository). The only change made when
 running them: the hub download `load('mlx-community/...')` becomes `mlxterp.load("smollm2-135m")`.
-Blocks that call `activation_patching()` are tested with the patching helper.
 """
 
 from __future__ import annotations
@@ -20,6 +19,54 @@ from mlxterp import interventions as iv
 GUIDE = Path(__file__).resolve().parents[2] / "shared" / "spec" / "activation-patching-guide.txt"
 HUB_LOAD = "base_model, tokenizer = load('mlx-community/Llama-3.2-1B-Instruct-4bit')"
 OFFLINE_LOAD = 'base_model, tokenizer = mlxterp.load("smollm2-135m")'
+
+QUICK_START = r'''
+from mlxterp import InterpretableModel
+from mlx_lm import load
+
+# Load model
+base_model, tokenizer = load('mlx-community/Llama-3.2-1B-Instruct-4bit')
+model = InterpretableModel(base_model, tokenizer=tokenizer)
+
+# Find important layers - that's it!
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    component="mlp",
+    plot=True
+)
+
+# Analyze
+sorted_results = sorted(results.items(), key=lambda x: x[1], reverse=True)
+print("Top 3 most important layers:")
+for layer_idx, recovery in sorted_results[:3]:
+    print(f"  Layer {layer_idx}: {recovery:.1f}% recovery")
+'''
+
+L2_EXAMPLE = r'''
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    metric="l2"  # Default
+)
+'''
+
+COSINE_EXAMPLE = r'''
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    metric="cosine"
+)
+'''
+
+MSE_EXAMPLE = r'''
+# Recommended for Qwen (151k vocab), GPT-4 scale models
+results = model.activation_patching(
+    clean_text="Paris is the capital of France",
+    corrupted_text="London is the capital of France",
+    metric="mse"  # Most stable
+)
+'''
 
 QUICK_EXAMPLE = r'''
 import mlx.core as mx
@@ -225,7 +272,8 @@ def kl_divergence(p, q):
     return mx.sum(p * (mx.log(p) - mx.log(q)))  # NaN from log(0)!
 '''
 
-ALL_BLOCKS = [QUICK_EXAMPLE, STEP_1, STEP_2, STEP_3, STEP_4, PITFALL_LAYER_OUTPUT, PITFALL_LAMBDA,
+ALL_BLOCKS = [QUICK_START, L2_EXAMPLE, COSINE_EXAMPLE, MSE_EXAMPLE, QUICK_EXAMPLE, STEP_1, STEP_2,
+              STEP_3, STEP_4, PITFALL_LAYER_OUTPUT, PITFALL_LAMBDA,
               DO_REPLACE_WITH, POSITION_SPECIFIC, L2_IMPL, COSINE_IMPL, MSE_IMPL, KL_IMPL]
 
 
@@ -353,3 +401,22 @@ def test_distance_implementations_are_finite(quick_example):
     for name in ("cosine_distance", "mse_distance"):
         assert 0 < ns[name](a, b) < math.inf
     assert 0 < float(ns["kl_divergence"](b, a)) < math.inf
+
+
+def test_quick_start_helper(tmp_path, monkeypatch, capsys, quick_example):
+    monkeypatch.chdir(tmp_path)  # plot=True in a script saves a PNG here
+    ns = run(QUICK_START, {"mlxterp": mlxterp})
+    printed = capsys.readouterr().out
+    assert "Top 3 most important layers:" in printed
+    top = ns["sorted_results"][:3]
+    assert [f"  Layer {i}: {r:.1f}% recovery" for i, r in top] == printed.splitlines()[-3:]
+    assert list(tmp_path.glob("*.png"))
+    # the helper's numbers are the manual procedure's (Quick Example, layer 10)
+    assert ns["results"][10] == pytest.approx(quick_example["recovery"], abs=0.01)
+
+
+def test_metric_examples(quick_example):
+    for block, metric in ((L2_EXAMPLE, "l2"), (COSINE_EXAMPLE, "cosine"), (MSE_EXAMPLE, "mse")):
+        ns = run(block, {"model": quick_example["model"]})
+        assert sorted(ns["results"]) == list(range(30)), metric
+        assert all(math.isfinite(r) for r in ns["results"].values())

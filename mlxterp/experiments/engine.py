@@ -101,8 +101,8 @@ class _BatchedForward:
     """One forward pass of base rows plus patched rows; see the module docstring.
 
     Rows live in groups by the first position they compute: group 0 is the model's own batch
-    (base rows first); a row patched only at position p > 0 joins group p, which the engine runs
-    through each block beside group 0 on positions p..T-1 only.
+    (base rows first); a row that cannot differ from its receiver before position p > 0 joins
+    group p, which the engine runs through each block beside group 0 on positions p..T-1 only.
     """
 
     def __init__(self, model, tokens: mx.array, rows: list[_Row], position: int, grow: bool):
@@ -111,10 +111,16 @@ class _BatchedForward:
         self.blocks = {name: i for i, name in enumerate(model._tree.blocks)}
         self.next_block = 0
         suffixes = grow and _takes_cache(model._tree.modules[model._tree.blocks[0]])
+        # A patched row equals its receiver before the first position where the patch can change
+        # anything: its first patched position, and no earlier than the first token where the
+        # pair's prompts differ (before it, donor and receiver activations are the same).
+        pairs = self.base // 2
+        differ = (tokens[:pairs] != tokens[pairs:]).tolist()
+        first_difference = [row.index(True) if True in row else len(row) for row in differ]
         self.group = {}  # row id -> first position it computes
         for row_id, row in enumerate(rows):
-            p = row.site.positions[0] if row.site.positions and len(row.site.positions) == 1 else 0
-            self.group[row_id] = p if suffixes and 0 < p <= position else 0
+            start = max(min(row.site.positions or (0,)), first_difference[row.pair])
+            self.group[row_id] = start if suffixes and 0 < start <= position else 0
         order = sorted(range(len(rows)), key=lambda i: (self.group[i], rows[i].site.layer if grow else 0))
         self.members = defaultdict(list)  # group -> its patched row ids, in batch order
         self.entering = defaultdict(list)  # (group, layer) -> row ids appended at that block's input
