@@ -34,10 +34,10 @@ class InterpretableModel:
             )
         self.model = model
         self.tokenizer = tokenizer
-        self._tree = ModuleTree(model)
+        self.tree = ModuleTree(model)  # every module by name, and the block list
         self._active: Trace | None = None
         # Rows of the input embedding: token ids must stay below it.
-        rows = [m.weight.shape[0] for m in self._tree.modules.values()
+        rows = [m.weight.shape[0] for m in self.tree.modules.values()
                 if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
         self._embedding_rows = max(rows) if rows else None
 
@@ -67,7 +67,7 @@ class InterpretableModel:
             >>> with model.trace(corrupted, interventions={"layers.10.mlp": iv.zero_out}):
             ...     logits = model.output.save()
         """
-        return Trace(self.model, self._tree, self._tokens(inputs), interventions, capture,
+        return Trace(self.model, self.tree, self._tokens(inputs), interventions, capture,
                      on_enter=self._begin_trace, on_exit=self._end_trace)
 
     def _begin_trace(self, trace: Trace) -> None:
@@ -103,11 +103,11 @@ class InterpretableModel:
 
     def module_names(self) -> list[str]:
         """Full names of every module, in tree order."""
-        return list(self._tree.modules)
+        return list(self.tree.modules)
 
     def resolve(self, key: str) -> str:
         """The full module name a (short) key stands for, e.g. `layers.3.mlp`."""
-        return self._tree.resolve(key)
+        return self.tree.resolve(key)
 
     # -- analyses (delegates to the experiments layer) ----------------------------------------
 
@@ -193,9 +193,9 @@ class ModuleProxy:
         if attr.startswith("_"):
             raise AttributeError(attr)
         child = f"{self.name}.{attr}"
-        if child not in self._owner._tree.modules:
+        if child not in self._owner.tree.modules:
             children = sorted({n[len(self.name) + 1:].split(".")[0]
-                               for n in self._owner._tree.modules if n.startswith(self.name + ".")})
+                               for n in self._owner.tree.modules if n.startswith(self.name + ".")})
             raise UnknownModuleError(
                 f"{self.name!r} has no sub-module {attr!r}; its sub-modules are {children}."
             )
@@ -210,7 +210,7 @@ class LayerList(Sequence):
 
     def __init__(self, owner: InterpretableModel):
         self._owner = owner
-        self._names = owner._tree.blocks
+        self._names = owner.tree.blocks
 
     def __len__(self) -> int:
         return len(self._names)

@@ -28,6 +28,14 @@ FAMILY_CONFIGS = {
                         vocab_size=101, sliding_window=4, query_pre_attn_scalar=8),
     "gpt2": dict(n_ctx=64, n_embd=32, n_head=4, n_layer=3, n_positions=64,
                  layer_norm_epsilon=1e-5, vocab_size=101),
+    # calls its blocks as block(h, attn_scale, mask, cache=c)
+    "ministral3": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                       vocab_size=101, max_position_embeddings=128, rope_parameters={
+                           "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
+                           "original_max_position_embeddings": 4, "rope_type": "default"}),
+    # calls its blocks with keywords only: block(inputs=h, mask=mask, cache=c)
+    "gptj": dict(n_embd=32, vocab_size=101, n_positions=64, n_head=4, rotary_dim=4, n_layer=3),
 }
 
 

@@ -173,3 +173,65 @@ def test_a_patch_that_never_runs_is_an_error():
         run_engine(model, clean, corrupted, [site], METRICS["l2"], position=2)
     with pytest.raises(NotRecordedError, match="not called"):
         run_naive(model, clean, corrupted, [site], METRICS["l2"], position=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2", "ministral3", "gptj"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_engine_equals_naive_across_families(family, direction):
+    """Families whose blocks take other arguments (ministral3's attn_scale), take them by
+    keyword (gptj), or use sliding-window masks (gemma3_text): the engine still agrees."""
+    from conftest import tiny_model
+
+    from mlxterp import InterpretableModel
+    from mlxterp.experiments.engine import run_engine, run_naive
+    from mlxterp.experiments.metrics import METRICS
+    from mlxterp.experiments.sites import sweep_sites
+
+    model = InterpretableModel(tiny_model(family, seed=3))
+    # Two pairs that first differ at positions 2 and 4, so rows start at several positions.
+    clean = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7, 8, 20, 10, 11, 12, 13, 14]])
+    corrupted = mx.array([[5, 6, 30, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7, 8, 40, 10, 11, 12, 13, 3]])
+    n_layers = len(model.layers)
+    for over, position in ((("layer",), 9), (("layer", "position"), 7)):
+        sites = sweep_sites(model, "input", over, 10, layers=[0, n_layers - 1],
+                            positions=[0, 3, 5, 9] if "position" in over else None)
+        engine = run_engine(model, clean, corrupted, sites, METRICS["kl"], position, direction, max_batch=3)
+        naive = run_naive(model, clean, corrupted, sites, METRICS["kl"], position, direction)
+        scale = np.abs(naive.corrupted).max()
+        np.testing.assert_allclose(engine.corrupted, naive.corrupted, rtol=1e-4)
+        np.testing.assert_allclose(engine.patched, naive.patched, rtol=1e-4, atol=1e-4 * scale)
+        receiver = naive.corrupted if direction == "denoise" else naive.clean
+        assert np.abs(naive.patched - receiver[:, None]).max() > 1e-3 * scale  # patches matter
+
+
+def test_sites_and_options_are_checked(wrapped):
+    site = PatchSite("layers.3.mlp", 3)  # a short key resolves
+    assert wrapped.patching_sweep(*PARIS, sites=[site], metric="kl").sites == [{"layer": 3}]
+    for bad, message in ((PatchSite("layers.3.mlp", 4), "not inside block 4"),
+                         (PatchSite("model.model.norm", 29), "not inside block 29"),
+                         (PatchSite("layers.3.mlp#1", 3), "drop the #k"),
+                         (PatchSite("layers.3.mpl", 3), "Closest names")):
+        with pytest.raises(Exception, match=message):
+            wrapped.patching_sweep(*PARIS, sites=[bad])
+    with pytest.raises(SiteError, match="positions is empty"):
+        PatchSite("layers.3.mlp", 3, positions=())
+    with pytest.raises(SiteError, match="does not sweep over positions"):
+        wrapped.patching_sweep(*PARIS, positions=[3])
+    with pytest.raises(SiteError, match="sweep over one of"):
+        wrapped.patching_sweep(*PARIS, over=("position", "layer"))
+    with pytest.raises(MetricError, match="apply to metric='logit_diff'"):
+        wrapped.patching_sweep(*PARIS, metric="kl", answer=" Paris")
+    with pytest.raises(SiteError, match="max_batch=0"):
+        wrapped.patching_sweep(*PARIS, max_batch=0)
+    for naive in (False, True):  # rope is called twice per block (queries, keys) on 4-d arrays
+        with pytest.raises(SiteError, match="called more than once|patch sites must be"):
+            wrapped.patching_sweep(*PARIS, component="self_attn.rope", layers=[2], naive=naive)
+
+
+def test_noise_direction_ranks_lowest_first(wrapped):
+    result = wrapped.patching_sweep(*PARIS, component="output", over=("layer", "position"),
+                                    layers=[5], direction="noise", metric="kl")
+    # Putting the corrupted residual at position 0 (the differing token) into the clean run
+    # carries the corruption: the least recovery, so the most important site.
+    assert result.top(1)[0][0].startswith("L5 pos 0")
+    assert result.top(1)[0][1] == result.mean.min()

@@ -31,10 +31,10 @@ def test_family_traced_logits_equal_bare_and_every_module_is_named(family):
     # Every named module's own path is the model's path, and a called module is recorded.
     for path, module in base.named_modules():
         if path:
-            assert model._tree.modules[f"model.{path}"] is module
-    blocks = {"gpt2": "model.model.h", "gemma3_text": "model.model.layers"}.get(
+            assert model.tree.modules[f"model.{path}"] is module
+    blocks = {"gpt2": "model.model.h", "gptj": "model.model.h"}.get(
         family, "model.model.layers")
-    assert model._tree.blocks_name == blocks
+    assert model.tree.blocks_name == blocks
     assert len(model.layers) == FAMILY_CONFIGS[family].get(
         "num_hidden_layers", FAMILY_CONFIGS[family].get("n_layer"))
     assert f"{blocks}.0" in recorded and f"{blocks}.0:input" in recorded
@@ -290,3 +290,18 @@ def test_inputs_forms_agree(wrapped):
     assert all(np.array_equal(np.array(outs[0]), np.array(o)) for o in outs[1:])
     with wrapped.trace(["Paris is the capital", "London is the capital"]) as trace:
         assert trace.output.shape[0] == 2
+
+
+def test_a_module_replaced_after_wrapping_is_reported():
+    from mlxterp.errors import MlxterpError
+
+    base = tiny_model("llama")
+    model = InterpretableModel(base)
+    base.model.layers[1].mlp = nn.Identity()  # surgery after wrapping
+    with pytest.raises(MlxterpError, match="was replaced after the model was wrapped"):
+        with model.trace(TOKENS):
+            pass
+    assert_model_untouched(base, parameters_snapshot(base))
+    rewrapped = InterpretableModel(base)
+    with rewrapped.trace(TOKENS) as trace:
+        assert mx.array_equal(trace.output, base(TOKENS)).item()

@@ -60,7 +60,9 @@ def _kl(logits: mx.array, clean: mx.array) -> mx.array:
     """KL(clean || patched): how much the patched distribution departs from the clean one."""
     log_clean = clean - mx.logsumexp(clean, axis=-1, keepdims=True)
     log_patched = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return mx.sum(mx.exp(log_clean) * (log_clean - log_patched), axis=-1)
+    # Tokens the clean run gives probability 0 (logit -inf) contribute nothing, not 0 * nan.
+    terms = mx.exp(log_clean) * (log_clean - log_patched)
+    return mx.sum(mx.where(log_clean > -mx.inf, terms, 0.0), axis=-1)
 
 
 METRICS: dict[str, Metric] = {

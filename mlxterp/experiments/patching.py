@@ -19,8 +19,8 @@ import numpy as np
 
 from mlxterp.errors import MlxterpError
 from mlxterp.experiments.engine import SweepValues, run_engine, run_naive
-from mlxterp.experiments.metrics import MetricFn, get_metric
-from mlxterp.experiments.sites import PatchSite, SiteError, sweep_sites
+from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
+from mlxterp.experiments.sites import PatchSite, SiteError, check_sites, sweep_sites
 from mlxterp.tracing.inputs import InputError, equal_length_rows
 
 
@@ -46,6 +46,9 @@ class PatchingResult:
     clean: list[str]
     corrupted: list[str]
     tokens: list[list[str]] = field(default_factory=list)  # clean tokens, per pair
+    is_distance: bool = True  # False for scores such as logit_diff
+    position: int = -1  # the measured position
+    answers: list = field(default_factory=list)  # [answer, wrong_answer] ids for logit_diff
     metric_values: SweepValues | None = None
 
     @property
@@ -80,8 +83,9 @@ class PatchingResult:
         return " ".join(parts)
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """The k sites of highest mean recovery, as (label, recovery)."""
-        order = np.argsort(-self.mean, kind="stable")[:k]
+        """The k most important sites, as (label, recovery): highest recovery when denoising,
+        lowest when noising (there, 100% means the patch changed nothing)."""
+        order = np.argsort(-self.mean if self.direction == "denoise" else self.mean, kind="stable")[:k]
         return [(self.label(self.sites[i]), float(self.mean[i])) for i in order]
 
     def to_dataframe(self):
@@ -103,7 +107,8 @@ class PatchingResult:
             "recovery": self.recovery.tolist(), "sites": self.sites, "over": list(self.over),
             "component": self.component, "metric": self.metric, "direction": self.direction,
             "baseline": self.baseline.tolist(), "clean": self.clean, "corrupted": self.corrupted,
-            "tokens": self.tokens,
+            "tokens": self.tokens, "is_distance": self.is_distance, "position": self.position,
+            "answers": self.answers,
         }
         text = json.dumps(data, indent=1)
         if path is not None:
@@ -121,7 +126,8 @@ class PatchingResult:
             recovery=np.array(data["recovery"]), sites=data["sites"], over=tuple(data["over"]),
             component=data["component"], metric=data["metric"], direction=data["direction"],
             baseline=np.array(data["baseline"]), clean=data["clean"],
-            corrupted=data["corrupted"], tokens=data["tokens"],
+            corrupted=data["corrupted"], tokens=data["tokens"], is_distance=data["is_distance"],
+            position=data["position"], answers=data["answers"],
         )
 
     def plot(self, path: str | Path | None = None):
@@ -158,7 +164,8 @@ def _prompt_tokens(model, clean: list[str], corrupted: list[str]) -> tuple[mx.ar
 
 
 def _token_id(model, token: str | int, what: str) -> int:
-    if isinstance(token, int):
+    if isinstance(token, int | np.integer):
+        token = int(token)
         if not 0 <= token < model.vocab_size:
             raise InputError(f"{what} id {token} is outside the vocabulary [0, {model.vocab_size}).")
         return token
@@ -223,23 +230,25 @@ def patching_sweep(
     seq_len = clean_ids.shape[1]
     if not -seq_len <= position < seq_len:
         raise SiteError(f"position {position} is out of range for {seq_len} tokens.")
-    chosen = get_metric(
-        metric,
-        None if answer is None else _token_id(model, answer, "answer"),
-        None if wrong_answer is None else _token_id(model, wrong_answer, "wrong_answer"),
-    )
+    if metric != "logit_diff" and (answer is not None or wrong_answer is not None):
+        raise MetricError(f"answer= and wrong_answer= apply to metric='logit_diff', not {metric!r}.")
+    answers = [None if answer is None else _token_id(model, answer, "answer"),
+               None if wrong_answer is None else _token_id(model, wrong_answer, "wrong_answer")]
+    chosen = get_metric(metric, *answers)
     explicit = sites is not None
-    if not explicit:
+    if explicit:
+        sites = check_sites(model, sites)
+        component, over = "sites", tuple(sites[0].labels)
+    else:
         sites = sweep_sites(model, component, over, seq_len, layers, positions, heads)
-    elif not sites:
-        raise SiteError("the list of sites is empty.")
     run = run_naive if naive else run_engine
     options = {} if naive else {"max_batch": max_batch, "progress": progress}
     values = run(model, clean_ids, corrupted_ids, list(sites), chosen, position % seq_len,
                  direction, **options)
-    # Distances score as their negative, so one formula covers distances and scores.
-    sign = -1.0 if chosen.is_distance else 1.0
-    gap = sign * (values.clean - values.corrupted)
+    # Recovery is (f(patched) - f(corrupted)) / (f(clean) - f(corrupted)) for scores and
+    # distances alike (a distance to the clean run is 0 at the clean run); the baseline is
+    # reported as a positive gap for distances: d(corrupted).
+    gap = values.clean - values.corrupted
     if np.any(gap == 0):
         pair = int(np.argmax(gap == 0))
         raise BaselineError(
@@ -247,14 +256,16 @@ def patching_sweep(
             f"(pair {pair}: clean {values.clean[pair]:.6g}, corrupted {values.corrupted[pair]:.6g}): "
             "there is nothing to recover. Choose prompts whose outputs differ."
         )
-    recovery = (sign * values.patched - sign * values.corrupted[:, None]) / gap[:, None] * 100
+    recovery = (values.patched - values.corrupted[:, None]) / gap[:, None] * 100
     return PatchingResult(
         recovery=recovery,
-        sites=[dict(s.labels) or {"layer": s.layer} for s in sites],
-        over=tuple(dict(sites[0].labels) or {"layer": 0}) if explicit else tuple(over),
+        sites=[dict(s.labels) for s in sites],
+        over=tuple(over),
         component=component, metric=chosen.name, direction=direction,
-        baseline=gap, clean=clean_list, corrupted=corrupted_list,
+        baseline=-gap if chosen.is_distance else gap, clean=clean_list, corrupted=corrupted_list,
         tokens=[model.to_str_tokens(row) for row in clean_ids.tolist()],
+        is_distance=chosen.is_distance, position=position % seq_len,
+        answers=answers if metric == "logit_diff" else [],
         metric_values=values,
     )
 

@@ -8,7 +8,7 @@ of sites; the engine and the naive reference both read them, so they patch the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +19,7 @@ SUBMODULES = ("mlp", "self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj
               "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 COMPONENTS = ("input", "output", *SUBMODULES)
 ALIASES = {"attn": "self_attn"}
-AXES = ("layer", "position", "head")
+SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
 
 
 class SiteError(MlxterpError, ValueError):
@@ -37,35 +37,70 @@ class PatchSite:
     n_heads: int | None = None
     labels: dict = field(default_factory=dict, compare=False)  # e.g. {"layer": 3, "head": 2}
 
-    def mask(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Boolean (seq, features) mask of the part patched, for an activation of `shape`."""
-        seq, width = shape[-2], shape[-1]
-        selected = np.zeros((seq, width), dtype=bool)
-        rows = slice(None) if self.positions is None else list(self.positions)
-        cols = slice(None)
+    def __post_init__(self):
+        if self.positions is not None and not self.positions:
+            raise SiteError(f"site {self.key!r}: positions is empty; give at least one, or None for all.")
+        if (self.head is None) != (self.n_heads is None):
+            raise SiteError(f"site {self.key!r}: give head and n_heads together.")
+        if self.head is not None and not 0 <= self.head < self.n_heads:
+            raise SiteError(f"site {self.key!r}: head {self.head} is not in 0..{self.n_heads - 1}.")
+
+    def selection(self, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks of the positions (length,) and features (width,) this site patches."""
+        rows = np.zeros(length, dtype=bool)
+        rows[slice(None) if self.positions is None else list(self.positions)] = True
+        columns = np.ones(width, dtype=bool)
         if self.head is not None:
             if width % self.n_heads:
                 raise SiteError(f"{self.key}: width {width} does not split into {self.n_heads} heads.")
             size = width // self.n_heads
-            cols = slice(self.head * size, (self.head + 1) * size)
-        selected[rows, cols] = True
-        return selected
+            columns[:] = False
+            columns[self.head * size:(self.head + 1) * size] = True
+        return rows, columns
 
     def patch(self, receiver: mx.array, donor: mx.array) -> mx.array:
         """`receiver` with this site's part taken from `donor` (both (batch, seq, features))."""
-        return mx.where(mx.array(self.mask(receiver.shape)), donor, receiver)
+        rows, columns = self.selection(receiver.shape[-2], receiver.shape[-1])
+        return mx.where(mx.array(rows[:, None] & columns[None]), donor, receiver)
+
+
+def check_sites(model, sites: Sequence[PatchSite]) -> list[PatchSite]:
+    """Explicit sites, with keys resolved to full names and checked against their layers.
+
+    Example:
+        >>> check_sites(model, [PatchSite("layers.3.mlp", 3)])[0].key
+        'model.model.layers.3.mlp'
+    """
+    if not sites:
+        raise SiteError("the list of sites is empty.")
+    blocks = model.tree.blocks
+    checked = []
+    for site in sites:
+        where = model.tree.site(site.key)
+        if where.call is not None:
+            raise SiteError(f"site {site.key!r}: patch sites patch every call; drop the #k.")
+        if not 0 <= site.layer < len(blocks):
+            raise SiteError(f"site {site.key!r}: layer {site.layer} is not in 0..{len(blocks) - 1}.")
+        block = blocks[site.layer]
+        if where.module != block and not where.module.startswith(block + "."):
+            raise SiteError(
+                f"site {site.key!r} is not inside block {site.layer} ({block}); patch sites must "
+                "be a block, its input, or a module inside it."
+            )
+        checked.append(replace(site, key=where.key, labels=dict(site.labels) or {"layer": site.layer}))
+    return checked
 
 
 def component_key(model, layer: int, component: str) -> str:
     """The activation key of `component` in block `layer` (`input` is the block's input)."""
-    block = model._tree.blocks[layer]
+    block = model.tree.blocks[layer]
     if component == "input":
         return f"{block}:input"
     if component == "output":
         return block
     key = f"{block}.{component}"
-    if key not in model._tree.modules:
-        children = sorted(n[len(block) + 1:] for n in model._tree.modules if n.startswith(block + "."))
+    if key not in model.tree.modules:
+        children = sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
         raise SiteError(
             f"block {layer} has no component {component!r}. Valid components: 'input', 'output' "
             f"and its sub-modules {children}."
@@ -89,8 +124,8 @@ def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
     Heads are query heads: slices of the o_proj input (the concatenated head outputs). For
     k_proj / v_proj they are key/value heads (grouped-query attention has fewer).
     """
-    block = model._tree.blocks[layer]
-    attention = model._tree.modules.get(f"{block}.self_attn")
+    block = model.tree.blocks[layer]
+    attention = model.tree.modules.get(f"{block}.self_attn")
     if attention is None or not hasattr(attention, "n_heads"):
         raise SiteError(f"head sweeps need block {layer} to have a self_attn module with n_heads.")
     if component in ("self_attn", "self_attn.o_proj"):
@@ -132,13 +167,16 @@ def sweep_sites(
         >>> sweep_sites(model, "mlp", ("layer", "position"), seq_len=6, layers=[3, 4])
     """
     over = tuple(over)
-    if "layer" not in over or any(axis not in AXES for axis in over) or len(set(over)) != len(over):
+    if over not in SWEEP_AXES:
         raise SiteError(
-            f"over={over!r}: sweep over ('layer',), ('layer', 'position'), ('layer', 'head') or "
-            "('layer', 'head', 'position')."
+            f"over={over!r}: sweep over one of {', '.join(map(repr, SWEEP_AXES))}."
         )
+    for name, values in (("position", positions), ("head", heads)):
+        if values is not None and name not in over:
+            raise SiteError(f"{name}s= was given but over={over!r} does not sweep over {name}s; "
+                            f"add '{name}' to over.")
     component = _check_component(component)
-    n_layers = len(model._tree.blocks)
+    n_layers = len(model.tree.blocks)
     if n_layers == 0:
         raise SiteError("this model has no list of blocks to sweep over.")
     layer_list = _checked_indices(layers, n_layers, "layer")

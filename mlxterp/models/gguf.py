@@ -157,10 +157,6 @@ def read_gguf(path: Path) -> GGUFReader:
         ) from err
 
 
-def _metadata(reader: GGUFReader) -> dict:
-    return {key: field.contents() for key, field in reader.fields.items()}
-
-
 def _mlx_name(gguf_name: str, arch: Architecture) -> str:
     match = _BLOCK_TENSOR.match(gguf_name)
     if match:

@@ -6,7 +6,8 @@ from __future__ import annotations
 def summary(result) -> str:
     """What was swept, and the baseline the recoveries are fractions of."""
     pairs = len(result.clean)
-    what = "d(corrupted, clean)" if result.metric != "logit_diff" else "LD(clean) - LD(corrupted)"
+    name = result.metric
+    what = "d(corrupted, clean)" if result.is_distance else f"{name}(clean) - {name}(corrupted)"
     lines = [
         f"clean:     {result.clean[0]!r}" + (f" (+{pairs - 1} more pairs)" if pairs > 1 else ""),
         f"corrupted: {result.corrupted[0]!r}",
@@ -22,6 +23,7 @@ def ranking(result, top: int = 10) -> str:
     """The `top` sites by mean recovery, as an aligned table."""
     rows = result.top(top)
     width = max(len(label) for label, _ in rows)
-    lines = [f"{'rank':>4}  {'site':<{width}}  recovery"]
+    lines = [f"{'rank':>4}  {'site':<{width}}  recovery"
+             + ("  (noising: lowest first)" if result.direction == "noise" else "")]
     lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%" for rank, (label, value) in enumerate(rows, 1)]
     return "\n".join(lines)

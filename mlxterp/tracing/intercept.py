@@ -10,8 +10,10 @@ reads the dict, so the model's own `self.mlp(x)` or `for layer in self.layers` c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import mlx.nn as nn
@@ -55,6 +57,7 @@ def intercepted(tree: ModuleTree, names: Iterable[str], handler: CallHandler) ->
             probe = Probe(name, tree.modules[name], handler)
             if parent in tree.modules:
                 owner = tree.modules[parent]
+                _check_current(owner.get(attr), name, tree)
                 object.__setattr__(owner, attr, probe)
                 installed.append((owner, attr))
                 continue
@@ -71,8 +74,38 @@ def intercepted(tree: ModuleTree, names: Iterable[str], handler: CallHandler) ->
                 shadow_lists[(id(owner), list_attr)] = shadow
                 object.__setattr__(owner, list_attr, shadow)
                 installed.append((owner, list_attr))
+            _check_current(owner[list_attr][int(attr)], name, tree)
             shadow[int(attr)] = probe
         yield
     finally:
         for owner, attr in reversed(installed):
             object.__delattr__(owner, attr)
+
+
+def _check_current(child: object, name: str, tree: ModuleTree) -> None:
+    if child is not tree.modules[name]:
+        raise MlxterpError(
+            f"{name!r} was replaced after the model was wrapped (for example by nn.quantize or "
+            "LoRA); wrap it again with InterpretableModel(model, tokenizer) to name its modules."
+        )
+
+
+@cache
+def call_parameters(module_type: type) -> tuple[str, ...]:
+    """Names of the parameters of `module_type.__call__`, without `self`."""
+    return tuple(inspect.signature(module_type.__call__).parameters)[1:]
+
+
+def call_input(module: nn.Module, args: tuple, kwargs: dict):
+    """The activation a module was called with: its first argument, by position or by name."""
+    if args:
+        return args[0]
+    names = call_parameters(type(module))
+    return kwargs.get(names[0]) if names else None
+
+
+def with_call_input(module: nn.Module, args: tuple, kwargs: dict, value) -> tuple[tuple, dict]:
+    """`(args, kwargs)` with the module's first argument replaced by `value`."""
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, call_parameters(type(module))[0]: value}

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxterp.errors import MlxterpError
-from mlxterp.tracing.intercept import intercepted
+from mlxterp.tracing.intercept import call_input, intercepted, with_call_input
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, Site, UnknownModuleError
 
 Intervention = Callable[[mx.array], mx.array]
@@ -95,6 +95,9 @@ class Trace:
         self._on_enter, self._on_exit = on_enter, on_exit
         self._planned = [_Planned(tree.site(key), _check_callable(key, fn))
                          for key, fn in (interventions or {}).items()]
+        self._plans: dict[str, list[_Planned]] = {}  # module name -> its interventions
+        for plan in self._planned:
+            self._plans.setdefault(plan.site.module, []).append(plan)
         self._capture = None if capture is None else {
             tree.canonical_key(key) for key in capture
         }
@@ -120,13 +123,14 @@ class Trace:
         call = self._calls[name]
         self._calls[name] += 1
         key = name if call == 0 else f"{name}#{call}"
-        plans = [p for p in self._planned if p.site.module == name and p.site.call in (None, call)]
-        if args:
-            x = args[0]
-            for plan in plans:
-                if plan.site.is_input:
-                    x = _apply(plan, x)
-            args = (x, *args[1:])
+        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, call)]
+        x = call_input(module, args, kwargs)
+        if x is not None:
+            input_plans = [plan for plan in plans if plan.site.is_input]
+            for plan in input_plans:
+                x = _apply(plan, x)
+            if input_plans:
+                args, kwargs = with_call_input(module, args, kwargs, x)
             if self._wants(f"{key}:input"):
                 self._store[f"{key}:input"] = x
         out = module(*args, **kwargs)
