@@ -15,10 +15,7 @@ import numpy as np
 
 from mlxterp.errors import MlxterpError
 
-SUBMODULES = ("mlp", "self_attn", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-              "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-COMPONENTS = ("input", "output", *SUBMODULES)
-ALIASES = {"attn": "self_attn"}
+ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
 
 
@@ -108,14 +105,20 @@ def component_key(model, layer: int, component: str) -> str:
     return key
 
 
-def _check_component(component: str) -> str:
-    component = ALIASES.get(component, component)
-    if component not in COMPONENTS and not component.startswith(("mlp.", "self_attn.")):
-        raise SiteError(
-            f"unknown component {component!r}; valid components: {list(COMPONENTS)} "
-            "('attn' is an alias of 'self_attn')."
-        )
-    return component
+def _check_component(model, component: str) -> str:
+    """The component as the model names it: its own sub-module names first, then aliases
+    ('attn' for 'self_attn' and back), else an error listing the valid ones."""
+    block = model.tree.blocks[0]
+    children = sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
+    if component in ("input", "output") or component in children:
+        return component
+    head, dot, rest = component.partition(".")
+    if head in ALIASES and ALIASES[head] + dot + rest in children:
+        return ALIASES[head] + dot + rest
+    raise SiteError(
+        f"unknown component {component!r}; valid components: 'input', 'output' and the "
+        f"sub-modules of a block: {children}. ('attn' and 'self_attn' stand for each other.)"
+    )
 
 
 def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
@@ -175,10 +178,10 @@ def sweep_sites(
         if values is not None and name not in over:
             raise SiteError(f"{name}s= was given but over={over!r} does not sweep over {name}s; "
                             f"add '{name}' to over.")
-    component = _check_component(component)
     n_layers = len(model.tree.blocks)
     if n_layers == 0:
         raise SiteError("this model has no list of blocks to sweep over.")
+    component = _check_component(model, component)
     layer_list = _checked_indices(layers, n_layers, "layer")
     position_list = _checked_indices(positions, seq_len, "position") if "position" in over else [None]
     sites = []
