@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxterp.experiments.engine import PatchNotAppliedError
+from mlxterp.experiments.engine import BaselineError, PatchNotAppliedError
 from mlxterp.experiments.metrics import MetricError
-from mlxterp.experiments.patching import BaselineError, PatchingResult
+from mlxterp.experiments.patching import PatchingResult
 from mlxterp.experiments.sites import PatchSite, SiteError
 from mlxterp.tracing.inputs import InputError
 

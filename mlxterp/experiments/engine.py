@@ -44,6 +44,20 @@ class PatchNotAppliedError(MlxterpError, RuntimeError):
     """A patch site whose module never ran: patching it would silently measure nothing."""
 
 
+class BaselineError(MlxterpError, ValueError):
+    """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
+
+
+def _check_baseline(metric: Metric, clean: float, corrupted: float, pair: int) -> None:
+    """Stop before patching a pair whose clean and corrupted runs measure the same."""
+    if clean == corrupted:
+        raise BaselineError(
+            f"clean and corrupted prompts give the same {metric.name} (pair {pair}: clean "
+            f"{clean:.6g}, corrupted {corrupted:.6g}): there is nothing to recover. Choose prompts "
+            "whose outputs differ at the measured position."
+        )
+
+
 @dataclass
 class SweepValues:
     """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites."""
@@ -304,6 +318,7 @@ def run_engine(
             logits = forward.run()
         order = mx.array([CLEAN, CORRUPTED] + [forward.index[i] for i in range(len(chunk))])
         numbers = np.array(evaluate(metric, logits[order], logits[CLEAN]), dtype=np.float64)
+        _check_baseline(metric, *numbers[:2], pair)
         values.clean[pair], values.corrupted[pair] = numbers[:2]
         values.patched[pair, offset:offset + len(chunk)] = numbers[2:]
     return values
@@ -334,8 +349,9 @@ def run_naive(
                 raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; "
                                 "patch sites must be modules called once.")
         donor, receiver = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
-        base = evaluate(metric, mx.stack(logits), logits[CLEAN])
-        values.clean[pair], values.corrupted[pair] = np.array(base, dtype=np.float64)
+        base = np.array(evaluate(metric, mx.stack(logits), logits[CLEAN]), dtype=np.float64)
+        _check_baseline(metric, *base, pair)
+        values.clean[pair], values.corrupted[pair] = base
         receiver_tokens = (clean, corrupted)[receiver][pair:pair + 1]
         for i, site in enumerate(sites):
             patch = {site.key: lambda x, s=site, d=acts[donor][i]: s.patch(x, d)}

@@ -17,15 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
 from mlxterp.experiments.engine import SweepValues, run_engine, run_naive
 from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
 from mlxterp.experiments.sites import PatchSite, SiteError, check_sites, sweep_sites
 from mlxterp.tracing.inputs import InputError, equal_length_rows
-
-
-class BaselineError(MlxterpError, ValueError):
-    """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
 
 
 @dataclass
@@ -248,14 +243,7 @@ def patching_sweep(
     # Recovery is (f(patched) - f(corrupted)) / (f(clean) - f(corrupted)) for scores and
     # distances alike (a distance to the clean run is 0 at the clean run); the baseline is
     # reported as a positive gap for distances: d(corrupted).
-    gap = values.clean - values.corrupted
-    if np.any(gap == 0):
-        pair = int(np.argmax(gap == 0))
-        raise BaselineError(
-            f"clean and corrupted prompts give the same {chosen.name} at position {position} "
-            f"(pair {pair}: clean {values.clean[pair]:.6g}, corrupted {values.corrupted[pair]:.6g}): "
-            "there is nothing to recover. Choose prompts whose outputs differ."
-        )
+    gap = values.clean - values.corrupted  # never 0: the engine checks each pair first
     recovery = (values.patched - values.corrupted[:, None]) / gap[:, None] * 100
     return PatchingResult(
         recovery=recovery,

@@ -152,7 +152,10 @@ def _checked_indices(values: Sequence[int] | None, count: int, what: str) -> lis
     bad = [v for v in values if not -count <= v < count]
     if bad:
         raise SiteError(f"{what} {bad} out of range: valid {what}s are 0 to {count - 1}.")
-    return [v % count for v in values]
+    normalised = [v % count for v in values]
+    if len(set(normalised)) != len(normalised):
+        raise SiteError(f"{what}s {values} name the same {what} twice.")
+    return normalised
 
 
 def sweep_sites(
