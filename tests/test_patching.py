@@ -235,3 +235,28 @@ def test_noise_direction_ranks_lowest_first(wrapped):
     # carries the corruption: the least recovery, so the most important site.
     assert result.top(1)[0][0].startswith("L5 pos 0")
     assert result.top(1)[0][1] == result.mean.min()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_metrics_stay_finite_on_a_262k_vocabulary_in_half_precision(dtype):
+    """The guide's L2 overflows and its KL gives NaN only when computed in half precision;
+    mlxterp's metrics are float32 whatever the model's dtype (Gemma 3, 262,144 tokens)."""
+    import mlxterp
+    from mlxterp import InterpretableModel
+
+    base, tokenizer = mlxterp.load("gemma3-270m")  # float32 from the cache, then cast
+    base.set_dtype(getattr(mx, dtype))
+    model = InterpretableModel(base, tokenizer)
+    with model.trace(PARIS[0]) as trace:
+        clean = trace.output[0, -1]
+    with model.trace(PARIS[1]) as trace:
+        corrupted = trace.output[0, -1]
+    assert clean.dtype == getattr(mx, dtype) and clean.shape == (262144,)
+    if dtype == "float16":  # the guide's formulas in the model's dtype
+        assert math.isinf(mx.sum((corrupted - clean) ** 2).item())
+        assert math.isnan(mx.sum(mx.softmax(clean) * (mx.log(mx.softmax(clean))
+                                                    - mx.log(mx.softmax(corrupted)))).item())
+    for metric in ("l2", "cosine", "mse", "kl"):
+        result = model.patching_sweep(*PARIS, component="mlp", layers=[0, 17], metric=metric)
+        assert np.all(np.isfinite(result.recovery)) and np.all(np.isfinite(result.baseline))
+        assert result.baseline[0] > 0
