@@ -147,7 +147,7 @@ class _BatchedForward:
         # State of the running forward.
         self.next_block = 0
         self.applied: set[str] = set()
-        self.donor_values: dict[str, mx.array] = {}  # key -> base rows' activation
+        self.donor_values: dict[str, mx.array] = {}  # key -> the donor row's activation
         self.active = 0  # the start whose rows the current call computes
         self.hidden: dict[int, mx.array] = {}  # start -> its rows' residual stream
 
