@@ -213,6 +213,8 @@ def test_sites_and_options_are_checked(wrapped):
                          (PatchSite("layers.3.mpl", 3), "Closest names")):
         with pytest.raises(Exception, match=message):
             wrapped.patching_sweep(*PARIS, sites=[bad])
+    with pytest.raises(SiteError, match="same labels"):
+        wrapped.patching_sweep(*PARIS, sites=[site, PatchSite("layers.3.mlp", 3, positions=(1,))])
     with pytest.raises(SiteError, match="positions is empty"):
         PatchSite("layers.3.mlp", 3, positions=())
     with pytest.raises(SiteError, match="does not sweep over positions"):

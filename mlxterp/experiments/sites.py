@@ -85,6 +85,10 @@ def check_sites(model, sites: Sequence[PatchSite]) -> list[PatchSite]:
                 "be a block, its input, or a module inside it."
             )
         checked.append(replace(site, key=where.key, labels=dict(site.labels) or {"layer": site.layer}))
+    labels = [tuple(sorted(site.labels.items())) for site in checked]
+    if len(set(labels)) != len(labels):
+        raise SiteError("two sites have the same labels; give each site labels of its own "
+                        "(e.g. {'layer': 3, 'position': 5}) so results can tell them apart.")
     return checked
 
 
