@@ -223,6 +223,8 @@ def test_sites_and_options_are_checked(wrapped):
         wrapped.patching_sweep(*PARIS, over=("position", "layer"))
     with pytest.raises(MetricError, match="apply to metric='logit_diff'"):
         wrapped.patching_sweep(*PARIS, metric="kl", answer=" Paris")
+    with pytest.raises(SiteError, match="direction='sideways'"):
+        wrapped.patching_sweep(*PARIS, direction="sideways")
     with pytest.raises(SiteError, match="max_batch=0"):
         wrapped.patching_sweep(*PARIS, max_batch=0)
     for naive in (False, True):  # rope is called twice per block (queries, keys) on 4-d arrays

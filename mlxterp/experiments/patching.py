@@ -19,7 +19,7 @@ import numpy as np
 
 from mlxterp.experiments.engine import SweepValues, run_engine, run_naive
 from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
-from mlxterp.experiments.sites import PatchSite, SiteError, check_sites, sweep_sites
+from mlxterp.experiments.sites import PatchSite, check_sites, sweep_sites
 from mlxterp.tracing.inputs import InputError, equal_length_rows
 
 
@@ -209,7 +209,8 @@ def patching_sweep(
         position: the token position whose logits are measured (default: the last).
         direction: 'denoise' (clean activations into the corrupted run) or 'noise'.
         naive: run the reference procedure (one forward per site) instead of the engine.
-        max_batch: rows per forward (default: from a 2 GiB activation budget).
+        max_batch: patched rows per forward (default: from an estimate of a 2 GiB activation
+            budget).
 
     Example:
         >>> r = patching_sweep(model, clean, corrupted, component="self_attn",
@@ -218,13 +219,9 @@ def patching_sweep(
     """
     if model.tokenizer is None:
         raise InputError("patching prompts needs a tokenizer: InterpretableModel(m, tokenizer).")
-    if direction not in ("denoise", "noise"):
-        raise InputError(f"direction={direction!r}: use 'denoise' or 'noise'.")
     clean_list, corrupted_list = _as_list(clean), _as_list(corrupted)
     clean_ids, corrupted_ids = _prompt_tokens(model, clean_list, corrupted_list)
     seq_len = clean_ids.shape[1]
-    if not -seq_len <= position < seq_len:
-        raise SiteError(f"position {position} is out of range for {seq_len} tokens.")
     if metric != "logit_diff" and (answer is not None or wrong_answer is not None):
         raise MetricError(f"answer= and wrong_answer= apply to metric='logit_diff', not {metric!r}.")
     answers = [None if answer is None else _token_id(model, answer, "answer"),
@@ -238,8 +235,7 @@ def patching_sweep(
         sites = sweep_sites(model, component, over, seq_len, layers, positions, heads)
     run = run_naive if naive else run_engine
     options = {} if naive else {"max_batch": max_batch, "progress": progress}
-    values = run(model, clean_ids, corrupted_ids, list(sites), chosen, position % seq_len,
-                 direction, **options)
+    values = run(model, clean_ids, corrupted_ids, list(sites), chosen, position, direction, **options)
     # Recovery is (f(patched) - f(corrupted)) / (f(clean) - f(corrupted)) for scores and
     # distances alike (a distance to the clean run is 0 at the clean run); the baseline is
     # reported as a positive gap for distances: d(corrupted).
