@@ -13,13 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 
 from mlxterp.errors import MlxterpError
+from mlxterp.tracing.trace import Intervention
 
-Intervention = Callable[[mx.array], mx.array]
 Positions = int | Sequence[int]
 
 

@@ -37,7 +37,6 @@ class Metric:
     name: str
     fn: MetricFn
     is_distance: bool = True
-    description: str = ""
 
 
 def _l2(logits: mx.array, clean: mx.array) -> mx.array:
@@ -68,10 +67,10 @@ def _kl(logits: mx.array, clean: mx.array) -> mx.array:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("l2", _l2, description="Euclidean distance between logit vectors (the guide's default)"),
-        Metric("cosine", _cosine, description="1 - cosine similarity, computed as |a^ - b^|^2 / 2"),
-        Metric("mse", _mse, description="mean squared difference of the logits"),
-        Metric("kl", _kl, description="KL(clean || patched) of the next-token distributions"),
+        Metric("l2", _l2),
+        Metric("cosine", _cosine),
+        Metric("mse", _mse),
+        Metric("kl", _kl),
     )
 }
 
@@ -85,8 +84,7 @@ def logit_diff(answer: int, wrong_answer: int) -> Metric:
     def score(logits: mx.array, clean: mx.array) -> mx.array:
         return logits[:, answer] - logits[:, wrong_answer]
 
-    return Metric("logit_diff", score, is_distance=False,
-                  description=f"logit of token {answer} minus logit of token {wrong_answer}")
+    return Metric("logit_diff", score, is_distance=False)
 
 
 def get_metric(metric: str | MetricFn, answer: int | None = None,
@@ -96,7 +94,7 @@ def get_metric(metric: str | MetricFn, answer: int | None = None,
     A callable is a distance: `fn(logits (N, V), clean_logits (V,)) -> (N,)`.
     """
     if callable(metric):
-        return Metric(getattr(metric, "__name__", "custom"), metric, description="user metric")
+        return Metric(getattr(metric, "__name__", "custom"), metric)
     if metric == "logit_diff":
         if answer is None or wrong_answer is None:
             raise MetricError(

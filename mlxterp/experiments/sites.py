@@ -101,7 +101,7 @@ def component_key(model, layer: int, component: str) -> str:
         return block
     key = f"{block}.{component}"
     if key not in model.tree.modules:
-        children = sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
+        children = _sub_modules(model, layer)
         raise SiteError(
             f"block {layer} has no component {component!r}. Valid components: 'input', 'output' "
             f"and its sub-modules {children}."
@@ -109,11 +109,16 @@ def component_key(model, layer: int, component: str) -> str:
     return key
 
 
+def _sub_modules(model, layer: int) -> list[str]:
+    """Names of the modules inside block `layer`, relative to it (`mlp`, `mlp.down_proj`, ...)."""
+    block = model.tree.blocks[layer]
+    return sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
+
+
 def _check_component(model, component: str) -> str:
     """The component as the model names it: its own sub-module names first, then aliases
     ('attn' for 'self_attn' and back), else an error listing the valid ones."""
-    block = model.tree.blocks[0]
-    children = sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
+    children = _sub_modules(model, 0)
     if component in ("input", "output") or component in children:
         return component
     head, dot, rest = component.partition(".")

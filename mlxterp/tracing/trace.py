@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from mlxterp.errors import MlxterpError
 from mlxterp.tracing.intercept import call_input, intercepted, with_call_input
-from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, Site, UnknownModuleError
+from mlxterp.tracing.names import OUTPUT_KEY, ROOT, ModuleTree, Site, UnknownModuleError
 
 Intervention = Callable[[mx.array], mx.array]
 
@@ -110,7 +110,7 @@ class Trace:
 
     def _probed_modules(self) -> list[str]:
         if self._capture is None:
-            modules = set(self._tree.modules) - {"model"}
+            modules = set(self._tree.modules) - {ROOT}
         else:
             modules = {self._tree.site(key).module for key in self._capture if key != OUTPUT_KEY}
         modules |= {plan.site.module for plan in self._planned}
