@@ -32,6 +32,7 @@ def test_readme_main_job(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.splitlines()[:4] == expected.splitlines()[:4]  # prompts, sweep, baseline
+    assert printed.splitlines()[4].startswith("float32 noise: each recovery within")
     ours, theirs = ranking(printed), ranking(expected)
     assert [site for site, _ in ours] == [site for site, _ in theirs]
     assert all(abs(a - b) < 0.2 for (_, a), (_, b) in zip(ours, theirs, strict=True))
@@ -58,3 +59,25 @@ def test_patch_reports_bad_input(tmp_path, capsys):
     assert "'The city of London': 4 tokens" in error and "Traceback" not in error
     assert main(["patch", "Paris is", "London is", "--metric", "l3", "--out", str(tmp_path)]) == 2
     assert "unknown metric 'l3'" in capsys.readouterr().err
+
+
+def test_plot_title_stays_inside_the_figure(tmp_path):
+    """The README's IOI pair makes a long title: it wraps instead of running off the canvas."""
+    args, _ = readme_main_job()
+    out = tmp_path / "out"
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 0
+    fig = PatchingResult.from_json(out / "patch-mlp-layer-kl.json").plot(out / "again.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    title = fig.axes[0].title
+    box, canvas = title.get_window_extent(renderer), fig.bbox
+    assert box.x0 >= canvas.x0 and box.x1 <= canvas.x1 and box.y1 <= canvas.y1
+    assert "Mary gave a drink to" in title.get_text().replace("\n", " ")
+
+
+def test_identical_prompts_are_refused(tmp_path, capsys):
+    prompt = "Paris is the capital of France"
+    assert main(["patch", prompt, prompt, "--out", str(tmp_path)]) == 2
+    assert "same tokens" in capsys.readouterr().err

@@ -20,9 +20,26 @@ NAMES = ("When Mary and John went to the store, John gave a drink to",
          "When John and Mary went to the store, Mary gave a drink to")
 
 
-def total_abs_sum(logits: mx.array, clean: mx.array) -> mx.array:
+def total_abs_sum(logits: mx.array, reference: mx.array) -> mx.array:
     """A user metric: batched L1 distance."""
-    return mx.sum(mx.abs(logits - clean), axis=-1)
+    return mx.sum(mx.abs(logits - reference), axis=-1)
+
+
+def assert_same_recovery(ours, reference) -> None:
+    """Recoveries agree to 0.01 percentage points, or to the float32 noise each result reports
+    beside each recovery where that is larger (`SweepValues.recovery_noise`: batch layouts and
+    BLAS kernels move logits by up to ~1.6e-6 of max |logit|, scripts/measure_noise_floor.py)."""
+    tolerance = np.maximum(0.01, np.maximum(ours.noise, reference.noise))
+    difference = np.abs(ours.recovery - reference.recovery)
+    assert np.all(difference <= tolerance), (difference.max(), tolerance[difference > tolerance])
+
+
+def assert_same_values(ours, reference) -> None:
+    """Raw metric values agree to the float32 noise both runs report for them."""
+    for name in ("clean", "corrupted", "patched"):
+        tolerance = getattr(ours, f"{name}_noise") + getattr(reference, f"{name}_noise")
+        difference = np.abs(getattr(ours, name) - getattr(reference, name))
+        assert np.all(difference <= tolerance), (name, difference.max())
 
 
 CASES = {
@@ -57,13 +74,10 @@ def test_engine_equals_naive(wrapped, case):
     naive = wrapped.patching_sweep(clean, corrupted, naive=True, **options)
     assert engine.sites == naive.sites
     assert np.all(np.isfinite(engine.recovery))
-    np.testing.assert_allclose(engine.recovery, naive.recovery, rtol=0, atol=0.01)
-    # Raw metric values agree to 1e-4 of the baseline: rows computed on a suffix of positions
-    # round differently in attention (~1e-6 relative), an absolute floor for distances near 0.
-    e, n = engine.metric_values, naive.metric_values
-    scale = np.abs(n.clean - n.corrupted).max()
-    for ours, reference in ((e.corrupted, n.corrupted), (e.patched, n.patched)):
-        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * scale)
+    assert_same_recovery(engine, naive)
+    assert_same_values(engine.metric_values, naive.metric_values)
+    # the noise estimate is small enough to say something: a fraction of a point
+    assert engine.noise.max() < 0.5
     # something was patched: not every site left the corrupted run as it was
     assert np.abs(engine.recovery).max() > 0.1
 
@@ -74,14 +88,17 @@ def test_several_pairs_give_per_pair_and_mean(wrapped):
     both = wrapped.patching_sweep(clean, corrupted, layers=[0, 5], metric="kl")
     single = wrapped.patching_sweep(clean[1], corrupted[1], layers=[0, 5], metric="kl")
     assert both.recovery.shape == (2, 2)
-    np.testing.assert_allclose(both.recovery[1], single.recovery[0], atol=0.01)
+    np.testing.assert_allclose(both.recovery[1], single.recovery[0],
+                               atol=max(0.01, both.noise[1].max() + single.noise.max()))
     np.testing.assert_allclose(both.mean, both.recovery.mean(axis=0))
 
 
 def test_output_component_recovers_everything(wrapped):
-    result = wrapped.activation_patching(*PARIS, component="output")
-    assert sorted(result) == list(range(30))
-    assert all(r == pytest.approx(100.0, abs=1e-3) for r in result.values())
+    result = wrapped.patching_sweep(*PARIS, component="output", layers=[29])
+    # The patched row holds the donor's last residual stream, computed in another batch row:
+    # equal up to float32 noise, not bit for bit.
+    assert abs(result.recovery[0, 0] - 100) <= result.noise[0, 0]
+    assert sorted(wrapped.activation_patching(*PARIS, component="output")) == list(range(30))
 
 
 def test_guide_quick_start(wrapped, tmp_path, monkeypatch, capsys):
@@ -123,7 +140,30 @@ def test_explicit_sites(wrapped):
 def test_chunking_gives_the_same_numbers(wrapped):
     whole = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl")
     chunked = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl", max_batch=2)
-    np.testing.assert_allclose(whole.recovery, chunked.recovery, atol=0.01)
+    assert_same_recovery(whole, chunked)
+
+
+@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+def test_a_result_does_not_depend_on_batching(wrapped, metric):
+    """The same site gives the same recovery swept alone, in a chunk of three, one row per
+    forward, and in the full sweep; the engine's clean and corrupted values equal plain
+    single-row forwards (the naive runner's) to their reported noise."""
+    options = dict(component="input", over=("layer", "position"), metric=metric,
+                   answer=" Mary", wrong_answer=" John") if metric == "logit_diff" else dict(
+                   component="input", over=("layer", "position"), metric=metric)
+    full = wrapped.patching_sweep(*NAMES, **options)
+    site = full.sites.index({"layer": 12, "position": 5})
+    for layout in (dict(layers=[12], positions=[5]), dict(layers=[12], positions=[4, 5, 6]),
+                   dict(layers=[12], max_batch=1)):
+        part = wrapped.patching_sweep(*NAMES, **options, **layout)
+        here = part.sites.index({"layer": 12, "position": 5})
+        tolerance = max(0.01, full.noise[0, site] + part.noise[0, here])
+        assert abs(part.recovery[0, here] - full.recovery[0, site]) <= tolerance
+    single = wrapped.patching_sweep(*NAMES, **options, layers=[12], positions=[5], naive=True)
+    values, reference = full.metric_values, single.metric_values
+    for name in ("clean", "corrupted"):
+        tolerance = getattr(values, f"{name}_noise") + getattr(reference, f"{name}_noise")
+        assert np.all(np.abs(getattr(values, name) - getattr(reference, name)) <= tolerance)
 
 
 def test_bad_input(wrapped):
@@ -149,8 +189,14 @@ def test_bad_input(wrapped):
         wrapped.patching_sweep(*PARIS, metric="logit_diff")
     with pytest.raises(InputError, match="must be one token"):
         wrapped.patching_sweep(*PARIS, metric="logit_diff", answer=" Parisians", wrong_answer=" London")
-    with pytest.raises(BaselineError, match="nothing to recover"):
+    with pytest.raises(BaselineError, match="same tokens"):
         wrapped.patching_sweep(PARIS[0], PARIS[0])
+    with pytest.raises(BaselineError, match="same tokens"):
+        wrapped.patching_sweep(PARIS[0], PARIS[0], naive=True)
+    with pytest.raises(BaselineError, match="pair 1: .*same tokens"):
+        wrapped.patching_sweep([PARIS[0]] * 2, [PARIS[1], PARIS[0]])
+    with pytest.raises(BaselineError, match="same tokens"):
+        wrapped.activation_patching(PARIS[0], PARIS[0])
     with pytest.raises(SiteError, match="position 6 is out of range"):
         wrapped.patching_sweep(*PARIS, position=6)
 
@@ -197,11 +243,9 @@ def test_engine_equals_naive_across_families(family, direction):
                             positions=[0, 3, 5, 9] if "position" in over else None)
         engine = run_engine(model, clean, corrupted, sites, METRICS["kl"], position, direction, max_batch=3)
         naive = run_naive(model, clean, corrupted, sites, METRICS["kl"], position, direction)
-        scale = np.abs(naive.corrupted).max()
-        np.testing.assert_allclose(engine.corrupted, naive.corrupted, rtol=1e-4)
-        np.testing.assert_allclose(engine.patched, naive.patched, rtol=1e-4, atol=1e-4 * scale)
+        assert_same_values(engine, naive)
         receiver = naive.corrupted if direction == "denoise" else naive.clean
-        assert np.abs(naive.patched - receiver[:, None]).max() > 1e-3 * scale  # patches matter
+        assert np.abs(naive.patched - receiver[:, None]).max() > 1e-3 * np.abs(naive.gap(direction)).max()
 
 
 def test_sites_and_options_are_checked(wrapped):
@@ -232,13 +276,38 @@ def test_sites_and_options_are_checked(wrapped):
             wrapped.patching_sweep(*PARIS, component="self_attn.rope", layers=[2], naive=naive)
 
 
-def test_noise_direction_ranks_lowest_first(wrapped):
-    result = wrapped.patching_sweep(*PARIS, component="output", over=("layer", "position"),
-                                    layers=[5], direction="noise", metric="kl")
-    # Putting the corrupted residual at position 0 (the differing token) into the clean run
-    # carries the corruption: the least recovery, so the most important site.
-    assert result.top(1)[0][0].startswith("L5 pos 0")
-    assert result.top(1)[0][1] == result.mean.min()
+def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
+    """Recovery means the same in both directions: how far the patch moves the receiving run
+    toward the donor's output. Checked by hand from traces for logit difference and KL."""
+    from mlxterp import interventions as iv
+    from mlxterp.experiments.metrics import METRICS
+
+    site, position = "layers.5", 9  # the residual stream leaving block 5, at ' John' / ' Mary'
+    with wrapped.trace(NAMES[1]) as trace:
+        corrupted_act, corrupted = trace.activations[site], trace.output[0, -1]
+    with wrapped.trace(NAMES[0]) as trace:
+        clean = trace.output[0, -1]
+    patch = {site: iv.replace_with(corrupted_act, positions=[position])}
+    with wrapped.trace(NAMES[0], interventions=patch):
+        patched = wrapped.output.save()[0, -1]
+    mary, john = wrapped.encode(" Mary")[0], wrapped.encode(" John")[0]
+    ld = {name: (x[mary] - x[john]).item() for name, x in
+          (("clean", clean), ("corrupted", corrupted), ("patched", patched))}
+    kl = {name: METRICS["kl"].fn(x[None], corrupted)[0].item() for name, x in
+          (("clean", clean), ("patched", patched))}
+    expected = {"logit_diff": (ld["patched"] - ld["clean"]) / (ld["corrupted"] - ld["clean"]) * 100,
+                "kl": (kl["clean"] - kl["patched"]) / kl["clean"] * 100}
+    for metric, value in expected.items():
+        answers = dict(answer=" Mary", wrong_answer=" John") if metric == "logit_diff" else {}
+        result = wrapped.patching_sweep(*NAMES, component="output", over=("layer", "position"),
+                                        layers=[5], direction="noise", metric=metric, **answers)
+        at = result.sites.index({"layer": 5, "position": position})
+        assert abs(result.recovery[0, at] - value) <= max(0.01, 2 * result.noise[0, at])
+        # the token that names the other person carries the corruption: ranked first, far up
+        label, best = result.top(1)[0]
+        assert label.startswith(f"L5 pos {position}") and best == result.mean.max() > 50
+        # a position where the prompts agree moves nothing
+        assert abs(result.recovery[0, 0]) <= max(0.01, result.noise[0, 0])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -32,8 +32,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
-from mlxterp.experiments.metrics import Metric, evaluate
-from mlxterp.experiments.sites import PatchSite, SiteError
+from mlxterp.experiments.metrics import Metric, measure
+from mlxterp.experiments.sites import PatchSite, SiteError, is_index
 from mlxterp.tracing.intercept import call_input, call_parameters, intercepted, with_call_input
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one forward may hold (an estimate)
@@ -48,23 +48,88 @@ class BaselineError(MlxterpError, ValueError):
     """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
 
 
-def _check_baseline(metric: Metric, clean: float, corrupted: float, pair: int) -> None:
-    """Stop before patching a pair whose clean and corrupted runs measure the same."""
-    if clean == corrupted:
+class NoisyBaselineWarning(UserWarning):
+    """A baseline so small that float32 noise moves each recovery by more than a point."""
+
+
+NOISY_BASELINE_PP = 1.0  # warn when the noise floor is this many percentage points of the gap
+
+
+def check_pairs_differ(clean: mx.array, corrupted: mx.array) -> None:
+    """Refuse, before any forward, a pair whose prompts are the same tokens."""
+    same = np.all(np.array(clean) == np.array(corrupted), axis=1)
+    if same.any():
         raise BaselineError(
-            f"clean and corrupted prompts give the same {metric.name} (pair {pair}: clean "
-            f"{clean:.6g}, corrupted {corrupted:.6g}): there is nothing to recover. Choose prompts "
-            "whose outputs differ at the measured position."
+            f"pair {int(np.argmax(same))}: the clean and corrupted prompts are the same tokens, so "
+            "there is nothing to recover. Corrupt the prompt (e.g. swap the subject or a name)."
         )
+
+
+def _check_baseline(metric: Metric, values: SweepValues, pair: int, direction: str) -> None:
+    """Refuse a pair whose gap float32 cannot tell from zero; warn when noise is over a point."""
+    gap, noise = values.gap(direction)[pair], values.baseline_noise(direction)[pair]
+    if abs(gap) <= noise:
+        raise BaselineError(
+            f"clean and corrupted prompts give the same {metric.name} to within float32 noise "
+            f"(pair {pair}: clean {values.clean[pair]:.6g}, corrupted {values.corrupted[pair]:.6g}, "
+            f"noise {noise:.2g}): there is nothing to recover. Choose prompts whose outputs "
+            "differ at the measured position, or another metric."
+        )
+    if 100 * noise / abs(gap) > NOISY_BASELINE_PP:
+        warnings.warn(
+            f"pair {pair}: the {metric.name} baseline {abs(gap):.3g} is small; float32 noise "
+            f"({noise:.2g}) makes each recovery uncertain by about {100 * noise / abs(gap):.1f} "
+            "percentage points.", NoisyBaselineWarning, stacklevel=3)
 
 
 @dataclass
 class SweepValues:
-    """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites."""
+    """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites, each
+    measured against the donor's logits (distances) or on its own (scores), and beside each value
+    how far float32 noise can move it (`metrics.measure`)."""
 
     clean: np.ndarray  # (pairs,)
     corrupted: np.ndarray  # (pairs,)
     patched: np.ndarray  # (pairs, sites)
+    clean_noise: np.ndarray  # (pairs,)
+    corrupted_noise: np.ndarray  # (pairs,)
+    patched_noise: np.ndarray  # (pairs, sites)
+
+    @classmethod
+    def empty(cls, pairs: int, sites: int) -> SweepValues:
+        shapes = [pairs, pairs, (pairs, sites)] * 2  # values, then their noise
+        return cls(*(np.zeros(shape) for shape in shapes))
+
+    def set_base(self, pair: int, values: np.ndarray, noise: np.ndarray) -> None:
+        """Store the clean and corrupted rows' (values, noise), in that order."""
+        self.clean[pair], self.corrupted[pair] = values
+        self.clean_noise[pair], self.corrupted_noise[pair] = noise
+
+    def _donor_receiver(self, direction: str, noise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        clean, corrupted = (self.clean_noise, self.corrupted_noise) if noise else (self.clean, self.corrupted)
+        return (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+
+    def gap(self, direction: str) -> np.ndarray:
+        """(pairs,) donor minus receiver value."""
+        donor, receiver = self._donor_receiver(direction)
+        return donor - receiver
+
+    def baseline_noise(self, direction: str) -> np.ndarray:
+        """(pairs,) how far float32 noise can move the gap."""
+        return sum(self._donor_receiver(direction, noise=True))
+
+    def recovery(self, direction: str) -> np.ndarray:
+        """(pairs, sites) percent: how far each patch moves the receiver toward the donor."""
+        receiver = self._donor_receiver(direction)[1]
+        return (self.patched - receiver[:, None]) / self.gap(direction)[:, None] * 100
+
+    def recovery_noise(self, direction: str) -> np.ndarray:
+        """(pairs, sites) percentage points by which float32 noise can move each recovery:
+        the noise of the patched and receiving values, and of the gap scaled by the recovery."""
+        receiver_noise = self._donor_receiver(direction, noise=True)[1][:, None]
+        gap = np.abs(self.gap(direction))[:, None]
+        spread = 100 * (self.patched_noise + receiver_noise)
+        return (spread + np.abs(self.recovery(direction)) * self.baseline_noise(direction)[:, None]) / gap
 
 
 class _BlocksOutOfOrder(Exception):
@@ -268,9 +333,9 @@ def _bytes_per_row(model, seq_len: int) -> int:
 
 
 def _check_options(position: int, seq_len: int, direction: str, max_batch: int | None) -> int:
-    if direction not in ("denoise", "noise"):
+    if not isinstance(direction, str) or direction not in ("denoise", "noise"):
         raise SiteError(f"direction={direction!r}: use 'denoise' or 'noise'.")
-    if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):
+    if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
         raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
     if not -seq_len <= position < seq_len:
         raise SiteError(f"position {position} is out of range for {seq_len} tokens.")
@@ -297,12 +362,13 @@ def run_engine(
     """
     pairs, seq_len = clean.shape
     position = _check_options(position, seq_len, direction, max_batch)
+    check_pairs_differ(clean, corrupted)
     sites = list(sites)
     per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, seq_len) - 2)
     chunks = [(pair, sites[i:i + per_forward], i)
               for pair in range(pairs) for i in range(0, len(sites), per_forward)]
     grow = len(model.tree.blocks) > 0
-    values = SweepValues(np.zeros(pairs), np.zeros(pairs), np.zeros((pairs, len(sites))))
+    values = SweepValues.empty(pairs, len(sites))
     for pair, chunk, offset in _progress(chunks, progress):
         tokens = mx.concatenate([clean[pair:pair + 1], corrupted[pair:pair + 1]])
         try:
@@ -316,11 +382,13 @@ def run_engine(
             grow = False
             forward = _BatchedForward(model, tokens, chunk, position, direction, grow)
             logits = forward.run()
-        order = mx.array([CLEAN, CORRUPTED] + [forward.index[i] for i in range(len(chunk))])
-        numbers = np.array(evaluate(metric, logits[order], logits[CLEAN]), dtype=np.float64)
-        _check_baseline(metric, *numbers[:2], pair)
-        values.clean[pair], values.corrupted[pair] = numbers[:2]
-        values.patched[pair, offset:offset + len(chunk)] = numbers[2:]
+        if offset == 0:
+            values.set_base(pair, *measure(metric, logits[:2], logits[forward.donor]))
+            _check_baseline(metric, values, pair, direction)
+        patched = logits[mx.array([forward.index[i] for i in range(len(chunk))])]
+        columns = slice(offset, offset + len(chunk))
+        values.patched[pair, columns], values.patched_noise[pair, columns] = measure(
+            metric, patched, logits[forward.donor])
     return values
 
 
@@ -337,7 +405,9 @@ def run_naive(
     each with every activation captured."""
     pairs, seq_len = clean.shape
     position = _check_options(position, seq_len, direction, None)
-    values = SweepValues(np.zeros(pairs), np.zeros(pairs), np.zeros((pairs, len(sites))))
+    check_pairs_differ(clean, corrupted)
+    values = SweepValues.empty(pairs, len(sites))
+    donor, receiver = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
     for pair in range(pairs):
         acts, logits = [], []
         for tokens in (clean[pair:pair + 1], corrupted[pair:pair + 1]):
@@ -348,16 +418,15 @@ def run_naive(
             if called_twice:
                 raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; "
                                 "patch sites must be modules called once.")
-        donor, receiver = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
-        base = np.array(evaluate(metric, mx.stack(logits), logits[CLEAN]), dtype=np.float64)
-        _check_baseline(metric, *base, pair)
-        values.clean[pair], values.corrupted[pair] = base
+        values.set_base(pair, *measure(metric, mx.stack(logits), logits[donor]))
+        _check_baseline(metric, values, pair, direction)
         receiver_tokens = (clean, corrupted)[receiver][pair:pair + 1]
         for i, site in enumerate(sites):
             patch = {site.key: lambda x, s=site, d=acts[donor][i]: s.patch(x, d)}
             with model.trace(receiver_tokens, interventions=patch) as trace:
                 patched = trace.output[0, position]
-            values.patched[pair, i] = evaluate(metric, patched[None], logits[CLEAN]).item()
+            (values.patched[pair, i],), (values.patched_noise[pair, i],) = measure(
+                metric, patched[None], logits[donor])
     return values
 
 

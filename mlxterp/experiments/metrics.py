@@ -1,12 +1,14 @@
 """The one registry of patching metrics.
 
 A metric maps a batch of logit rows to one number per row, in float32 whatever the model's dtype.
-Distances compare each row with the clean logits (0 means "as clean"); scores such as the logit
-difference measure the behaviour directly. Recovery, for either kind, is the fraction of the
-corrupted-to-clean gap that a patch closes:
+Distances compare each row with the donor run's logits (the clean run when denoising, the
+corrupted run when noising; 0 means "as the donor"); scores such as the logit difference measure
+the behaviour directly. Recovery, in either direction and for either kind, is the fraction of the
+receiver-to-donor gap that a patch closes, i.e. how far it moves the receiving run toward the
+donor run's output:
 
-    distance: (d(corrupted) - d(patched)) / d(corrupted) * 100
-    score:    (s(patched) - s(corrupted)) / (s(clean) - s(corrupted)) * 100
+    distance: (d(receiver) - d(patched)) / d(receiver) * 100
+    score:    (s(patched) - s(receiver)) / (s(donor) - s(receiver)) * 100
 
 Forms are chosen so nothing cancels: the cosine distance is |a/|a| - b/|b||^2 / 2, equal to
 1 - cos(a, b) without subtracting two numbers close to 1; KL divergence comes from
@@ -19,11 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from mlxterp.errors import MlxterpError
 
-# fn(logits (N, V) float32, clean (V,) float32) -> (N,) float32
+# fn(logits (N, V) float32, reference (V,) float32) -> (N,) float32; the reference is the donor's
 MetricFn = Callable[[mx.array, mx.array], mx.array]
+
+# Float32 logits differ between batch layouts and BLAS kernels: SmolLM2's move by a relative rms
+# of 3.4e-7 to 5.5e-7 of max |logit| (max 1.6e-6) across OpenBLAS's SkylakeX, Haswell and Zen
+# kernels, 0 on Sandybridge and the reference BLAS (scripts/measure_noise_floor.py). The noise
+# model below is 2e-6 per element, about 4x the largest rms measured.
+LOGIT_NOISE = 2e-6
 
 
 class MetricError(MlxterpError, ValueError):
@@ -32,36 +41,36 @@ class MetricError(MlxterpError, ValueError):
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric: a distance to the clean logits (lower is cleaner) or a score."""
+    """A named metric: a distance to the reference (donor) logits, lower is closer, or a score."""
 
     name: str
     fn: MetricFn
     is_distance: bool = True
 
 
-def _l2(logits: mx.array, clean: mx.array) -> mx.array:
-    return mx.sqrt(mx.sum(mx.square(logits - clean), axis=-1))
+def _l2(logits: mx.array, reference: mx.array) -> mx.array:
+    return mx.sqrt(mx.sum(mx.square(logits - reference), axis=-1))
 
 
-def _mse(logits: mx.array, clean: mx.array) -> mx.array:
-    return mx.mean(mx.square(logits - clean), axis=-1)
+def _mse(logits: mx.array, reference: mx.array) -> mx.array:
+    return mx.mean(mx.square(logits - reference), axis=-1)
 
 
 def _unit(x: mx.array) -> mx.array:
     return x / mx.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _cosine(logits: mx.array, clean: mx.array) -> mx.array:
-    return mx.sum(mx.square(_unit(logits) - _unit(clean)), axis=-1) / 2
+def _cosine(logits: mx.array, reference: mx.array) -> mx.array:
+    return mx.sum(mx.square(_unit(logits) - _unit(reference)), axis=-1) / 2
 
 
-def _kl(logits: mx.array, clean: mx.array) -> mx.array:
-    """KL(clean || patched): how much the patched distribution departs from the clean one."""
-    log_clean = clean - mx.logsumexp(clean, axis=-1, keepdims=True)
-    log_patched = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    # Tokens the clean run gives probability 0 (logit -inf) contribute nothing, not 0 * nan.
-    terms = mx.exp(log_clean) * (log_clean - log_patched)
-    return mx.sum(mx.where(log_clean > -mx.inf, terms, 0.0), axis=-1)
+def _kl(logits: mx.array, reference: mx.array) -> mx.array:
+    """KL(reference || logits): how much each row's distribution departs from the reference."""
+    log_reference = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+    log_rows = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    # Tokens the reference gives probability 0 (logit -inf) contribute nothing, not 0 * nan.
+    terms = mx.exp(log_reference) * (log_reference - log_rows)
+    return mx.sum(mx.where(log_reference > -mx.inf, terms, 0.0), axis=-1)
 
 
 METRICS: dict[str, Metric] = {
@@ -79,9 +88,9 @@ def logit_diff(answer: int, wrong_answer: int) -> Metric:
     """The score logit[answer] - logit[wrong_answer].
 
     Example:
-        >>> logit_diff(7042, 4528).fn(logits, clean)   # " Paris" vs " London"
+        >>> logit_diff(7042, 4528).fn(logits, reference)   # " Paris" vs " London"
     """
-    def score(logits: mx.array, clean: mx.array) -> mx.array:
+    def score(logits: mx.array, reference: mx.array) -> mx.array:
         return logits[:, answer] - logits[:, wrong_answer]
 
     return Metric("logit_diff", score, is_distance=False)
@@ -91,7 +100,8 @@ def get_metric(metric: str | MetricFn, answer: int | None = None,
                wrong_answer: int | None = None) -> Metric:
     """The metric named `metric`, `logit_diff` for given answer ids, or a user's batched callable.
 
-    A callable is a distance: `fn(logits (N, V), clean_logits (V,)) -> (N,)`.
+    A callable is a distance: `fn(logits (N, V), reference_logits (V,)) -> (N,)`, where the
+    reference is the donor run's logits (the clean run's when denoising).
     """
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric)
@@ -105,17 +115,51 @@ def get_metric(metric: str | MetricFn, answer: int | None = None,
     if metric not in METRICS:
         raise MetricError(
             f"unknown metric {metric!r}; use one of {sorted([*METRICS, 'logit_diff'])} or a "
-            "callable fn(logits (N, V), clean_logits (V,)) -> distances (N,)."
+            "callable fn(logits (N, V), reference_logits (V,)) -> distances (N,)."
         )
     return METRICS[metric]
 
 
-def evaluate(metric: Metric, logits: mx.array, clean: mx.array) -> mx.array:
-    """The metric of each row of `logits` (N, V), in float32, checked for shape."""
-    values = metric.fn(logits.astype(mx.float32), clean.astype(mx.float32))
+def evaluate(metric: Metric, logits: mx.array, reference: mx.array) -> mx.array:
+    """The metric of each row of `logits` (N, V) against `reference` (V,), in float32, checked
+    for shape."""
+    values = metric.fn(logits.astype(mx.float32), reference.astype(mx.float32))
     if values.shape != (logits.shape[0],):
         raise MetricError(
             f"metric {metric.name!r} returned shape {tuple(values.shape)}; it must return one "
             f"value per row, shape ({logits.shape[0]},)."
         )
     return values
+
+
+
+def measure(metric: Metric, logits: mx.array, reference: mx.array,
+            samples: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The metric of each row of `logits` (N, V) against `reference` (V,), and how far float32
+    noise can move it: (values, noise), each (N,) float64.
+
+    The noise is the largest change over perturbations of `LOGIT_NOISE` per element: `samples`
+    draws of independent noise on the rows and on the reference, and the same norm along +- the
+    row's difference from the reference. Batch-layout noise is not independent per logit (it
+    enters through the hidden state and the unembedding), so the aligned draw bounds what a
+    distance can move, where independent draws alone underestimate it about 4-fold (measured).
+
+    Example:
+        >>> values, noise = measure(METRICS["kl"], patched_logits, clean_logits)
+    """
+    rows, reference = logits.astype(mx.float32), reference.astype(mx.float32)
+    values = evaluate(metric, rows, reference)
+    width = rows.shape[-1]
+    scale = mx.max(mx.abs(reference)) * LOGIT_NOISE
+    row_key, reference_key = mx.random.split(mx.random.key(0))
+    row_noise = scale * mx.random.normal((samples, width), key=row_key)
+    reference_noise = scale * mx.random.normal((samples, width), key=reference_key)
+    difference = rows - reference
+    length = mx.linalg.norm(difference, axis=-1, keepdims=True)
+    aligned = scale * width ** 0.5 * difference / mx.maximum(length, 1e-30)
+    moved = [evaluate(metric, rows + row_noise[k], reference + reference_noise[k])
+             for k in range(samples)]
+    moved += [evaluate(metric, rows + sign * aligned, reference) for sign in (1, -1)]
+    noise = mx.max(mx.abs(mx.stack(moved) - values), axis=0)
+    mx.eval(values, noise)
+    return np.array(values, dtype=np.float64), np.array(noise, dtype=np.float64)

@@ -17,9 +17,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlxterp.errors import InputTypeError
 from mlxterp.experiments.engine import SweepValues, run_engine, run_naive
 from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
-from mlxterp.experiments.sites import PatchSite, check_sites, sweep_sites
+from mlxterp.experiments.sites import PatchSite, check_sites, is_index, sweep_sites
 from mlxterp.tracing.inputs import InputError, equal_length_rows
 
 
@@ -37,7 +38,8 @@ class PatchingResult:
     component: str
     metric: str
     direction: str
-    baseline: np.ndarray  # (pairs,): d(corrupted) for distances, s(clean) - s(corrupted) for scores
+    # (pairs,): d(receiver, donor) for distances, s(donor) - s(receiver) for scores
+    baseline: np.ndarray
     clean: list[str]
     corrupted: list[str]
     tokens: list[list[str]] = field(default_factory=list)  # clean tokens, per pair
@@ -45,6 +47,8 @@ class PatchingResult:
     position: int = -1  # the measured position
     answers: list = field(default_factory=list)  # [answer, wrong_answer] ids for logit_diff
     metric_values: SweepValues | None = None
+    # (pairs, sites): percentage points by which float32 noise can move each recovery
+    noise: np.ndarray | None = None
 
     @property
     def mean(self) -> np.ndarray:
@@ -78,9 +82,9 @@ class PatchingResult:
         return " ".join(parts)
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """The k most important sites, as (label, recovery): highest recovery when denoising,
-        lowest when noising (there, 100% means the patch changed nothing)."""
-        order = np.argsort(-self.mean if self.direction == "denoise" else self.mean, kind="stable")[:k]
+        """The k most important sites, as (label, recovery), highest recovery first (in both
+        directions: how far the patch moves the receiving run toward the donor's output)."""
+        order = np.argsort(-self.mean, kind="stable")[:k]
         return [(self.label(self.sites[i]), float(self.mean[i])) for i in order]
 
     def to_dataframe(self):
@@ -104,6 +108,7 @@ class PatchingResult:
             "baseline": self.baseline.tolist(), "clean": self.clean, "corrupted": self.corrupted,
             "tokens": self.tokens, "is_distance": self.is_distance, "position": self.position,
             "answers": self.answers,
+            "noise": None if self.noise is None else self.noise.tolist(),
         }
         text = json.dumps(data, indent=1)
         if path is not None:
@@ -123,6 +128,7 @@ class PatchingResult:
             baseline=np.array(data["baseline"]), clean=data["clean"],
             corrupted=data["corrupted"], tokens=data["tokens"], is_distance=data["is_distance"],
             position=data["position"], answers=data["answers"],
+            noise=None if data.get("noise") is None else np.array(data["noise"]),
         )
 
     def plot(self, path: str | Path | None = None):
@@ -133,10 +139,13 @@ class PatchingResult:
 
 
 def _as_list(prompts: str | Sequence[str]) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise InputTypeError(f"prompts {prompts!r}: give a string, or a list of strings (one per pair).")
+    if not prompts or not all(prompts):
         raise InputError("give the prompts as non-empty strings (one, or a list of pairs).")
-    return prompts
+    return list(prompts)
 
 
 def _prompt_tokens(model, clean: list[str], corrupted: list[str]) -> tuple[mx.array, mx.array]:
@@ -158,8 +167,21 @@ def _prompt_tokens(model, clean: list[str], corrupted: list[str]) -> tuple[mx.ar
     return tokens[: len(clean)], tokens[len(clean):]
 
 
+def _check_option_types(metric, position, naive, progress) -> None:
+    if not isinstance(metric, str) and not callable(metric):
+        raise InputTypeError(f"metric={metric!r}: give a name such as 'kl' or a callable.")
+    if not is_index(position):
+        raise InputTypeError(f"position={position!r}: give a token position as a whole number.")
+    if not isinstance(naive, bool):
+        raise InputTypeError(f"naive={naive!r}: give True or False.")
+    if progress is not None and not isinstance(progress, bool):
+        raise InputTypeError(f"progress={progress!r}: give True, False or None (automatic).")
+
+
 def _token_id(model, token: str | int, what: str) -> int:
-    if isinstance(token, int | np.integer):
+    if not isinstance(token, str) and not is_index(token):
+        raise InputTypeError(f"{what}={token!r}: give one token as a string (' Paris') or an id.")
+    if is_index(token):
         token = int(token)
         if not 0 <= token < model.vocab_size:
             raise InputError(f"{what} id {token} is outside the vocabulary [0, {model.vocab_size}).")
@@ -219,6 +241,7 @@ def patching_sweep(
     """
     if model.tokenizer is None:
         raise InputError("patching prompts needs a tokenizer: InterpretableModel(m, tokenizer).")
+    _check_option_types(metric=metric, position=position, naive=naive, progress=progress)
     clean_list, corrupted_list = _as_list(clean), _as_list(corrupted)
     clean_ids, corrupted_ids = _prompt_tokens(model, clean_list, corrupted_list)
     seq_len = clean_ids.shape[1]
@@ -236,13 +259,10 @@ def patching_sweep(
     run = run_naive if naive else run_engine
     options = {} if naive else {"max_batch": max_batch, "progress": progress}
     values = run(model, clean_ids, corrupted_ids, list(sites), chosen, position, direction, **options)
-    # Recovery is (f(patched) - f(corrupted)) / (f(clean) - f(corrupted)) for scores and
-    # distances alike (a distance to the clean run is 0 at the clean run); the baseline is
-    # reported as a positive gap for distances: d(corrupted).
-    gap = values.clean - values.corrupted  # never 0: the engine checks each pair first
-    recovery = (values.patched - values.corrupted[:, None]) / gap[:, None] * 100
+    # The baseline is reported as a positive gap for distances: d(receiver, donor).
+    gap = values.gap(direction)  # above the noise floor: the runners check each pair first
     return PatchingResult(
-        recovery=recovery,
+        recovery=values.recovery(direction),
         sites=[dict(s.labels) for s in sites],
         over=tuple(over),
         component=component, metric=chosen.name, direction=direction,
@@ -250,7 +270,7 @@ def patching_sweep(
         tokens=[model.to_str_tokens(row) for row in clean_ids.tolist()],
         is_distance=chosen.is_distance, position=position % seq_len,
         answers=answers if metric == "logit_diff" else [],
-        metric_values=values,
+        metric_values=values, noise=values.recovery_noise(direction),
     )
 
 
@@ -274,6 +294,8 @@ def activation_patching(
         ...                                     "London is the capital of France")
         >>> max(results, key=results.get)
     """
+    if not isinstance(plot, bool):
+        raise InputTypeError(f"plot={plot!r}: give True or False.")
     result = patching_sweep(model, clean_text, corrupted_text, component=component,
                             over=("layer",), layers=layers, metric=metric, **options)
     if plot:

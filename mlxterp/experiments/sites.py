@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import InputTypeError, MlxterpError
 
 ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
@@ -68,6 +68,8 @@ def check_sites(model, sites: Sequence[PatchSite]) -> list[PatchSite]:
         >>> check_sites(model, [PatchSite("layers.3.mlp", 3)])[0].key
         'model.model.layers.3.mlp'
     """
+    if not isinstance(sites, Sequence) or not all(isinstance(site, PatchSite) for site in sites):
+        raise InputTypeError(f"sites= takes a list of PatchSite; got {type(sites).__name__}.")
     if not sites:
         raise SiteError("the list of sites is empty.")
     blocks = model.tree.blocks
@@ -152,10 +154,20 @@ def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
     )
 
 
+def is_index(value: object) -> bool:
+    """A whole number given as an int (a bool or a float is not an index)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _checked_indices(values: Sequence[int] | None, count: int, what: str) -> list[int]:
     if values is None:
         return list(range(count))
-    values = list(values)
+    if not isinstance(values, Sequence | np.ndarray) or isinstance(values, str) or not all(
+            is_index(v) for v in values):
+        raise InputTypeError(
+            f"{what}s={values!r}: give a list of whole numbers, e.g. {what}s=[0, 3], or None for all."
+        )
+    values = [int(v) for v in values]
     if not values:
         raise SiteError(f"no {what}s given; give at least one, or None for all {count}.")
     bad = [v for v in values if not -count <= v < count]
@@ -181,7 +193,12 @@ def sweep_sites(
     Example:
         >>> sweep_sites(model, "mlp", ("layer", "position"), seq_len=6, layers=[3, 4])
     """
-    over = tuple(over)
+    if not isinstance(component, str):
+        raise InputTypeError(f"component={component!r}: give a name such as 'mlp', 'self_attn' or "
+                             "'input'.")
+    if not isinstance(over, Sequence) or not all(isinstance(axis, str) for axis in over):
+        raise InputTypeError(f"over={over!r}: give a tuple of axis names, e.g. ('layer', 'position').")
+    over = (over,) if isinstance(over, str) else tuple(over)
     if over not in SWEEP_AXES:
         raise SiteError(
             f"over={over!r}: sweep over one of {', '.join(map(repr, SWEEP_AXES))}."

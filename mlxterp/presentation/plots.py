@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -22,11 +23,18 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _title(ax, text: str, width_inches: float) -> None:
+    """A title wrapped to the axes' width, so long prompts stay inside the figure."""
+    characters = max(40, int(width_inches * 14))  # about 14 characters an inch at 9 pt
+    ax.set_title(textwrap.fill(text, characters), fontsize=9)
+
+
 def bar_chart(result):
     """Recovery per layer (or per site), positive bars blue, negative red."""
     values = result.mean
     labels = [result.label(site) for site in result.sites]
-    fig = _figure(max(6.0, 0.28 * len(values)), 3.6)
+    width = max(6.0, 0.28 * len(values))
+    fig = _figure(width, 3.6)
     ax = fig.add_subplot()
     ax.bar(range(len(values)), values, color=["#2b6cb0" if v >= 0 else "#c53030" for v in values])
     ax.axhline(0, color="black", linewidth=0.6)
@@ -34,8 +42,8 @@ def bar_chart(result):
                   rotation=90 if len(values) > 40 else 0, fontsize=8)
     ax.set_xlabel("layer" if result.over == ("layer",) else "site")
     ax.set_ylabel(f"recovery (%), {result.metric}")
-    ax.set_title(f"Patching {result.component}: {result.clean[0]!r} -> {result.corrupted[0]!r}",
-                 fontsize=9)
+    _title(ax, f"Patching {result.component} ({result.direction}): {result.clean[0]!r} -> "
+               f"{result.corrupted[0]!r}", width)
     return fig
 
 
@@ -56,7 +64,8 @@ def heatmap(result):
     else:
         column_labels = [str(c) for c in columns]
     limit = float(np.nanmax(np.abs(grid))) or 1.0
-    fig = _figure(max(5.0, 0.5 * len(columns) + 2), max(4.0, 0.22 * len(row_labels) + 1.5))
+    width = max(5.0, 0.5 * len(columns) + 2)
+    fig = _figure(width, max(4.0, 0.22 * len(row_labels) + 1.5))
     ax = fig.add_subplot()
     image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(columns)), column_labels, rotation=60, ha="right", fontsize=8)
@@ -64,7 +73,8 @@ def heatmap(result):
     ax.set_xlabel(column_axis)
     ax.set_ylabel("layer" if grid.ndim == 2 and len(result.over) == 2 else "layer, head")
     fig.colorbar(image, ax=ax, label=f"recovery (%), {result.metric}")
-    ax.set_title(f"Patching {result.component} over {' x '.join(result.over)}", fontsize=9)
+    _title(ax, f"Patching {result.component} over {' x '.join(result.over)} ({result.direction}): "
+               f"{result.clean[0]!r} -> {result.corrupted[0]!r}", width)
     return fig
 
 
