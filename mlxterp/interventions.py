@@ -3,7 +3,8 @@
 Any callable `fn(activation) -> activation` is an intervention; these are the common ones. Each
 binds its arguments when it is made, so an intervention built in a loop and run later still
 uses the value of its own iteration (a bare `lambda x: clean_act` would read the variable when
-it runs, not when it was made).
+it runs, not when it was made). Each checks its arguments when it is made, and the activation
+when it runs: a bad one is an `InterventionError` saying which.
 
 Example:
     >>> from mlxterp import interventions as iv
@@ -13,22 +14,109 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from mlxterp.errors import MlxterpError
 from mlxterp.tracing.trace import Intervention
 
 Positions = int | Sequence[int]
+Value = mx.array | np.ndarray | float
 
 
 class InterventionError(MlxterpError, ValueError):
     """An intervention that cannot apply to the activation it was given."""
 
 
-def replace_with(value: mx.array | float, positions: Positions | None = None,
-                 axis: int = 1) -> Intervention:
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _is_real(value: object) -> bool:
+    real = int | float | np.integer | np.floating
+    return isinstance(value, real) and not isinstance(value, bool | np.bool_)
+
+
+def _scalar(value: object, who: str, what: str, optional: bool = False) -> float | None:
+    """A real number that is not NaN, as a Python float (so it keeps the activation's dtype)."""
+    if value is None and optional:
+        return None
+    if not _is_real(value):
+        raise InterventionError(f"{who}: {what} must be a real number; got {type(value).__name__} {value!r}.")
+    if math.isnan(value):
+        raise InterventionError(f"{who}: {what} is NaN; give a number.")
+    return float(value)
+
+
+def _value(value: object, who: str, what: str) -> float | mx.array:
+    """A real number (as a Python float) or an array of real numbers (as an mx.array, a copy of
+    a numpy array, so later changes to it do not reach the intervention)."""
+    if _is_real(value):
+        return _scalar(value, who, what)
+    if isinstance(value, str | bytes) or value is None:
+        raise InterventionError(
+            f"{who}: {what} must be a number or an array; got {type(value).__name__} {value!r}."
+        )
+    try:
+        array = value if isinstance(value, mx.array) else mx.array(value)
+    except (TypeError, ValueError, RuntimeError) as err:  # what mx.array raises for non-numbers
+        raise InterventionError(
+            f"{who}: {what} must be a number or an array of numbers; {type(value).__name__} "
+            f"{value!r} is neither ({err})."
+        ) from None
+    if not mx.issubdtype(array.dtype, mx.number) or mx.issubdtype(array.dtype, mx.complexfloating):
+        raise InterventionError(f"{who}: {what} must hold real numbers; got dtype {array.dtype}.")
+    return array
+
+
+def _int(value: object, who: str, what: str) -> int:
+    if not _is_int(value):
+        raise InterventionError(f"{who}: {what} must be an int; got {type(value).__name__} {value!r}.")
+    return int(value)
+
+
+def _callable(fn: object, who: str) -> Intervention:
+    if not callable(fn):
+        raise InterventionError(
+            f"{who}: {fn!r} ({type(fn).__name__}) is not an intervention; give a callable "
+            "activation -> activation, e.g. iv.zero_out or iv.scale(0.5)."
+        )
+    return fn
+
+
+def _activation(x: object, who: str) -> mx.array:
+    if not isinstance(x, mx.array):
+        raise InterventionError(f"{who}: the activation must be an mx.array; got {type(x).__name__}.")
+    return x
+
+
+def _combined(who: str, x: mx.array, combine, operand) -> mx.array:
+    """`combine(x, operand)`, which must broadcast to x's shape and keep it."""
+    try:
+        y = combine(x, operand)
+    except ValueError as err:  # MLX's broadcast error
+        raise InterventionError(
+            f"{who}: a value of shape {tuple(operand.shape)} does not broadcast to the activation's "
+            f"shape {tuple(x.shape)}."
+        ) from err
+    if y.shape != x.shape:
+        raise InterventionError(
+            f"{who}: a value of shape {tuple(operand.shape)} would change the activation's shape "
+            f"{tuple(x.shape)} to {tuple(y.shape)}; give one that broadcasts to the activation."
+        )
+    return y
+
+
+# -- interventions --------------------------------------------------------------------------------
+
+
+def replace_with(value: Value, positions: Positions | None = None, axis: int = 1) -> Intervention:
     """Replace the activation by `value` (broadcast to its shape), or only at `positions` of
     the sequence axis `axis`.
 
@@ -36,11 +124,13 @@ def replace_with(value: mx.array | float, positions: Positions | None = None,
         >>> iv.replace_with(clean_mlp)                  # the whole activation
         >>> iv.replace_with(clean_mlp, positions=[-1])  # the last token only
     """
+    source = _value(value, "replace_with", "value")
     if positions is not None:
-        return at_positions(positions, replace_with(value), axis=axis)
+        return at_positions(positions, replace_with(source), axis=axis)
+    source = mx.array(source) if not isinstance(source, mx.array) else source
 
     def replace(x: mx.array) -> mx.array:
-        source = mx.array(value) if not isinstance(value, mx.array) else value
+        x = _activation(x, "replace_with")
         try:
             return mx.broadcast_to(source, x.shape)
         except ValueError as err:
@@ -55,25 +145,31 @@ def replace_with(value: mx.array | float, positions: Positions | None = None,
 
 def zero_out(x: mx.array) -> mx.array:
     """Set the activation to zero (ablation)."""
-    return mx.zeros_like(x)
+    return mx.zeros_like(_activation(x, "zero_out"))
 
 
-def scale(factor: float) -> Intervention:
-    """Multiply the activation by `factor`.
+def scale(factor: Value) -> Intervention:
+    """Multiply the activation by `factor` (a number, or an array broadcast to the activation).
 
     Example:
         >>> iv.scale(0.5)
     """
-    return lambda x: x * factor
+    factor = _value(factor, "scale", "factor")
+    if isinstance(factor, float):
+        return lambda x: _activation(x, "scale") * factor
+    return lambda x: _combined("scale", _activation(x, "scale"), mx.multiply, factor)
 
 
-def add_vector(vector: mx.array) -> Intervention:
+def add_vector(vector: Value) -> Intervention:
     """Add `vector` (a steering vector, broadcast over batch and positions).
 
     Example:
         >>> iv.add_vector(2.0 * direction)
     """
-    return lambda x: x + vector
+    vector = _value(vector, "add_vector", "vector")
+    if isinstance(vector, float):
+        return lambda x: _activation(x, "add_vector") + vector
+    return lambda x: _combined("add_vector", _activation(x, "add_vector"), mx.add, vector)
 
 
 def clamp(lo: float | None = None, hi: float | None = None) -> Intervention:
@@ -82,9 +178,12 @@ def clamp(lo: float | None = None, hi: float | None = None) -> Intervention:
     Example:
         >>> iv.clamp(-5.0, 5.0)
     """
+    lo, hi = _scalar(lo, "clamp", "lo", optional=True), _scalar(hi, "clamp", "hi", optional=True)
     if lo is None and hi is None:
         raise InterventionError("clamp needs at least one of lo and hi.")
-    return lambda x: mx.clip(x, lo, hi)
+    if lo is not None and hi is not None and lo > hi:
+        raise InterventionError(f"clamp: lo={lo} is above hi={hi}; no value lies in between.")
+    return lambda x: mx.clip(_activation(x, "clamp"), lo, hi)
 
 
 def noise(std: float, seed: int = 0) -> Intervention:
@@ -93,8 +192,19 @@ def noise(std: float, seed: int = 0) -> Intervention:
     Example:
         >>> iv.noise(0.1, seed=1)
     """
+    std = _scalar(std, "noise", "std")
+    if not 0 <= std < math.inf:
+        raise InterventionError(f"noise: std={std} must be finite and at least 0.")
+    seed = _int(seed, "noise", "seed")
+    if not 0 <= seed < 2**64:
+        raise InterventionError(f"noise: seed={seed} must lie in [0, 2**64).")
     key = mx.random.key(seed)
-    return lambda x: x + (std * mx.random.normal(x.shape, key=key)).astype(x.dtype)
+
+    def add_noise(x: mx.array) -> mx.array:
+        x = _activation(x, "noise")
+        return x + (std * mx.random.normal(x.shape, key=key)).astype(x.dtype)
+
+    return add_noise
 
 
 def compose(*interventions: Intervention) -> Intervention:
@@ -105,6 +215,8 @@ def compose(*interventions: Intervention) -> Intervention:
     """
     if not interventions:
         raise InterventionError("compose needs at least one intervention.")
+    for fn in interventions:
+        _callable(fn, "compose")
 
     def composed(x: mx.array) -> mx.array:
         for fn in interventions:
@@ -123,11 +235,26 @@ def at_positions(positions: Positions, intervention: Intervention, axis: int = 1
     Example:
         >>> iv.at_positions(-1, iv.replace_with(clean_mlp))   # patch the last token only
     """
-    wanted = [positions] if isinstance(positions, int) else list(positions)
+    if _is_int(positions):
+        wanted = [int(positions)]
+    elif isinstance(positions, Sequence) and not isinstance(positions, str | bytes):
+        wanted = [_int(p, "at_positions", "each position") for p in positions]
+    else:
+        raise InterventionError(
+            f"at_positions: positions must be an int or a list of ints; got "
+            f"{type(positions).__name__} {positions!r}."
+        )
     if not wanted:
         raise InterventionError("at_positions needs at least one position; none were given.")
+    _callable(intervention, "at_positions")
+    axis = _int(axis, "at_positions", "axis")
 
     def patch(x: mx.array) -> mx.array:
+        x = _activation(x, "at_positions")
+        if not -x.ndim <= axis < x.ndim:
+            raise InterventionError(
+                f"at_positions: axis {axis} does not exist in an activation of shape {tuple(x.shape)}."
+            )
         length = x.shape[axis]
         bad = [p for p in wanted if not -length <= p < length]
         if bad:
@@ -135,10 +262,17 @@ def at_positions(positions: Positions, intervention: Intervention, axis: int = 1
                 f"positions {bad} are out of range for a sequence of {length} tokens "
                 f"(valid: {-length} to {length - 1})."
             )
+        changed = intervention(x)
+        if not isinstance(changed, mx.array) or changed.shape != x.shape:
+            got = tuple(changed.shape) if isinstance(changed, mx.array) else type(changed).__name__
+            raise InterventionError(
+                f"at_positions: the intervention returned {got}; it must return an mx.array of "
+                f"the activation's shape {tuple(x.shape)}."
+            )
         selected = mx.zeros(length, dtype=mx.bool_)
         selected[mx.array([p % length for p in wanted])] = True
         shape = [1] * x.ndim
         shape[axis] = length
-        return mx.where(selected.reshape(shape), intervention(x), x)
+        return mx.where(selected.reshape(shape), changed, x)
 
     return patch

@@ -7,11 +7,17 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from mlxterp.errors import InputTypeError, MlxterpError
 from mlxterp.experiments import patching
-from mlxterp.tracing.inputs import Inputs, to_token_array
+from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
+
+
+class LayerIndexError(MlxterpError, IndexError):
+    """A layer index past the model's blocks (an IndexError, so iterating `model.layers` stops)."""
 
 
 class InterpretableModel:
@@ -29,8 +35,14 @@ class InterpretableModel:
 
     def __init__(self, model: nn.Module, tokenizer=None):
         if not isinstance(model, nn.Module):
-            raise TypeError(
+            raise InputTypeError(
                 f"InterpretableModel wraps an mlx.nn.Module; got {type(model).__name__}."
+            )
+        if tokenizer is not None and not all(callable(getattr(tokenizer, f, None))
+                                             for f in ("encode", "decode")):
+            raise InputTypeError(
+                f"the tokenizer must have encode() and decode() (e.g. the one mlxterp.load "
+                f"returns); got {type(tokenizer).__name__}."
             )
         self.model = model
         self.tokenizer = tokenizer
@@ -139,7 +151,9 @@ class InterpretableModel:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, as the model sees it (with BOS where the model adds one)."""
-        return list(self._require_tokenizer().encode(text))
+        if not isinstance(text, str):
+            raise InputTypeError(f"encode takes a string; got {type(text).__name__} {text!r}.")
+        return list(self._require_tokenizer().encode(check_text(text)))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids."""
@@ -218,8 +232,10 @@ class LayerList(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [ModuleProxy(self._owner, n) for n in self._names[index]]
+        if not isinstance(index, int | np.integer):
+            raise InputTypeError(f"layers are indexed by int or slice; got {type(index).__name__}.")
         if not -len(self) <= index < len(self):
-            raise IndexError(
+            raise LayerIndexError(
                 f"layer {index} is out of range: the model has {len(self)} layers "
                 f"(0 to {len(self) - 1})."
             )

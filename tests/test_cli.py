@@ -7,7 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
-from mlxterp.experiments.patching import PatchingResult
+from mlxterp.experiments.results import PatchingResult
 from mlxterp.presentation.cli import main
 
 README = (Path(__file__).parents[1] / "README.md").read_text()

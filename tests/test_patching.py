@@ -9,10 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxterp.experiments.engine import BaselineError, PatchNotAppliedError
 from mlxterp.experiments.metrics import MetricError
-from mlxterp.experiments.patching import PatchingResult
-from mlxterp.experiments.sites import PatchSite, SiteError
+from mlxterp.experiments.plan import BaselineError, Plan
+from mlxterp.experiments.results import PatchingResult
+from mlxterp.tracing import NotReachedError, Site, SiteError
 from mlxterp.tracing.inputs import InputError
 
 PARIS = ("Paris is the capital of France", "London is the capital of France")
@@ -129,12 +129,13 @@ def test_result_round_trips_and_tables(wrapped):
 
 
 def test_explicit_sites(wrapped):
-    sites = [PatchSite("model.model.layers.3.mlp", 3, positions=(5,), labels={"layer": 3}),
-             PatchSite("model.model.layers.3.self_attn.o_proj:input", 3, head=2, n_heads=9,
-                       labels={"layer": 3, "head": 2})]
+    sites = [Site("model.model.layers.3.mlp", positions=(5,)),
+             Site("model.model.layers.3.self_attn.o_proj", is_input=True, head=2, n_heads=9)]
     engine = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl")
     naive = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl", naive=True)
-    np.testing.assert_allclose(engine.recovery, naive.recovery, atol=0.01)
+    assert_same_recovery(engine, naive)
+    assert engine.sites == [{"layer": 3, "component": "mlp", "position": 5},
+                            {"layer": 3, "component": "self_attn.o_proj:input", "head": 2}]
 
 
 def test_chunking_gives_the_same_numbers(wrapped):
@@ -151,10 +152,10 @@ def test_a_result_does_not_depend_on_batching(wrapped, metric):
     options = dict(component="input", over=("layer", "position"), metric=metric,
                    answer=" Mary", wrong_answer=" John") if metric == "logit_diff" else dict(
                    component="input", over=("layer", "position"), metric=metric)
-    full = wrapped.patching_sweep(*NAMES, **options)
+    full = wrapped.patching_sweep(*NAMES, layers=[8, 12, 16], **options)
     site = full.sites.index({"layer": 12, "position": 5})
     for layout in (dict(layers=[12], positions=[5]), dict(layers=[12], positions=[4, 5, 6]),
-                   dict(layers=[12], max_batch=1)):
+                   dict(layers=[12], max_batch=1), dict(layers=[8, 12, 16], max_batch=5)):
         part = wrapped.patching_sweep(*NAMES, **options, **layout)
         here = part.sites.index({"layer": 12, "position": 5})
         tolerance = max(0.01, full.noise[0, site] + part.noise[0, here])
@@ -208,17 +209,17 @@ def test_a_patch_that_never_runs_is_an_error():
     from mlxterp import InterpretableModel
     from mlxterp.experiments.engine import run_engine, run_naive
     from mlxterp.experiments.metrics import METRICS
-    from mlxterp.tracing import NotRecordedError
 
     base = tiny_model("llama")
     base.model.layers[1].unused = nn.Linear(32, 32)  # exists, never called
     model = InterpretableModel(base)
-    site = PatchSite("model.model.layers.1.unused", 1, labels={"layer": 1})
+    site = Site("model.model.layers.1.unused")
     clean, corrupted = mx.array([[1, 2, 3]]), mx.array([[4, 2, 3]])
-    with pytest.raises(PatchNotAppliedError, match="never reached"):
-        run_engine(model, clean, corrupted, [site], METRICS["l2"], position=2)
-    with pytest.raises(NotRecordedError, match="not called"):
-        run_naive(model, clean, corrupted, [site], METRICS["l2"], position=2)
+    plan = Plan(clean, corrupted, (site,), METRICS["l2"], position=2)
+    with pytest.raises(NotReachedError, match="never reached"):
+        run_engine(model, plan)
+    with pytest.raises(NotReachedError, match="never reached"):
+        run_naive(model, plan)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2", "ministral3", "gptj"])
@@ -239,28 +240,31 @@ def test_engine_equals_naive_across_families(family, direction):
     corrupted = mx.array([[5, 6, 30, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7, 8, 40, 10, 11, 12, 13, 3]])
     n_layers = len(model.layers)
     for over, position in ((("layer",), 9), (("layer", "position"), 7)):
-        sites = sweep_sites(model, "input", over, 10, layers=[0, n_layers - 1],
-                            positions=[0, 3, 5, 9] if "position" in over else None)
-        engine = run_engine(model, clean, corrupted, sites, METRICS["kl"], position, direction, max_batch=3)
-        naive = run_naive(model, clean, corrupted, sites, METRICS["kl"], position, direction)
+        sites, _ = sweep_sites(model, "input", over, 10, layers=[0, n_layers - 1],
+                               positions=[0, 3, 5, 9] if "position" in over else None)
+        plan = Plan(clean, corrupted, tuple(sites), METRICS["kl"], direction, position)
+        engine, naive = run_engine(model, plan, max_batch=3), run_naive(model, plan)
         assert_same_values(engine, naive)
         receiver = naive.corrupted if direction == "denoise" else naive.clean
         assert np.abs(naive.patched - receiver[:, None]).max() > 1e-3 * np.abs(naive.gap(direction)).max()
 
 
 def test_sites_and_options_are_checked(wrapped):
-    site = PatchSite("layers.3.mlp", 3)  # a short key resolves
-    assert wrapped.patching_sweep(*PARIS, sites=[site], metric="kl").sites == [{"layer": 3}]
-    for bad, message in ((PatchSite("layers.3.mlp", 4), "not inside block 4"),
-                         (PatchSite("model.model.norm", 29), "not inside block 29"),
-                         (PatchSite("layers.3.mlp#1", 3), "drop the #k"),
-                         (PatchSite("layers.3.mpl", 3), "Closest names")):
+    site = Site("layers.3.mlp")  # a short key resolves
+    assert wrapped.patching_sweep(*PARIS, sites=[site], metric="kl").sites == [
+        {"layer": 3, "component": "mlp"}]
+    assert wrapped.patching_sweep(*PARIS, sites=["layers.3", "layers.4:input"], metric="kl").sites == [
+        {"layer": 3, "component": "output"}, {"layer": 4, "component": "input"}]
+    for bad, message in (("model.model.norm", "not inside a block"),
+                         ("layers.3.mlp#1", "drop the #k"),
+                         ("layers.3.mpl", "Closest names"),
+                         (3, "list of Site or activation keys")):
         with pytest.raises(Exception, match=message):
             wrapped.patching_sweep(*PARIS, sites=[bad])
-    with pytest.raises(SiteError, match="same labels"):
-        wrapped.patching_sweep(*PARIS, sites=[site, PatchSite("layers.3.mlp", 3, positions=(1,))])
+    with pytest.raises(SiteError, match="same thing"):
+        wrapped.patching_sweep(*PARIS, sites=[site, "model.model.layers.3.mlp"])
     with pytest.raises(SiteError, match="positions is empty"):
-        PatchSite("layers.3.mlp", 3, positions=())
+        Site("layers.3.mlp", positions=())
     with pytest.raises(SiteError, match="does not sweep over positions"):
         wrapped.patching_sweep(*PARIS, positions=[3])
     with pytest.raises(SiteError, match="sweep over one of"):

@@ -10,7 +10,7 @@ from conftest import FAMILY_CONFIGS, assert_model_untouched, parameters_snapshot
 
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
-from mlxterp.tracing import NotRecordedError, TraceError, UnknownModuleError
+from mlxterp.tracing import NotReachedError, NotRecordedError, TraceError, UnknownModuleError
 from mlxterp.tracing.inputs import InputError
 
 TOKENS = mx.array([[1, 5, 7, 9, 2, 3]])
@@ -156,7 +156,7 @@ def test_module_called_several_times():
     with model.trace(x, interventions={"proj": iv.scale(0.0)}) as trace:
         # without #k the intervention applies to every call: proj(0) is the bias
         assert mx.array_equal(trace.activations["proj"], mx.zeros((1, 3))).item()
-    with pytest.raises(TraceError, match="never ran"):
+    with pytest.raises(NotReachedError, match="never ran"):
         with model.trace(x, interventions={"proj#2": iv.zero_out}):
             pass
     assert_model_untouched(net, parameters_snapshot(net))

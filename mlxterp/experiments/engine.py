@@ -25,111 +25,18 @@ import inspect
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
-from mlxterp.experiments.metrics import Metric, measure
-from mlxterp.experiments.sites import PatchSite, SiteError, is_index
-from mlxterp.tracing.intercept import call_input, call_parameters, intercepted, with_call_input
+from mlxterp.experiments.metrics import measure
+from mlxterp.experiments.plan import Plan, SweepValues
+from mlxterp.experiments.sites import is_index
+from mlxterp.tracing.intercept import call_input, call_parameters, call_patched, intercepted, with_call_input
+from mlxterp.tracing.names import NotReachedError, Site, SiteError
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one forward may hold (an estimate)
-CLEAN, CORRUPTED = 0, 1  # base rows of every batch
-
-
-class PatchNotAppliedError(MlxterpError, RuntimeError):
-    """A patch site whose module never ran: patching it would silently measure nothing."""
-
-
-class BaselineError(MlxterpError, ValueError):
-    """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
-
-
-class NoisyBaselineWarning(UserWarning):
-    """A baseline so small that float32 noise moves each recovery by more than a point."""
-
-
-NOISY_BASELINE_PP = 1.0  # warn when the noise floor is this many percentage points of the gap
-
-
-def check_pairs_differ(clean: mx.array, corrupted: mx.array) -> None:
-    """Refuse, before any forward, a pair whose prompts are the same tokens."""
-    same = np.all(np.array(clean) == np.array(corrupted), axis=1)
-    if same.any():
-        raise BaselineError(
-            f"pair {int(np.argmax(same))}: the clean and corrupted prompts are the same tokens, so "
-            "there is nothing to recover. Corrupt the prompt (e.g. swap the subject or a name)."
-        )
-
-
-def _check_baseline(metric: Metric, values: SweepValues, pair: int, direction: str) -> None:
-    """Refuse a pair whose gap float32 cannot tell from zero; warn when noise is over a point."""
-    gap, noise = values.gap(direction)[pair], values.baseline_noise(direction)[pair]
-    if abs(gap) <= noise:
-        raise BaselineError(
-            f"clean and corrupted prompts give the same {metric.name} to within float32 noise "
-            f"(pair {pair}: clean {values.clean[pair]:.6g}, corrupted {values.corrupted[pair]:.6g}, "
-            f"noise {noise:.2g}): there is nothing to recover. Choose prompts whose outputs "
-            "differ at the measured position, or another metric."
-        )
-    if 100 * noise / abs(gap) > NOISY_BASELINE_PP:
-        warnings.warn(
-            f"pair {pair}: the {metric.name} baseline {abs(gap):.3g} is small; float32 noise "
-            f"({noise:.2g}) makes each recovery uncertain by about {100 * noise / abs(gap):.1f} "
-            "percentage points.", NoisyBaselineWarning, stacklevel=3)
-
-
-@dataclass
-class SweepValues:
-    """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites, each
-    measured against the donor's logits (distances) or on its own (scores), and beside each value
-    how far float32 noise can move it (`metrics.measure`)."""
-
-    clean: np.ndarray  # (pairs,)
-    corrupted: np.ndarray  # (pairs,)
-    patched: np.ndarray  # (pairs, sites)
-    clean_noise: np.ndarray  # (pairs,)
-    corrupted_noise: np.ndarray  # (pairs,)
-    patched_noise: np.ndarray  # (pairs, sites)
-
-    @classmethod
-    def empty(cls, pairs: int, sites: int) -> SweepValues:
-        shapes = [pairs, pairs, (pairs, sites)] * 2  # values, then their noise
-        return cls(*(np.zeros(shape) for shape in shapes))
-
-    def set_base(self, pair: int, values: np.ndarray, noise: np.ndarray) -> None:
-        """Store the clean and corrupted rows' (values, noise), in that order."""
-        self.clean[pair], self.corrupted[pair] = values
-        self.clean_noise[pair], self.corrupted_noise[pair] = noise
-
-    def _donor_receiver(self, direction: str, noise: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        clean, corrupted = (self.clean_noise, self.corrupted_noise) if noise else (self.clean, self.corrupted)
-        return (clean, corrupted) if direction == "denoise" else (corrupted, clean)
-
-    def gap(self, direction: str) -> np.ndarray:
-        """(pairs,) donor minus receiver value."""
-        donor, receiver = self._donor_receiver(direction)
-        return donor - receiver
-
-    def baseline_noise(self, direction: str) -> np.ndarray:
-        """(pairs,) how far float32 noise can move the gap."""
-        return sum(self._donor_receiver(direction, noise=True))
-
-    def recovery(self, direction: str) -> np.ndarray:
-        """(pairs, sites) percent: how far each patch moves the receiver toward the donor."""
-        receiver = self._donor_receiver(direction)[1]
-        return (self.patched - receiver[:, None]) / self.gap(direction)[:, None] * 100
-
-    def recovery_noise(self, direction: str) -> np.ndarray:
-        """(pairs, sites) percentage points by which float32 noise can move each recovery:
-        the noise of the patched and receiving values, and of the gap scaled by the recovery."""
-        receiver_noise = self._donor_receiver(direction, noise=True)[1][:, None]
-        gap = np.abs(self.gap(direction))[:, None]
-        spread = 100 * (self.patched_noise + receiver_noise)
-        return (spread + np.abs(self.recovery(direction)) * self.baseline_noise(direction)[:, None]) / gap
 
 
 class _BlocksOutOfOrder(Exception):
@@ -176,11 +83,11 @@ class _BatchedForward:
     it, on positions start..T-1 only.
     """
 
-    def __init__(self, model, tokens: mx.array, sites: list[PatchSite], position: int,
-                 direction: str, grow: bool):
-        self.model, self.sites, self.position, self.grow = model, sites, position, grow
-        self.tokens = tokens  # (2, T): clean, corrupted
-        self.receiver, self.donor = (CORRUPTED, CLEAN) if direction == "denoise" else (CLEAN, CORRUPTED)
+    def __init__(self, model, plan: Plan, pair: int, sites: list[Site], grow: bool):
+        self.model, self.sites, self.position, self.grow = model, sites, plan.position, grow
+        self.tokens = tokens = plan.tokens(pair)  # (2, T): clean, corrupted
+        self.receiver, self.donor = plan.receiver, plan.donor
+        position = plan.position
         self.blocks = {name: i for i, name in enumerate(model.tree.blocks)}
         first_block = model.tree.modules[model.tree.blocks[0]] if self.blocks else None
         reuse_positions = grow and call_parameters(type(first_block))[1:] == ("mask", "cache")
@@ -192,7 +99,7 @@ class _BatchedForward:
         for i, site in enumerate(sites):
             start = max(min(site.positions or (0,)), first_difference)
             self.start[i] = start if reuse_positions and 0 < start <= position else 0
-        layer_of = (lambda i: sites[i].layer) if grow else (lambda i: -1)
+        layer_of = (lambda i: model.tree.block_of(sites[i].module)) if grow else (lambda i: -1)
         order = sorted(range(len(sites)), key=lambda i: (self.start[i], layer_of(i)))
         self.members = defaultdict(list)  # start -> site ids, in batch order
         self.entering = defaultdict(list)  # (start, layer) -> site ids appended at that block
@@ -230,7 +137,7 @@ class _BatchedForward:
             raise _BlocksOutOfOrder(f"only {self.next_block} of {len(self.blocks)} blocks ran")
         missing = set(self.patches) - self.applied
         if missing:
-            raise PatchNotAppliedError(
+            raise NotReachedError(
                 f"patch sites {sorted(missing)} were never reached in the forward pass: their "
                 "modules were not called. Patch a module the model runs."
             )
@@ -245,13 +152,10 @@ class _BatchedForward:
 
     def _module(self, name: str, module, args: tuple, kwargs: dict):
         input_key = f"{name}:input"
-        if input_key in self.patches:
-            patched = self._patch(input_key, call_input(module, args, kwargs))
-            args, kwargs = with_call_input(module, args, kwargs, patched)
-        out = module(*args, **kwargs)
-        if name in self.patches:
-            out = self._patch(name, out)
-        return out
+        return call_patched(
+            module, args, kwargs,
+            (lambda x: self._patch(input_key, x)) if input_key in self.patches else None,
+            (lambda y: self._patch(name, y)) if name in self.patches else None)
 
     def _grown(self, hidden: mx.array | None, start: int, layer: int, source: mx.array):
         """`hidden` with the rows of `start` that enter at `layer` appended (receiver copies)."""
@@ -332,47 +236,32 @@ def _bytes_per_row(model, seq_len: int) -> int:
     return 4 * seq_len * (8 * max(widths, default=4096) + 16 * sum(widths) // max(len(widths), 1))
 
 
-def _check_options(position: int, seq_len: int, direction: str, max_batch: int | None) -> int:
-    if not isinstance(direction, str) or direction not in ("denoise", "noise"):
-        raise SiteError(f"direction={direction!r}: use 'denoise' or 'noise'.")
-    if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
-        raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
-    if not -seq_len <= position < seq_len:
-        raise SiteError(f"position {position} is out of range for {seq_len} tokens.")
-    return position % seq_len
-
-
 def run_engine(
     model,
-    clean: mx.array,
-    corrupted: mx.array,
-    sites: Sequence[PatchSite],
-    metric: Metric,
-    position: int,
-    direction: str = "denoise",
+    plan: Plan,
     max_batch: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
 ) -> SweepValues:
     """Metric values of clean, corrupted and every patched run, many patches per forward.
 
-    `clean` and `corrupted` are (pairs, seq) token arrays. Each forward holds one pair's clean
-    and corrupted rows and at most `max_batch` patched rows (default: as many as an estimate
-    of `memory_budget` bytes of activations allows).
+    Each forward holds one pair's clean and corrupted rows and at most `max_batch` patched rows
+    (default: as many as an estimate of `memory_budget` bytes of activations allows).
+
+    Example:
+        >>> run_engine(model, plan, max_batch=8).recovery(plan.direction)
     """
-    pairs, seq_len = clean.shape
-    position = _check_options(position, seq_len, direction, max_batch)
-    check_pairs_differ(clean, corrupted)
-    sites = list(sites)
-    per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, seq_len) - 2)
+    if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
+        raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
+    sites = list(plan.sites)
+    per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, plan.clean.shape[1]) - 2)
     chunks = [(pair, sites[i:i + per_forward], i)
-              for pair in range(pairs) for i in range(0, len(sites), per_forward)]
+              for pair in range(plan.pairs) for i in range(0, len(sites), per_forward)]
     grow = len(model.tree.blocks) > 0
-    values = SweepValues.empty(pairs, len(sites))
+    values = SweepValues.empty(plan.pairs, len(sites))
     for pair, chunk, offset in _progress(chunks, progress):
-        tokens = mx.concatenate([clean[pair:pair + 1], corrupted[pair:pair + 1]])
         try:
-            forward = _BatchedForward(model, tokens, chunk, position, direction, grow)
+            forward = _BatchedForward(model, plan, pair, chunk, grow)
             logits = forward.run()
         except _BlocksOutOfOrder as err:
             warnings.warn(
@@ -380,53 +269,51 @@ def run_engine(
                 "cannot reuse the rows below each patch; running every patched row through the "
                 "whole model instead.", stacklevel=2)
             grow = False
-            forward = _BatchedForward(model, tokens, chunk, position, direction, grow)
+            forward = _BatchedForward(model, plan, pair, chunk, grow)
             logits = forward.run()
+        donor = logits[plan.donor]
         if offset == 0:
-            values.set_base(pair, *measure(metric, logits[:2], logits[forward.donor]))
-            _check_baseline(metric, values, pair, direction)
+            values.set_base(pair, *measure(plan.metric, logits[:2], donor))
+            values.check_baseline(plan, pair)
         patched = logits[mx.array([forward.index[i] for i in range(len(chunk))])]
         columns = slice(offset, offset + len(chunk))
         values.patched[pair, columns], values.patched_noise[pair, columns] = measure(
-            metric, patched, logits[forward.donor])
+            plan.metric, patched, donor)
     return values
 
 
-def run_naive(
-    model,
-    clean: mx.array,
-    corrupted: mx.array,
-    sites: Sequence[PatchSite],
-    metric: Metric,
-    position: int,
-    direction: str = "denoise",
-) -> SweepValues:
+def run_naive(model, plan: Plan) -> SweepValues:
     """The reference: one clean and one corrupted forward, then one patched forward per site,
-    each with every activation captured."""
-    pairs, seq_len = clean.shape
-    position = _check_options(position, seq_len, direction, None)
-    check_pairs_differ(clean, corrupted)
-    values = SweepValues.empty(pairs, len(sites))
-    donor, receiver = (CLEAN, CORRUPTED) if direction == "denoise" else (CORRUPTED, CLEAN)
-    for pair in range(pairs):
+    each with every activation captured.
+
+    Example:
+        >>> run_naive(model, plan).recovery(plan.direction)
+    """
+    values = SweepValues.empty(plan.pairs, len(plan.sites))
+    for pair in range(plan.pairs):
         acts, logits = [], []
-        for tokens in (clean[pair:pair + 1], corrupted[pair:pair + 1]):
+        for tokens in (plan.clean[pair:pair + 1], plan.corrupted[pair:pair + 1]):
             with model.trace(tokens) as trace:
-                acts.append([trace.activations[site.key] for site in sites])
-                logits.append(trace.output[0, position])
-                called_twice = [s.key for s in sites if f"{s.key}#1" in trace.activations]
+                missing = [site.key for site in plan.sites if site.key not in trace.activations]
+                if missing:
+                    raise NotReachedError(f"patch sites {missing} were never reached in the forward "
+                                          "pass: their modules were not called. Patch a module the "
+                                          "model runs.")
+                acts.append([trace.activations[site.key] for site in plan.sites])
+                logits.append(trace.output[0, plan.position])
+                called_twice = [s.key for s in plan.sites if f"{s.key}#1" in trace.activations]
             if called_twice:
                 raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; "
                                 "patch sites must be modules called once.")
-        values.set_base(pair, *measure(metric, mx.stack(logits), logits[donor]))
-        _check_baseline(metric, values, pair, direction)
-        receiver_tokens = (clean, corrupted)[receiver][pair:pair + 1]
-        for i, site in enumerate(sites):
-            patch = {site.key: lambda x, s=site, d=acts[donor][i]: s.patch(x, d)}
+        values.set_base(pair, *measure(plan.metric, mx.stack(logits), logits[plan.donor]))
+        values.check_baseline(plan, pair)
+        receiver_tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]
+        for i, site in enumerate(plan.sites):
+            patch = {site.key: lambda x, s=site, d=acts[plan.donor][i]: s.patch(x, d)}
             with model.trace(receiver_tokens, interventions=patch) as trace:
-                patched = trace.output[0, position]
+                patched = trace.output[0, plan.position]
             (values.patched[pair, i],), (values.patched_noise[pair, i],) = measure(
-                metric, patched[None], logits[donor])
+                plan.metric, patched[None], logits[plan.donor])
     return values
 
 

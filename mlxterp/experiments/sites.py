@@ -1,97 +1,67 @@
-"""Patch sites: where one patch goes, as data.
+"""The sites of a sweep: which activations a patching experiment patches, and their labels.
 
-A site names an activation (a module's output, or its input), the block it belongs to, and which
-part of it is patched: all positions or some, all features or one head's slice. Sweeps are lists
-of sites; the engine and the naive reference both read them, so they patch the same thing.
+A sweep over layers, positions and heads of one component becomes a list of `Site`s (the one
+site type, from the tracing layer) and, beside each, its labels ({"layer": 3, "position": 5}),
+which results use to name and arrange it. Explicit sites get labels from where they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.errors import InputTypeError
+from mlxterp.tracing.names import Site, SiteError
 
 ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
 
-
-class SiteError(MlxterpError, ValueError):
-    """A sweep that asks for a site that does not exist."""
+Labels = dict  # e.g. {"layer": 3, "head": 2, "position": 5}
 
 
-@dataclass(frozen=True)
-class PatchSite:
-    """One patch: replace part of the activation `key` (block `layer`) with the donor's."""
-
-    key: str  # full activation key, e.g. 'model.model.layers.3.mlp' or '...o_proj:input'
-    layer: int
-    positions: tuple[int, ...] | None = None  # None: every position
-    head: int | None = None  # None: all features; else one of `n_heads` equal feature slices
-    n_heads: int | None = None
-    labels: dict = field(default_factory=dict, compare=False)  # e.g. {"layer": 3, "head": 2}
-
-    def __post_init__(self):
-        if self.positions is not None and not self.positions:
-            raise SiteError(f"site {self.key!r}: positions is empty; give at least one, or None for all.")
-        if (self.head is None) != (self.n_heads is None):
-            raise SiteError(f"site {self.key!r}: give head and n_heads together.")
-        if self.head is not None and not 0 <= self.head < self.n_heads:
-            raise SiteError(f"site {self.key!r}: head {self.head} is not in 0..{self.n_heads - 1}.")
-
-    def selection(self, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks of the positions (length,) and features (width,) this site patches."""
-        rows = np.zeros(length, dtype=bool)
-        rows[slice(None) if self.positions is None else list(self.positions)] = True
-        columns = np.ones(width, dtype=bool)
-        if self.head is not None:
-            if width % self.n_heads:
-                raise SiteError(f"{self.key}: width {width} does not split into {self.n_heads} heads.")
-            size = width // self.n_heads
-            columns[:] = False
-            columns[self.head * size:(self.head + 1) * size] = True
-        return rows, columns
-
-    def patch(self, receiver: mx.array, donor: mx.array) -> mx.array:
-        """`receiver` with this site's part taken from `donor` (both (batch, seq, features))."""
-        rows, columns = self.selection(receiver.shape[-2], receiver.shape[-1])
-        return mx.where(mx.array(rows[:, None] & columns[None]), donor, receiver)
-
-
-def check_sites(model, sites: Sequence[PatchSite]) -> list[PatchSite]:
-    """Explicit sites, with keys resolved to full names and checked against their layers.
+def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[Labels]]:
+    """Explicit sites (or activation keys), resolved to full names, each inside a block, with
+    labels from where they are: layer, component (the module inside the block), head, position.
 
     Example:
-        >>> check_sites(model, [PatchSite("layers.3.mlp", 3)])[0].key
-        'model.model.layers.3.mlp'
+        >>> sites, labels = check_sites(model, ["layers.3.mlp", Site("layers.3.mlp", positions=(5,))])
+        >>> labels
+        [{'layer': 3, 'component': 'mlp'}, {'layer': 3, 'component': 'mlp', 'position': 5}]
     """
-    if not isinstance(sites, Sequence) or not all(isinstance(site, PatchSite) for site in sites):
-        raise InputTypeError(f"sites= takes a list of PatchSite; got {type(sites).__name__}.")
+    if (not isinstance(sites, Sequence) or isinstance(sites, str)
+            or not all(isinstance(site, Site | str) for site in sites)):
+        raise InputTypeError(f"sites= takes a list of Site or activation keys; got {sites!r}.")
     if not sites:
         raise SiteError("the list of sites is empty.")
-    blocks = model.tree.blocks
-    checked = []
+    checked, labels = [], []
     for site in sites:
+        site = site if isinstance(site, Site) else Site(site)
         where = model.tree.site(site.key)
         if where.call is not None:
             raise SiteError(f"site {site.key!r}: patch sites patch every call; drop the #k.")
-        if not 0 <= site.layer < len(blocks):
-            raise SiteError(f"site {site.key!r}: layer {site.layer} is not in 0..{len(blocks) - 1}.")
-        block = blocks[site.layer]
-        if where.module != block and not where.module.startswith(block + "."):
+        layer = model.tree.block_of(where.module)
+        if layer is None:
             raise SiteError(
-                f"site {site.key!r} is not inside block {site.layer} ({block}); patch sites must "
-                "be a block, its input, or a module inside it."
+                f"site {site.key!r} is not inside a block; patch sites must be a block, its "
+                "input, or a module inside it."
             )
-        checked.append(replace(site, key=where.key, labels=dict(site.labels) or {"layer": site.layer}))
-    labels = [tuple(sorted(site.labels.items())) for site in checked]
-    if len(set(labels)) != len(labels):
-        raise SiteError("two sites have the same labels; give each site labels of its own "
-                        "(e.g. {'layer': 3, 'position': 5}) so results can tell them apart.")
-    return checked
+        block = model.tree.blocks[layer]
+        component = where.module[len(block) + 1:] or "output"
+        if where.is_input:
+            component = "input" if component == "output" else f"{component}:input"
+        label = {"layer": layer, "component": component}
+        if site.head is not None:
+            label["head"] = site.head
+        if site.positions is not None:
+            label["position"] = site.positions[0] if len(site.positions) == 1 else list(site.positions)
+        checked.append(replace(site, module=where.module))
+        labels.append(label)
+    seen = [repr(sorted(label.items())) for label in labels]
+    if len(set(seen)) != len(seen):
+        raise SiteError("two sites patch the same thing; give each site once.")
+    return checked, labels
 
 
 def component_key(model, layer: int, component: str) -> str:
@@ -187,8 +157,9 @@ def sweep_sites(
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
-) -> list[PatchSite]:
-    """The sites of a sweep over `over` (a subset of layer, position, head; layer required).
+) -> tuple[list[Site], list[Labels]]:
+    """The sites of a sweep over `over` (a subset of layer, position, head; layer required), and
+    their labels.
 
     Example:
         >>> sweep_sites(model, "mlp", ("layer", "position"), seq_len=6, layers=[3, 4])
@@ -213,26 +184,22 @@ def sweep_sites(
     component = _check_component(model, component)
     layer_list = _checked_indices(layers, n_layers, "layer")
     position_list = _checked_indices(positions, seq_len, "position") if "position" in over else [None]
-    sites = []
+    sites, labels = [], []
     for layer in layer_list:
         if "head" in over:
             key, n_heads = _head_layout(model, layer, component)
             head_list = _checked_indices(heads, n_heads, "head")
         else:
             key, head_list = component_key(model, layer, component), [None]
+        where = model.tree.site(key)
         for head in head_list:
             for position in position_list:
-                labels = {"layer": layer}
+                label = {"layer": layer}
                 if head is not None:
-                    labels["head"] = head
+                    label["head"] = head
                 if position is not None:
-                    labels["position"] = position
-                sites.append(PatchSite(
-                    key, layer,
-                    positions=None if position is None else (position,),
-                    head=head,
-                    n_heads=None if head is None else n_heads,
-                    labels=labels,
-                ))
-    return sites
-
+                    label["position"] = position
+                sites.append(replace(where, positions=None if position is None else (position,),
+                                     head=head, n_heads=None if head is None else n_heads))
+                labels.append(label)
+    return sites, labels

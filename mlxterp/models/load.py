@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def _resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype:
         if dtype not in _DTYPES:
             raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
         return _DTYPES[dtype]
-    if dtype not in _DTYPES.values():
-        raise ModelLoadError(f"unsupported dtype {dtype}; use one of {sorted(_DTYPES)}")
+    # Compared by type first: mx.Dtype's == raises TypeError for some other types (None).
+    if not isinstance(dtype, mx.Dtype) or dtype not in _DTYPES.values():
+        raise ModelLoadError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return dtype
 
 
@@ -114,28 +116,83 @@ def load(
         >>> tokenizer.encode("The capital of France is")
         [504, 3575, 282, 4649, 314]
     """
-    import mlx_lm
-
     explicit_dtype = dtype is not None
     dtype = _resolve_dtype(dtype)
-    name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
+    if not isinstance(quantized, bool):
+        raise ModelLoadError(f"quantized must be True or False; got {quantized!r}.")
+    name, path = _name_and_path(name_or_path)
     if name in BUNDLED:
         gguf_path = BUNDLED[name].gguf_path(cache_dir())
     elif path.suffix == ".gguf":
-        if not path.is_file():
+        if not _is(path.is_file):
             raise ModelLoadError(f"no GGUF file at {path}")
         gguf_path = path
     else:
-        if not path.is_dir() and name.count("/") != 1:
+        is_folder = _is(path.is_dir)
+        if not is_folder and not _HUB_ID.match(name):
             raise _unknown_name(name)
         if quantized:
             raise ModelLoadError(
                 "quantized=True applies to GGUF files; an mlx-lm model keeps the quantization "
                 "it was saved with."
             )
-        model, tokenizer = mlx_lm.load(name)
+        if is_folder and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but not an mlx-lm model folder: it has no config.json."
+            )
+        if _is(path.is_file):
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf file; give a .gguf file, an mlx-lm model "
+                "folder, a bundled name or a hub id."
+            )
+        model, tokenizer = _mlx_lm_load(str(path) if is_folder else name, hub=not is_folder)
         if explicit_dtype:
             model.set_dtype(dtype)
         return model, tokenizer
-    return mlx_lm.load(str(converted_folder(gguf_path, dtype, quantized)))
+    return _mlx_lm_load(str(converted_folder(gguf_path, dtype, quantized)), hub=False)
+
+
+# A Hugging Face hub id: `org/name`, each part letters, digits, '-', '_' and '.', as the hub allows.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$", re.ASCII)
+
+
+def _name_and_path(name_or_path: object) -> tuple[str, Path]:
+    """The name as a string and as a path with `~` expanded; a ModelLoadError if it is neither."""
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise ModelLoadError(
+            f"give the model as a name or a path (str or os.PathLike); got "
+            f"{type(name_or_path).__name__} {name_or_path!r}."
+        )
+    name = os.fspath(name_or_path)
+    if not isinstance(name, str):  # a PathLike of bytes
+        raise ModelLoadError(f"give the path as a str, not {type(name).__name__} {name!r}.")
+    if not name or "\0" in name:
+        raise _unknown_name(name)
+    try:
+        return name, Path(name).expanduser()
+    except RuntimeError as err:  # `~user` of a user that does not exist
+        raise ModelLoadError(f"cannot expand the path {name!r}: {err}") from None
+
+
+def _is(check) -> bool:
+    """`path.is_file()` / `path.is_dir()`, with paths the system refuses (too long) as missing."""
+    try:
+        return check()
+    except OSError:
+        return False
+
+
+def _mlx_lm_load(name: str, hub: bool) -> tuple[nn.Module, object]:
+    """`mlx_lm.load`, its failures on a broken folder or an unreachable hub id as ModelLoadError."""
+    import mlx_lm
+
+    try:
+        return mlx_lm.load(name)
+    except (OSError, ValueError, KeyError) as err:
+        # OSError: missing files, and the hub's errors (not found, offline); ValueError and
+        # KeyError: a config.json that is not JSON, or names an unknown model type or misses keys.
+        where = ("the Hugging Face hub (it needs network access, and the id must exist)" if hub
+                 else "the folder")
+        raise ModelLoadError(
+            f"mlx-lm cannot load {name!r} from {where}: {type(err).__name__}: {err}"
+        ) from err

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxterp.presentation.tables import site_label
+
 
 def _in_notebook() -> bool:
     shell = sys.modules.get("IPython")
@@ -32,7 +34,7 @@ def _title(ax, text: str, width_inches: float) -> None:
 def bar_chart(result):
     """Recovery per layer (or per site), positive bars blue, negative red."""
     values = result.mean
-    labels = [result.label(site) for site in result.sites]
+    labels = [site_label(result, site) for site in result.sites]
     width = max(6.0, 0.28 * len(values))
     fig = _figure(width, 3.6)
     ax = fig.add_subplot()

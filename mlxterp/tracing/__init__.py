@@ -1,7 +1,14 @@
 """Layer 2: intercepting module calls, naming modules, recording and intervening."""
 
-from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, Site, UnknownModuleError
+from mlxterp.tracing.names import (
+    OUTPUT_KEY,
+    ModuleTree,
+    NotReachedError,
+    Site,
+    SiteError,
+    UnknownModuleError,
+)
 from mlxterp.tracing.trace import Activations, NotRecordedError, Trace, TraceError
 
-__all__ = ["OUTPUT_KEY", "Activations", "ModuleTree", "NotRecordedError", "Site", "Trace",
-           "TraceError", "UnknownModuleError"]
+__all__ = ["OUTPUT_KEY", "Activations", "ModuleTree", "NotReachedError", "NotRecordedError", "Site",
+           "SiteError", "Trace", "TraceError", "UnknownModuleError"]

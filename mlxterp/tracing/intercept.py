@@ -109,3 +109,20 @@ def with_call_input(module: nn.Module, args: tuple, kwargs: dict, value) -> tupl
     if args:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, call_parameters(type(module))[0]: value}
+
+
+def call_patched(module: nn.Module, args: tuple, kwargs: dict,
+                 patch_input: Callable[[Any], Any] | None = None,
+                 patch_output: Callable[[Any], Any] | None = None):
+    """Call `module` with its input passed through `patch_input` and return its output passed
+    through `patch_output` (either may be None): the one way traces and the engine change a call.
+    A module called with no arguments has no input, and `patch_input` is not called.
+
+    Example:
+        >>> call_patched(mlp, (x,), {}, patch_output=lambda y: y * 0)
+    """
+    x = call_input(module, args, kwargs)
+    if patch_input is not None and x is not None:
+        args, kwargs = with_call_input(module, args, kwargs, patch_input(x))
+    out = module(*args, **kwargs)
+    return out if patch_output is None else patch_output(out)

@@ -17,10 +17,12 @@ import difflib
 import re
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import InputTypeError, MlxterpError
 
 ROOT = "model"
 OUTPUT_KEY = "output"  # the key of the model's own output in `trace.activations`
@@ -33,6 +35,13 @@ def _natural(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
+def _check_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise InputTypeError(
+            f"module keys are strings such as 'layers.3.mlp'; got {type(key).__name__} {key!r}."
+        )
+
+
 class UnknownModuleError(MlxterpError, KeyError):
     """A key that names no module, or several."""
 
@@ -40,18 +49,68 @@ class UnknownModuleError(MlxterpError, KeyError):
         return str(self.args[0])
 
 
+class SiteError(MlxterpError, ValueError):
+    """A site that cannot exist: an empty position list, a head out of range, a bad shape."""
+
+
+class NotReachedError(MlxterpError, RuntimeError):
+    """A site (an intervention or a patch) whose module never ran in the forward pass: going on
+    would silently measure nothing."""
+
+
 @dataclass(frozen=True)
 class Site:
-    """Where an activation lives: a module, which call of it, and its output or its input."""
+    """Where an activation lives, and which part of it an intervention or a patch changes.
 
-    module: str  # full name
+    An activation is a module's output (or its input), at one of its calls. A site may narrow
+    it to some positions and to one head's slice of the features.
+
+    Example:
+        >>> Site("layers.3.self_attn.o_proj", is_input=True, positions=(5,), head=2, n_heads=9)
+        >>> Site("layers.3.mlp").key
+        'layers.3.mlp'
+    """
+
+    module: str  # a full name, or a short key until `ModuleTree.site` resolves it
     call: int | None = None  # None: the first call when read, every call when intervened on
     is_input: bool = False
+    positions: tuple[int, ...] | None = None  # None: every position
+    head: int | None = None  # None: all features; else one of `n_heads` equal feature slices
+    n_heads: int | None = None
+
+    def __post_init__(self):
+        if self.positions is not None:
+            if not self.positions:
+                raise SiteError(f"site {self.key!r}: positions is empty; give at least one, or None for all.")
+            object.__setattr__(self, "positions", tuple(self.positions))
+        if (self.head is None) != (self.n_heads is None):
+            raise SiteError(f"site {self.key!r}: give head and n_heads together.")
+        if self.head is not None and not 0 <= self.head < self.n_heads:
+            raise SiteError(f"site {self.key!r}: head {self.head} is not in 0..{self.n_heads - 1}.")
 
     @property
     def key(self) -> str:
+        """The activation key: `module[#call][:input]`."""
         call = "" if self.call is None else f"#{self.call}"
         return f"{self.module}{call}{':input' if self.is_input else ''}"
+
+    def selection(self, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks of the positions (length,) and features (width,) this site covers."""
+        rows = np.zeros(length, dtype=bool)
+        rows[slice(None) if self.positions is None else list(self.positions)] = True
+        columns = np.ones(width, dtype=bool)
+        if self.head is not None:
+            if width % self.n_heads:
+                raise SiteError(f"{self.key}: width {width} does not split into {self.n_heads} heads.")
+            size = width // self.n_heads
+            columns[:] = False
+            columns[self.head * size:(self.head + 1) * size] = True
+        return rows, columns
+
+    def patch(self, receiver: mx.array, donor: mx.array) -> mx.array:
+        """`receiver` with this site's part taken from `donor` (both (batch, seq, features))."""
+        rows, columns = self.selection(receiver.shape[-2], receiver.shape[-1])
+        return mx.where(mx.array(rows[:, None] & columns[None]), donor, receiver)
 
 
 class ModuleTree:
@@ -90,6 +149,7 @@ class ModuleTree:
 
     def resolve(self, key: str) -> str:
         """The full module name a key addresses; a clear error when it matches none or several."""
+        _check_key(key)
         if key in self.modules:
             return key
         matches = [name for name in self.modules if name.endswith("." + key)]
@@ -111,6 +171,7 @@ class ModuleTree:
 
     def site(self, key: str) -> Site:
         """Parse and resolve an activation key such as `layers.3.self_attn.o_proj#0:input`."""
+        _check_key(key)
         match = _SITE.match(key)
         if match is None:
             raise UnknownModuleError(
@@ -120,6 +181,13 @@ class ModuleTree:
         call = match["call"]
         return Site(self.resolve(match["module"]), None if call is None else int(call),
                     match["input"] is not None)
+
+    def block_of(self, module: str) -> int | None:
+        """The index of the block that is or holds `module` (a full name), or None."""
+        for index, block in enumerate(self.blocks):
+            if module == block or module.startswith(block + "."):
+                return index
+        return None
 
     def canonical_key(self, key: str) -> str:
         """The key a trace stores an activation under: full name, with `#k` only past call 0."""

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp.errors import MlxterpError
-from mlxterp.tracing.intercept import call_input, intercepted, with_call_input
-from mlxterp.tracing.names import OUTPUT_KEY, ROOT, ModuleTree, Site, UnknownModuleError
+from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.tracing.intercept import call_patched, intercepted
+from mlxterp.tracing.names import OUTPUT_KEY, ROOT, ModuleTree, NotReachedError, Site, UnknownModuleError
 
 Intervention = Callable[[mx.array], mx.array]
 
@@ -93,13 +93,20 @@ class Trace:
     ):
         self._model, self._tree, self._inputs = model, tree, inputs
         self._on_enter, self._on_exit = on_enter, on_exit
+        if interventions is None:
+            interventions = {}
+        if not isinstance(interventions, Mapping):
+            raise InputTypeError(
+                f"interventions must be a dict {{key: fn}}; got {type(interventions).__name__}. "
+                "E.g. interventions={'layers.3.mlp': iv.zero_out}."
+            )
         self._planned = [_Planned(tree.site(key), _check_callable(key, fn))
-                         for key, fn in (interventions or {}).items()]
+                         for key, fn in interventions.items()]
         self._plans: dict[str, list[_Planned]] = {}  # module name -> its interventions
         for plan in self._planned:
             self._plans.setdefault(plan.site.module, []).append(plan)
         self._capture = None if capture is None else {
-            tree.canonical_key(key) for key in capture
+            tree.canonical_key(key) for key in _capture_keys(capture)
         }
         self._store: dict[str, object] = {}
         self._calls: Counter[str] = Counter()
@@ -123,23 +130,18 @@ class Trace:
         call = self._calls[name]
         self._calls[name] += 1
         key = name if call == 0 else f"{name}#{call}"
-        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, call)]
-        x = call_input(module, args, kwargs)
-        if x is not None:
-            input_plans = [plan for plan in plans if plan.site.is_input]
-            for plan in input_plans:
-                x = _apply(plan, x)
-            if input_plans:
-                args, kwargs = with_call_input(module, args, kwargs, x)
-            if self._wants(f"{key}:input"):
-                self._store[f"{key}:input"] = x
-        out = module(*args, **kwargs)
-        for plan in plans:
-            if not plan.site.is_input:
-                out = _apply(plan, out)
-        if self._wants(key):
-            self._store[key] = out
-        return out
+        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, 0)]
+
+        def patch(x, is_input: bool):
+            for plan in plans:
+                if plan.site.is_input == is_input:
+                    x = _apply(plan, x)
+            stored = f"{key}:input" if is_input else key
+            if self._wants(stored):
+                self._store[stored] = x
+            return x
+
+        return call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
 
     def __enter__(self) -> Trace:
         if self._done:
@@ -168,7 +170,7 @@ class Trace:
         for plan in self._planned:
             if plan.ran == 0:
                 calls = self._calls[plan.site.module]
-                raise TraceError(
+                raise NotReachedError(
                     f"the intervention on {plan.site.key!r} never ran: the module was called "
                     f"{calls} time(s) in this forward pass."
                     + (" A module's calls are numbered from #0." if plan.site.call else "")
@@ -196,9 +198,20 @@ class Trace:
         return self._store[OUTPUT_KEY]
 
 
+def _capture_keys(capture: object) -> list:
+    # A string is iterable too, but its characters are no keys: `capture="layers.3.mlp"` is a slip
+    # for `capture=["layers.3.mlp"]`.
+    if isinstance(capture, str | bytes) or not isinstance(capture, Iterable):
+        raise InputTypeError(
+            f"capture must be a list of keys; got {type(capture).__name__} {capture!r}. "
+            "E.g. capture=['layers.3.mlp', 'output']."
+        )
+    return list(capture)
+
+
 def _check_callable(key: str, fn: object) -> Intervention:
     if not callable(fn):
-        raise TypeError(
+        raise InputTypeError(
             f"the intervention for {key!r} is a {type(fn).__name__}, not a function. Use a "
             "callable activation -> activation, e.g. iv.replace_with(array) or iv.scale(0.5)."
         )

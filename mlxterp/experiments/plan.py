@@ -1,0 +1,162 @@
+"""An experiment as a value, and what its runs measure.
+
+A `Plan` says everything about an activation-patching experiment: the prompt pairs (as tokens),
+the sites, the metric, the direction and the measured position. It is checked once, when it is
+made. Runners take a plan and return `SweepValues`: the exact batched engine
+(`engine.run_engine`), the naive reference (`engine.run_naive`) and the gradient estimates
+(`attribution.run_gradient`). The result layer turns values into recoveries.
+
+Example:
+    >>> plan = Plan(clean_ids, corrupted_ids, sites, METRICS["kl"])
+    >>> values = run_engine(model, plan)
+    >>> values.recovery(plan.direction)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from mlxterp.errors import MlxterpError
+from mlxterp.experiments.metrics import Metric
+from mlxterp.experiments.sites import is_index
+from mlxterp.tracing.names import Site, SiteError
+
+CLEAN, CORRUPTED = 0, 1  # the two runs of every pair
+DIRECTIONS = ("denoise", "noise")  # denoise: clean is the donor; noise: corrupted is
+NOISY_BASELINE_PP = 1.0  # warn when float32 noise moves recoveries by more than this many points
+
+
+class BaselineError(MlxterpError, ValueError):
+    """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
+
+
+class NoisyBaselineWarning(UserWarning):
+    """A baseline so small that float32 noise moves each recovery by more than a point."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An activation-patching experiment: patch each site of the donor run into the receiving
+    run, for each prompt pair, and measure `metric` at token `position`.
+
+    `clean` and `corrupted` are (pairs, seq) token arrays; `direction` 'denoise' patches clean
+    activations into the corrupted run, 'noise' the reverse. Making a plan checks it, so a
+    runner never starts a forward pass on a plan that cannot work.
+    """
+
+    clean: mx.array
+    corrupted: mx.array
+    sites: tuple[Site, ...]
+    metric: Metric
+    direction: str = "denoise"
+    position: int = -1
+
+    def __post_init__(self):
+        if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
+            raise SiteError(f"direction={self.direction!r}: use 'denoise' or 'noise'.")
+        if self.clean.ndim != 2 or self.clean.shape != self.corrupted.shape:
+            raise SiteError(f"clean {tuple(self.clean.shape)} and corrupted "
+                            f"{tuple(self.corrupted.shape)} tokens must be (pairs, seq) of one shape.")
+        seq_len = self.clean.shape[1]
+        if not is_index(self.position) or not -seq_len <= self.position < seq_len:
+            raise SiteError(f"position {self.position} is out of range for {seq_len} tokens.")
+        if not self.sites:
+            raise SiteError("the plan has no sites to patch.")
+        object.__setattr__(self, "position", int(self.position) % seq_len)
+        object.__setattr__(self, "sites", tuple(self.sites))
+        same = np.all(np.array(self.clean) == np.array(self.corrupted), axis=1)
+        if same.any():
+            raise BaselineError(
+                f"pair {int(np.argmax(same))}: the clean and corrupted prompts are the same tokens, "
+                "so there is nothing to recover. Corrupt the prompt (e.g. swap the subject or a name)."
+            )
+
+    @property
+    def pairs(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def donor(self) -> int:
+        """Which run of a pair (CLEAN or CORRUPTED) gives the patched activations."""
+        return CLEAN if self.direction == "denoise" else CORRUPTED
+
+    @property
+    def receiver(self) -> int:
+        """Which run of a pair receives the patches."""
+        return 1 - self.donor
+
+    def tokens(self, pair: int) -> mx.array:
+        """(2, seq): the pair's clean and corrupted rows, in that order."""
+        return mx.concatenate([self.clean[pair:pair + 1], self.corrupted[pair:pair + 1]])
+
+
+@dataclass
+class SweepValues:
+    """Metric values of every run of a sweep, for `pairs` prompt pairs and `sites` sites, each
+    measured against the donor's logits (distances) or on its own (scores), and beside each value
+    how far float32 noise can move it (`metrics.measure`). A gradient runner's `patched` values
+    are estimates: the receiver's value plus the estimated effect of each patch."""
+
+    clean: np.ndarray  # (pairs,)
+    corrupted: np.ndarray  # (pairs,)
+    patched: np.ndarray  # (pairs, sites)
+    clean_noise: np.ndarray  # (pairs,)
+    corrupted_noise: np.ndarray  # (pairs,)
+    patched_noise: np.ndarray  # (pairs, sites)
+
+    @classmethod
+    def empty(cls, pairs: int, sites: int) -> SweepValues:
+        shapes = [pairs, pairs, (pairs, sites)] * 2  # values, then their noise
+        return cls(*(np.zeros(shape) for shape in shapes))
+
+    def set_base(self, pair: int, values: np.ndarray, noise: np.ndarray) -> None:
+        """Store the clean and corrupted rows' (values, noise), in that order."""
+        self.clean[pair], self.corrupted[pair] = values
+        self.clean_noise[pair], self.corrupted_noise[pair] = noise
+
+    def _donor_receiver(self, direction: str, noise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        clean, corrupted = (self.clean_noise, self.corrupted_noise) if noise else (self.clean, self.corrupted)
+        return (clean, corrupted) if direction == "denoise" else (corrupted, clean)
+
+    def gap(self, direction: str) -> np.ndarray:
+        """(pairs,) donor minus receiver value."""
+        donor, receiver = self._donor_receiver(direction)
+        return donor - receiver
+
+    def baseline_noise(self, direction: str) -> np.ndarray:
+        """(pairs,) how far float32 noise can move the gap."""
+        return sum(self._donor_receiver(direction, noise=True))
+
+    def recovery(self, direction: str) -> np.ndarray:
+        """(pairs, sites) percent: how far each patch moves the receiver toward the donor."""
+        receiver = self._donor_receiver(direction)[1]
+        return (self.patched - receiver[:, None]) / self.gap(direction)[:, None] * 100
+
+    def recovery_noise(self, direction: str) -> np.ndarray:
+        """(pairs, sites) percentage points by which float32 noise can move each recovery:
+        the noise of the patched and receiving values, and of the gap scaled by the recovery."""
+        receiver_noise = self._donor_receiver(direction, noise=True)[1][:, None]
+        gap = np.abs(self.gap(direction))[:, None]
+        spread = 100 * (self.patched_noise + receiver_noise)
+        return (spread + np.abs(self.recovery(direction)) * self.baseline_noise(direction)[:, None]) / gap
+
+    def check_baseline(self, plan: Plan, pair: int) -> None:
+        """Refuse a pair whose gap float32 cannot tell from zero; warn when noise is over a point."""
+        gap, noise = self.gap(plan.direction)[pair], self.baseline_noise(plan.direction)[pair]
+        name = plan.metric.name
+        if abs(gap) <= noise:
+            raise BaselineError(
+                f"clean and corrupted prompts give the same {name} to within float32 noise (pair "
+                f"{pair}: clean {self.clean[pair]:.6g}, corrupted {self.corrupted[pair]:.6g}, noise "
+                f"{noise:.2g}): there is nothing to recover. Choose prompts whose outputs differ at "
+                "the measured position, or another metric."
+            )
+        if 100 * noise / abs(gap) > NOISY_BASELINE_PP:
+            warnings.warn(
+                f"pair {pair}: the {name} baseline {abs(gap):.3g} is small; float32 noise "
+                f"({noise:.2g}) makes each recovery uncertain by about {100 * noise / abs(gap):.1f} "
+                "percentage points.", NoisyBaselineWarning, stacklevel=4)
