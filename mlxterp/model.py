@@ -3,6 +3,8 @@ to the experiments layer; it computes nothing itself."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 
 import mlx.core as mx
@@ -10,10 +12,26 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments import patching
+from mlxterp.experiments import attribution, patching
 from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
+
+
+def _check_options(options: Mapping, *functions) -> None:
+    """Refuse options that none of `functions` takes, naming the closest ones: a misspelled
+    option (`layer=` for `layers=`) would otherwise be Python's bare TypeError from deep inside."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    known = {name for fn in functions for name, p in inspect.signature(fn).parameters.items()
+             if p.kind in named} - {"model", "clean", "corrupted"}  # given positionally
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, known, n=1))
+                 else repr(u) for u in unknown]
+        raise InputTypeError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; the options are "
+            f"{', '.join(sorted(known))}."
+        )
 
 
 class LayerIndexError(MlxterpError, IndexError):
@@ -131,6 +149,7 @@ class InterpretableModel:
             >>> model.activation_patching("Paris is the capital of France",
             ...                           "London is the capital of France", component="mlp")
         """
+        _check_options(options, patching.activation_patching, patching.patching_sweep)
         return patching.activation_patching(self, clean_text, corrupted_text, component, layers, metric,
                                    plot, **options)
 
@@ -140,7 +159,18 @@ class InterpretableModel:
         Example:
             >>> model.patching_sweep(clean, corrupted, component="input", over=("layer", "position"))
         """
+        _check_options(options, patching.patching_sweep)
         return patching.patching_sweep(self, clean, corrupted, **options)
+
+    def attribution_patching(self, clean, corrupted, **options):
+        """A `PatchingResult` of estimates from gradients; see
+        `mlxterp.experiments.attribution.attribution_patching`.
+
+        Example:
+            >>> model.attribution_patching(clean, corrupted, component="input",
+            ...                            over=("layer", "position"), metric="kl")
+        """
+        return attribution.attribution_patching(self, clean, corrupted, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------
 

@@ -282,6 +282,19 @@ def run_engine(
     return values
 
 
+def site_activations(trace, keys: list[str]) -> dict[str, mx.array]:
+    """The activations of a trace at the given site keys; each must have run exactly once."""
+    missing = [key for key in keys if key not in trace.activations]
+    if missing:
+        raise NotReachedError(f"patch sites {missing} were never reached in the forward pass: their "
+                              "modules were not called. Patch a module the model runs.")
+    called_twice = [key for key in keys if f"{key}#1" in trace.activations]
+    if called_twice:
+        raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; patch "
+                        "sites must be modules called once.")
+    return {key: trace.activations[key] for key in keys}
+
+
 def run_naive(model, plan: Plan) -> SweepValues:
     """The reference: one clean and one corrupted forward, then one patched forward per site,
     each with every activation captured.
@@ -294,17 +307,9 @@ def run_naive(model, plan: Plan) -> SweepValues:
         acts, logits = [], []
         for tokens in (plan.clean[pair:pair + 1], plan.corrupted[pair:pair + 1]):
             with model.trace(tokens) as trace:
-                missing = [site.key for site in plan.sites if site.key not in trace.activations]
-                if missing:
-                    raise NotReachedError(f"patch sites {missing} were never reached in the forward "
-                                          "pass: their modules were not called. Patch a module the "
-                                          "model runs.")
-                acts.append([trace.activations[site.key] for site in plan.sites])
+                recorded = site_activations(trace, [site.key for site in plan.sites])
+                acts.append([recorded[site.key] for site in plan.sites])
                 logits.append(trace.output[0, plan.position])
-                called_twice = [s.key for s in plan.sites if f"{s.key}#1" in trace.activations]
-            if called_twice:
-                raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; "
-                                "patch sites must be modules called once.")
         values.set_base(pair, *measure(plan.metric, mx.stack(logits), logits[plan.donor]))
         values.check_baseline(plan, pair)
         receiver_tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]

@@ -134,6 +134,9 @@ def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact"
         tokens=[model.to_str_tokens(row) for row in plan.clean.tolist()],
         is_distance=plan.metric.is_distance, position=plan.position, answers=sweep.answers,
         metric_values=values, noise=values.recovery_noise(direction), method=method,
+        locations=[{"module": s.module, "is_input": s.is_input,
+                    "positions": None if s.positions is None else list(s.positions),
+                    "head": s.head, "n_heads": s.n_heads} for s in plan.sites],
     )
 
 

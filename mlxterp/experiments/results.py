@@ -46,6 +46,8 @@ class PatchingResult:
     noise: np.ndarray | None = None
     # how the recoveries were found: "exact" (patched forward passes), "atp" or "ig" (estimates)
     method: str = "exact"
+    # where each site is, as `Site(**location)` takes it: module, is_input, positions, head, n_heads
+    locations: list[dict] = field(default_factory=list)
 
     @property
     def mean(self) -> np.ndarray:
@@ -98,7 +100,7 @@ class PatchingResult:
             "tokens": self.tokens, "is_distance": self.is_distance, "position": self.position,
             "answers": self.answers,
             "noise": None if self.noise is None else self.noise.tolist(),
-            "method": self.method,
+            "method": self.method, "locations": self.locations,
         }
         text = json.dumps(data, indent=1)
         if path is not None:
@@ -119,7 +121,7 @@ class PatchingResult:
             corrupted=data["corrupted"], tokens=data["tokens"], is_distance=data["is_distance"],
             position=data["position"], answers=data["answers"],
             noise=None if data.get("noise") is None else np.array(data["noise"]),
-            method=data.get("method", "exact"),
+            method=data.get("method", "exact"), locations=data.get("locations", []),
         )
 
     def plot(self, path: str | Path | None = None):

@@ -1,4 +1,4 @@
-"""The `mlxterp` command line: `mlxterp patch`, `mlxterp doctor`, `mlxterp demo`."""
+"""The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -59,51 +59,98 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def patch(args: argparse.Namespace) -> int:
-    """Sweep patches of CLEAN into CORRUPTED; print the ranking, write the plot and the JSON."""
+def _sweep_options(args: argparse.Namespace) -> dict:
+    """The options `patching_sweep` and `attribution_patching` share, from the command line."""
+    return dict(component=args.component, over=tuple(axis.strip() for axis in args.over.split(",")),
+                layers=args.layers, metric=args.metric, answer=args.answer,
+                wrong_answer=args.wrong_answer, direction=args.direction)
+
+
+def _save(result, out: str, verb: str) -> None:
+    """Write the result's JSON and plot into `out` (created if missing)."""
     from pathlib import Path
 
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{verb}-{result.component}-{'-'.join(result.over)}-{result.metric}"
+    result.to_json(folder / f"{stem}.json")
+    result.plot(folder / f"{stem}.png")
+    print(f"result saved to {folder / f'{stem}.json'}")
+
+
+def _model(name: str):
     import mlxterp
     from mlxterp import InterpretableModel
 
-    model = InterpretableModel(*mlxterp.load(args.model))
-    over = tuple(axis.strip() for axis in args.over.split(","))
-    layers = None if args.layers is None else [int(x) for x in args.layers.split(",")]
-    result = model.patching_sweep(
-        args.clean, args.corrupted, component=args.component, over=over, layers=layers,
-        metric=args.metric, answer=args.answer, wrong_answer=args.wrong_answer,
-        direction=args.direction, progress=None)
+    return InterpretableModel(*mlxterp.load(name))
+
+
+def patch(args: argparse.Namespace) -> int:
+    """Sweep patches of CLEAN into CORRUPTED; print the ranking, write the plot and the JSON."""
+    result = _model(args.model).patching_sweep(args.clean, args.corrupted, progress=None,
+                                               **_sweep_options(args))
     print(tables.summary(result))
     print(tables.ranking(result, args.top))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"patch-{result.component}-{'-'.join(result.over)}-{result.metric}"
-    result.to_json(out / f"{stem}.json")
-    result.plot(out / f"{stem}.png")
-    print(f"result saved to {out / f'{stem}.json'}")
+    _save(result, args.out, "patch")
     return 0
+
+
+def attribute(args: argparse.Namespace) -> int:
+    """Estimate every site's recovery from gradients; with --verify K, patch the top K exactly
+    and print both columns."""
+    from mlxterp.experiments.attribution import verify_top
+
+    model = _model(args.model)
+    result = model.attribution_patching(args.clean, args.corrupted, method=args.method,
+                                        steps=args.steps, **_sweep_options(args))
+    print(tables.summary(result))
+    if args.verify:
+        print(tables.verified(result, verify_top(model, result, args.verify)))
+    else:
+        print(tables.ranking(result, args.top))
+    _save(result, args.out, "attribute")
+    return 0
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give layer numbers separated by commas, e.g. 0,5,12") from None
+
+
+def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command that takes a prompt pair and the options of a sweep."""
+    sub = commands.add_parser(name, help=help_text)
+    sub.add_argument("clean", help="the clean prompt")
+    sub.add_argument("corrupted", help="the corrupted prompt (same number of tokens)")
+    sub.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    sub.add_argument("--component", default="mlp",
+                     help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
+    sub.add_argument("--metric", default="kl", help="kl (default here), l2, cosine, mse, logit_diff")
+    sub.add_argument("--answer", help="logit_diff: the clean answer token, e.g. ' Paris'")
+    sub.add_argument("--wrong-answer", help="logit_diff: the corrupted answer token")
+    sub.add_argument("--over", default="layer",
+                     help="layer | layer,position | layer,head | layer,head,position")
+    sub.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
+    sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    sub.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    sub.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
+    return sub
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlxterp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    patch_parser = commands.add_parser(
-        "patch", help="activation-patching sweep of a clean prompt into a corrupted one")
-    patch_parser.add_argument("clean", help="the clean prompt")
-    patch_parser.add_argument("corrupted", help="the corrupted prompt (same number of tokens)")
-    patch_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
-    patch_parser.add_argument("--component", default="mlp",
-                              help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
-    patch_parser.add_argument("--metric", default="kl",
-                              help="kl (default here), l2, cosine, mse, logit_diff")
-    patch_parser.add_argument("--answer", help="logit_diff: the clean answer token, e.g. ' Paris'")
-    patch_parser.add_argument("--wrong-answer", help="logit_diff: the corrupted answer token")
-    patch_parser.add_argument("--over", default="layer",
-                              help="layer | layer,position | layer,head | layer,head,position")
-    patch_parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
-    patch_parser.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
-    patch_parser.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
-    patch_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
+    _sweep_parser(commands, "patch", "activation-patching sweep of a clean prompt into a corrupted one")
+    attribute_parser = _sweep_parser(
+        commands, "attribute", "attribution patching: every site's effect estimated from gradients")
+    attribute_parser.add_argument("--method", default="atp", choices=["atp", "ig"],
+                                  help="atp (one backward pass) or ig (integrated gradients)")
+    attribute_parser.add_argument("--steps", type=int, default=16, help="ig: steps along the path")
+    attribute_parser.add_argument("--verify", type=int, default=0, metavar="K",
+                                  help="patch the top K sites exactly and print both columns")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -115,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"patch": patch, "doctor": doctor, "demo": demo}[args.command](args)
+        return {"patch": patch, "attribute": attribute, "doctor": doctor, "demo": demo}[args.command](args)
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxterp.presentation.tables import site_label
+from mlxterp.presentation.tables import METHOD_NAMES, site_label
 
 
 def _in_notebook() -> bool:
@@ -31,6 +31,11 @@ def _title(ax, text: str, width_inches: float) -> None:
     ax.set_title(textwrap.fill(text, characters), fontsize=9)
 
 
+def _what(result) -> str:
+    """How the recoveries were found, for a title: estimates say so."""
+    return "Patching" if result.method == "exact" else f"{METHOD_NAMES[result.method]} estimate:"
+
+
 def bar_chart(result):
     """Recovery per layer (or per site), positive bars blue, negative red."""
     values = result.mean
@@ -44,7 +49,7 @@ def bar_chart(result):
                   rotation=90 if len(values) > 40 else 0, fontsize=8)
     ax.set_xlabel("layer" if result.over == ("layer",) else "site")
     ax.set_ylabel(f"recovery (%), {result.metric}")
-    _title(ax, f"Patching {result.component} ({result.direction}): {result.clean[0]!r} -> "
+    _title(ax, f"{_what(result)} {result.component} ({result.direction}): {result.clean[0]!r} -> "
                f"{result.corrupted[0]!r}", width)
     return fig
 
@@ -75,8 +80,8 @@ def heatmap(result):
     ax.set_xlabel(column_axis)
     ax.set_ylabel("layer" if grid.ndim == 2 and len(result.over) == 2 else "layer, head")
     fig.colorbar(image, ax=ax, label=f"recovery (%), {result.metric}")
-    _title(ax, f"Patching {result.component} over {' x '.join(result.over)} ({result.direction}): "
-               f"{result.clean[0]!r} -> {result.corrupted[0]!r}", width)
+    _title(ax, f"{_what(result)} {result.component} over {' x '.join(result.over)} "
+               f"({result.direction}): {result.clean[0]!r} -> {result.corrupted[0]!r}", width)
     return fig
 
 

@@ -28,6 +28,10 @@ def top(result, k: int = 5) -> list[tuple[str, float]]:
     return [(site_label(result, result.sites[i]), float(result.mean[i])) for i in order]
 
 
+METHOD_NAMES = {"exact": "activation patching", "atp": "attribution patching (AtP)",
+                "ig": "integrated gradients (IG)"}
+
+
 def summary(result) -> str:
     """What was swept, and the baseline the recoveries are fractions of."""
     pairs = len(result.clean)
@@ -42,7 +46,10 @@ def summary(result) -> str:
         f"baseline {result.metric}: {what} = "
         + ", ".join(f"{b:.4g}" for b in result.baseline),
     ]
-    if result.noise is not None:
+    if result.method != "exact":
+        lines.append(f"method: {METHOD_NAMES[result.method]} (estimates; --verify K patches the top "
+                     "K exactly)")
+    elif result.noise is not None:
         lines.append(f"float32 noise: each recovery within {result.noise.max():.2g} points")
     return "\n".join(lines)
 
@@ -53,4 +60,14 @@ def ranking(result, top: int = 10) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [f"{'rank':>4}  {'site':<{width}}  recovery"]
     lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%" for rank, (label, value) in enumerate(rows, 1)]
+    return "\n".join(lines)
+
+
+def verified(estimate, exact) -> str:
+    """The estimate's top sites beside their exact recoveries (from `verify_top`), as a table."""
+    rows = estimate.top(len(exact.sites))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{'rank':>4}  {'site':<{width}}  estimate     exact"]
+    lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%  {actual:7.1f}%"
+              for rank, ((label, value), actual) in enumerate(zip(rows, exact.mean, strict=True), 1)]
     return "\n".join(lines)

@@ -130,7 +130,7 @@ class Trace:
         call = self._calls[name]
         self._calls[name] += 1
         key = name if call == 0 else f"{name}#{call}"
-        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, 0)]
+        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, call)]
 
         def patch(x, is_input: bool):
             for plan in plans:
