@@ -91,7 +91,7 @@ def test_estimates_track_the_exact_engine_and_say_they_are_estimates(wrapped, tm
     again = PatchingResult.from_json(estimate.to_json())
     assert again.method == "atp" and again.locations == estimate.locations
     fig = estimate.plot(tmp_path / "estimate.png")
-    assert "attribution patching (AtP) estimate" in fig.axes[0].get_title().replace("\n", " ")
+    assert "Attribution patching (AtP) estimate" in fig.axes[0].get_title().replace("\n", " ")
     checked = verify_top(wrapped, estimate, 3)
     np.testing.assert_allclose(checked.mean, [exact.mean[exact.sites.index(s)] for s in
                                               [estimate.sites[i] for i in np.argsort(-estimate.mean)[:3]]],

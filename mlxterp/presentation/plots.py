@@ -33,7 +33,10 @@ def _title(ax, text: str, width_inches: float) -> None:
 
 def _what(result) -> str:
     """How the recoveries were found, for a title: estimates say so."""
-    return "Patching" if result.method == "exact" else f"{METHOD_NAMES[result.method]} estimate:"
+    if result.method == "exact":
+        return "Patching"
+    name = METHOD_NAMES[result.method]
+    return f"{name[0].upper()}{name[1:]} estimate:"
 
 
 def bar_chart(result):
