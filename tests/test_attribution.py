@@ -91,7 +91,7 @@ def test_estimates_track_the_exact_engine_and_say_they_are_estimates(wrapped, tm
     again = PatchingResult.from_json(estimate.to_json())
     assert again.method == "atp" and again.locations == estimate.locations
     fig = estimate.plot(tmp_path / "estimate.png")
-    assert "Attribution patching (AtP) estimate" in fig.axes[0].get_title().replace("\n", " ")
+    assert "Attribution patching (AtP) estimate" in fig.get_suptitle().replace("\n", " ")
     checked = verify_top(wrapped, estimate, 3)
     np.testing.assert_allclose(checked.mean, [exact.mean[exact.sites.index(s)] for s in
                                               [estimate.sites[i] for i in np.argsort(-estimate.mean)[:3]]],
@@ -125,7 +125,7 @@ def test_cli_attribute_verifies_the_top_sites(tmp_path, capsys):
     rows = [line.split() for line in printed.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
     assert [row[1:3] for row in rows] == [["L23", "H3"], ["L29", "H1"], ["L23", "H0"]]
     assert rows[0][3:] == ["36.3%", "57.8%"]  # estimate, exact
-    saved = PatchingResult.from_json(tmp_path / "attribute-self_attn-layer-head-logit_diff.json")
+    saved = PatchingResult.from_json(tmp_path / "attribute-smollm2-135m-self_attn-layer-head-logit_diff.json")
     assert saved.method == "atp" and len(saved.sites) == 270
 
 

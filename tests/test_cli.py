@@ -36,10 +36,14 @@ def test_readme_main_job(tmp_path, capsys):
     ours, theirs = ranking(printed), ranking(expected)
     assert [site for site, _ in ours] == [site for site, _ in theirs]
     assert all(abs(a - b) < 0.2 for (_, a), (_, b) in zip(ours, theirs, strict=True))
-    result = PatchingResult.from_json(out / "patch-mlp-layer-kl.json")
+    result = PatchingResult.from_json(out / "patch-smollm2-135m-mlp-layer-kl.json")
     assert len(result.sites) == 30 and result.metric == "kl"
-    assert (out / "patch-mlp-layer-kl.png").stat().st_size > 10_000
-    assert json.loads((out / "patch-mlp-layer-kl.json").read_text())["component"] == "mlp"
+    assert (out / "patch-smollm2-135m-mlp-layer-kl.png").stat().st_size > 10_000
+    saved = json.loads((out / "patch-smollm2-135m-mlp-layer-kl.json").read_text())
+    assert saved["component"] == "mlp" and saved["provenance"]["model"] == "smollm2-135m"
+    # the same command again, and another model, into the same folder: nothing is overwritten
+    assert main(args) == 0
+    assert (out / "patch-smollm2-135m-mlp-layer-kl-2.json").exists()
 
 
 def test_demo_and_doctor(capsys):
@@ -67,11 +71,11 @@ def test_plot_title_stays_inside_the_figure(tmp_path):
     out = tmp_path / "out"
     args[args.index("--out") + 1] = str(out)
     assert main(args) == 0
-    fig = PatchingResult.from_json(out / "patch-mlp-layer-kl.json").plot(out / "again.png")
+    fig = PatchingResult.from_json(out / "patch-smollm2-135m-mlp-layer-kl.json").plot(out / "again.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     renderer = FigureCanvasAgg(fig).get_renderer()
-    title = fig.axes[0].title
+    title = fig._suptitle
     box, canvas = title.get_window_extent(renderer), fig.bbox
     assert box.x0 >= canvas.x0 and box.x1 <= canvas.x1 and box.y1 <= canvas.y1
     assert "Mary gave a drink to" in title.get_text().replace("\n", " ")

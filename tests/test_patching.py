@@ -121,7 +121,8 @@ def test_result_round_trips_and_tables(wrapped):
     np.testing.assert_array_equal(again.recovery, result.recovery)
     assert again.sites == result.sites and again.tokens == result.tokens
     frame = result.to_dataframe()
-    assert list(frame.columns) == ["pair", "layer", "position", "recovery", "token"]
+    assert list(frame.columns) == ["pair", "clean", "corrupted", "layer", "position", "recovery",
+                                   "token", "corrupted_token", "noise"]
     assert frame.loc[frame.position == 13, "token"].iloc[0] == " to"
     assert result.grid().shape == (2, 2)
     label, value = result.top(1)[0]
@@ -337,3 +338,17 @@ def test_metrics_stay_finite_on_a_262k_vocabulary_in_half_precision(dtype):
         result = model.patching_sweep(*PARIS, component="mlp", layers=[0, 17], metric=metric)
         assert np.all(np.isfinite(result.recovery)) and np.all(np.isfinite(result.baseline))
         assert result.baseline[0] > 0
+
+
+def test_token_ids_are_accepted_as_traces_accept_them(wrapped):
+    text = wrapped.patching_sweep(*PARIS, layers=[0, 5], metric="kl")
+    ids = [wrapped.encode(prompt) for prompt in PARIS]
+    for clean, corrupted in ((ids[0], ids[1]), ([ids[0]], [ids[1]]), (mx.array(ids[0]), mx.array(ids[1])),
+                             (np.array([ids[0]]), np.array([ids[1]]))):
+        result = wrapped.patching_sweep(clean, corrupted, layers=[0, 5], metric="kl")
+        np.testing.assert_array_equal(result.recovery, text.recovery)  # the same tokens, the same batch
+        assert result.clean == [PARIS[0]]
+    with pytest.raises(InputError, match="whole numbers"):
+        wrapped.patching_sweep([1.5, 2.0], [3, 4])
+    with pytest.raises(InputError, match=r"token ids must lie in \[0, 49152\)"):
+        wrapped.patching_sweep([1, 2], [3, 49152])

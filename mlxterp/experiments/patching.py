@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 
 import mlx.core as mx
 
@@ -21,37 +22,44 @@ from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import Labels, check_sites, is_index, sweep_sites
+from mlxterp.models.identity import model_dtype, model_name, weights_sha256
 from mlxterp.tracing.inputs import InputError, equal_length_rows
 from mlxterp.tracing.names import Site
 
 
-def _as_list(prompts: str | Sequence[str]) -> list[str]:
+def _prompts(model, prompts, which: str) -> tuple[list[str], list[list[int]]]:
+    """(texts, token rows) of the prompts of one side: a string, a list of strings (one per
+    pair), or token ids in any form a trace takes (a list, a list of lists, an array)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
-        raise InputTypeError(f"prompts {prompts!r}: give a string, or a list of strings (one per pair).")
-    if not prompts or not all(prompts):
-        raise InputError("give the prompts as non-empty strings (one, or a list of pairs).")
-    return list(prompts)
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(p, str) for p in prompts):
+        if not all(prompts):
+            raise InputError(f"a {which} prompt is empty; give non-empty prompts.")
+        rows = [model.encode(text) for text in prompts]
+        if not all(rows):
+            raise InputError(f"a {which} prompt gives no tokens; give non-empty prompts.")
+        return list(prompts), rows
+    rows = model._tokens(prompts).tolist()  # token ids, checked as traces check them
+    return [model.decode(row) for row in rows], rows
 
 
-def _prompt_tokens(model, clean: list[str], corrupted: list[str]) -> tuple[mx.array, mx.array]:
-    if len(clean) != len(corrupted):
-        raise InputError(
-            f"{len(clean)} clean prompts but {len(corrupted)} corrupted ones; give them in pairs."
-        )
-    texts = clean + corrupted
-    rows = [model.encode(text) for text in texts]
-    if any(not row for row in rows):
-        raise InputError("a prompt gives no tokens; give non-empty prompts.")
+def _prompt_tokens(model, clean, corrupted) -> tuple[list[str], list[str], mx.array, mx.array]:
+    """Both sides' texts and (pairs, seq) token arrays, of one length."""
+    (clean_texts, clean_rows), (corrupted_texts, corrupted_rows) = (
+        _prompts(model, clean, "clean"), _prompts(model, corrupted, "corrupted"))
+    if len(clean_rows) != len(corrupted_rows):
+        raise InputError(f"{len(clean_rows)} clean prompts but {len(corrupted_rows)} corrupted ones; "
+                         "give them in pairs.")
+    texts = clean_texts + corrupted_texts
     try:
-        tokens = equal_length_rows(rows, texts, model.tokenizer)
+        tokens = equal_length_rows(clean_rows + corrupted_rows, texts, model.tokenizer)
     except InputError as err:
         raise InputError(
             f"{err}\nPatching compares position by position, so clean and corrupted prompts "
             "must tokenise to the same length (mlxterp does not align them silently)."
         ) from None
-    return tokens[: len(clean)], tokens[len(clean):]
+    pairs = len(clean_rows)
+    return clean_texts, corrupted_texts, tokens[:pairs], tokens[pairs:]
 
 
 def _check_option_types(metric, position) -> None:
@@ -101,8 +109,7 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
     if model.tokenizer is None:
         raise InputError("patching prompts needs a tokenizer: InterpretableModel(m, tokenizer).")
     _check_option_types(metric=metric, position=position)
-    clean_list, corrupted_list = _as_list(clean), _as_list(corrupted)
-    clean_ids, corrupted_ids = _prompt_tokens(model, clean_list, corrupted_list)
+    clean_list, corrupted_list, clean_ids, corrupted_ids = _prompt_tokens(model, clean, corrupted)
     if metric != "logit_diff" and (answer is not None or wrong_answer is not None):
         raise MetricError(f"answer= and wrong_answer= apply to metric='logit_diff', not {metric!r}.")
     answers = [None if answer is None else _token_id(model, answer, "answer"),
@@ -119,6 +126,12 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
                  answers if metric == "logit_diff" else [])
 
 
+def provenance(module) -> dict:
+    """What made a result: the model (name, sha256 of its weights, dtype), mlxterp and MLX."""
+    return {"model": model_name(module), "model_sha256": weights_sha256(module),
+            "dtype": model_dtype(module), "mlxterp": version("mlxterp"), "mlx": mx.__version__}
+
+
 def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact") -> PatchingResult:
     """The `PatchingResult` of a sweep's values."""
     plan, direction = sweep.plan, sweep.plan.direction
@@ -132,6 +145,8 @@ def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact"
         baseline=-gap if plan.metric.is_distance else gap,
         clean=sweep.clean, corrupted=sweep.corrupted,
         tokens=[model.to_str_tokens(row) for row in plan.clean.tolist()],
+        corrupted_tokens=[model.to_str_tokens(row) for row in plan.corrupted.tolist()],
+        provenance=provenance(model.model),
         is_distance=plan.metric.is_distance, position=plan.position, answers=sweep.answers,
         metric_values=values, noise=values.recovery_noise(direction), method=method,
         locations=[{"module": s.module, "is_input": s.is_input,
@@ -163,7 +178,8 @@ def patching_sweep(
 
     Args:
         model: an `InterpretableModel` with a tokenizer.
-        clean, corrupted: a prompt each, or equal-length lists of prompt pairs.
+        clean, corrupted: a prompt each, or equal-length lists of prompt pairs; as text, or
+            as token ids in any form a trace takes (a list, a list of lists, an array).
         component: 'mlp', 'self_attn' ('attn'), a sub-module ('mlp.down_proj', ...), 'input'
             (residual stream entering the block) or 'output' (leaving it).
         over: ('layer',), ('layer', 'position'), ('layer', 'head') or ('layer', 'head',

@@ -11,20 +11,29 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from mlxterp.errors import MlxterpError
 from mlxterp.experiments.plan import SweepValues
+from mlxterp.paths import output_path
+
+FORMAT = 2  # of the JSON; 1 (mlxterp 0.1 before provenance) is read too
+
+
+class ResultFormatError(MlxterpError, ValueError):
+    """A saved result this version of mlxterp cannot read."""
 
 
 @dataclass
 class PatchingResult:
-    """Recoveries of a patching sweep, with what they were measured on.
+    """Recoveries of a patching sweep, with what they were measured on and what made them.
 
-    `recovery[pair, site]` is in percent; `sites[i]` says which layer / head / position
-    site i is; `tokens` holds the prompts' tokens for position labels.
+    `recovery[pair, site]` is in percent; `sites[i]` says which layer / head / position site i
+    is; `tokens` and `corrupted_tokens` hold each pair's prompts as token strings;
+    `provenance` the model (name, sha256 of its weights, dtype) and the mlxterp and MLX versions.
     """
 
     recovery: np.ndarray  # (pairs, sites), percent
@@ -48,11 +57,19 @@ class PatchingResult:
     method: str = "exact"
     # where each site is, as `Site(**location)` takes it: module, is_input, positions, head, n_heads
     locations: list[dict] = field(default_factory=list)
+    corrupted_tokens: list[list[str]] = field(default_factory=list)  # per pair
+    provenance: dict = field(default_factory=dict)  # model, model_sha256, dtype, mlxterp, mlx
 
     @property
     def mean(self) -> np.ndarray:
         """Mean recovery over pairs, one value per site."""
         return self.recovery.mean(axis=0)
+
+    @property
+    def standard_error(self) -> np.ndarray:
+        """Standard error of the mean recovery over pairs, one value per site (0 for one pair)."""
+        pairs = self.recovery.shape[0]
+        return self.recovery.std(axis=0, ddof=1) / np.sqrt(pairs) if pairs > 1 else np.zeros(len(self.sites))
 
     def to_dict(self) -> dict:
         """`{layer: recovery}` for a layer sweep; `{(layer, head, ...): recovery}` otherwise."""
@@ -78,54 +95,93 @@ class PatchingResult:
 
         return top(self, k)
 
+    def __repr__(self) -> str:
+        pairs = self.recovery.shape[0]
+        top = ", ".join(f"{label} {value:.1f}%" for label, value in self.top(5))
+        model = self.provenance.get("model", "unknown model")
+        return (f"PatchingResult({self.component} over {' x '.join(self.over)}, {self.metric}, "
+                f"{self.direction}, {self.method}; {len(self.sites)} sites, {pairs} "
+                f"pair{'s' if pairs > 1 else ''}, {model})\n  top: {top}")
+
     def to_dataframe(self):
-        """One row per (pair, site): pair, layer, [head], [position, token], recovery."""
+        """One row per (pair, site): pair, the prompts, the site's labels, [the clean and
+        corrupted token at its position], recovery, noise. `attrs` holds what made the result.
+
+        Example:
+            >>> result.to_dataframe().groupby("layer").recovery.mean()
+        """
         import pandas as pd
 
         records = []
         for pair in range(self.recovery.shape[0]):
-            for site, value in zip(self.sites, self.recovery[pair], strict=True):
-                record = {"pair": pair, **site, "recovery": float(value)}
-                if "position" in site and self.tokens:
+            for i, site in enumerate(self.sites):
+                record = {"pair": pair, "clean": self.clean[pair], "corrupted": self.corrupted[pair],
+                          **site, "recovery": float(self.recovery[pair, i])}
+                if isinstance(site.get("position"), int) and self.tokens:
                     record["token"] = self.tokens[pair][site["position"]]
+                    if self.corrupted_tokens:
+                        record["corrupted_token"] = self.corrupted_tokens[pair][site["position"]]
+                if self.noise is not None:
+                    record["noise"] = float(self.noise[pair, i])
                 records.append(record)
-        return pd.DataFrame.from_records(records)
+        frame = pd.DataFrame.from_records(records)
+        frame.attrs = {"component": self.component, "over": self.over, "metric": self.metric,
+                       "direction": self.direction, "method": self.method,
+                       "position": self.position, "answers": self.answers, **self.provenance}
+        return frame
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The result as JSON (written to `path` when given); `from_json` reads it back."""
-        data = {
-            "recovery": self.recovery.tolist(), "sites": self.sites, "over": list(self.over),
-            "component": self.component, "metric": self.metric, "direction": self.direction,
-            "baseline": self.baseline.tolist(), "clean": self.clean, "corrupted": self.corrupted,
-            "tokens": self.tokens, "is_distance": self.is_distance, "position": self.position,
-            "answers": self.answers,
-            "noise": None if self.noise is None else self.noise.tolist(),
-            "method": self.method, "locations": self.locations,
-        }
+    def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
+        """The result as JSON (written to `path` when given; an existing file only with
+        `overwrite=True`); `from_json` reads it back exactly."""
+        data = {"format": FORMAT}
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, SweepValues):
+                value = {key: array.tolist() for key, array in vars(value).items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            data[name] = value
         text = json.dumps(data, indent=1)
         if path is not None:
-            Path(path).write_text(text)
+            output_path(path, {".json"}, overwrite).write_text(text)
         return text
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PatchingResult:
-        """Read a result written by `to_json` (JSON text or a file path)."""
+        """Read a result written by `to_json` (JSON text or a file path), of this format or an
+        older one.
+
+        Example:
+            >>> PatchingResult.from_json("out/patch-smollm2-135m-mlp-layer-kl.json").top(3)
+        """
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         data = json.loads(text)
-        return cls(
-            recovery=np.array(data["recovery"]), sites=data["sites"], over=tuple(data["over"]),
-            component=data["component"], metric=data["metric"], direction=data["direction"],
-            baseline=np.array(data["baseline"]), clean=data["clean"],
-            corrupted=data["corrupted"], tokens=data["tokens"], is_distance=data["is_distance"],
-            position=data["position"], answers=data["answers"],
-            noise=None if data.get("noise") is None else np.array(data["noise"]),
-            method=data.get("method", "exact"), locations=data.get("locations", []),
-        )
+        written = data.pop("format", 1)
+        if written > FORMAT:
+            raise ResultFormatError(
+                f"this result is in format {written}, written by mlxterp "
+                f"{data.get('provenance', {}).get('mlxterp', '(a newer version)')}; this mlxterp "
+                f"reads formats 1 to {FORMAT}. Upgrade mlxterp to read it."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ResultFormatError(f"not a PatchingResult: unknown fields {sorted(unknown)}.")
+        for name in ("recovery", "baseline", "noise"):
+            if data.get(name) is not None:
+                data[name] = np.array(data[name], dtype=np.float64)
+        if data.get("metric_values") is not None:
+            data["metric_values"] = SweepValues(**{k: np.array(v, dtype=np.float64)
+                                                   for k, v in data["metric_values"].items()})
+        data["over"] = tuple(data["over"])
+        return cls(**data)
 
-    def plot(self, path: str | Path | None = None):
-        """A bar chart (one axis) or heatmap (two); see mlxterp.presentation.plots."""
+    def plot(self, path: str | Path | None = None, overwrite: bool = False):
+        """A bar chart (one axis), heatmap (two) or heatmaps faceted by head (three); see
+        mlxterp.presentation.plots. PNG, PDF or SVG by the path's extension."""
         from mlxterp.presentation.plots import plot_result
 
-        return plot_result(self, path)
+        return plot_result(self, path, overwrite=overwrite)

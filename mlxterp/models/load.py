@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlxterp.errors import ModelLoadError
 from mlxterp.models.bundled import BUNDLED
 from mlxterp.models.gguf import convert_gguf
+from mlxterp.models.identity import NAME_ATTRIBUTE
 
 # Bump when the conversion changes, so that folders converted by older code are not reused.
 CONVERTER_VERSION = 1
@@ -148,8 +149,16 @@ def load(
         model, tokenizer = _mlx_lm_load(str(path) if is_folder else name, hub=not is_folder)
         if explicit_dtype:
             model.set_dtype(dtype)
-        return model, tokenizer
-    return _mlx_lm_load(str(converted_folder(gguf_path, dtype, quantized)), hub=False)
+        return _named(model, name), tokenizer
+    model, tokenizer = _mlx_lm_load(str(converted_folder(gguf_path, dtype, quantized)), hub=False)
+    return _named(model, name), tokenizer
+
+
+def _named(model: nn.Module, name: str) -> nn.Module:
+    """`model`, recording the name it was loaded by for results (a plain attribute, not a
+    parameter: the parameter tree is unchanged)."""
+    object.__setattr__(model, NAME_ATTRIBUTE, name)
+    return model
 
 
 # A Hugging Face hub id: `org/name`, each part letters, digits, '-', '_' and '.', as the hub allows.

@@ -67,15 +67,20 @@ def _sweep_options(args: argparse.Namespace) -> dict:
 
 
 def _save(result, out: str, verb: str) -> None:
-    """Write the result's JSON and plot into `out` (created if missing)."""
+    """Write the result's JSON and plot into `out` (created if missing), named after the verb,
+    the model and the sweep, and numbered so that no earlier result is overwritten."""
     from pathlib import Path
+
+    from mlxterp.paths import numbered
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{verb}-{result.component}-{'-'.join(result.over)}-{result.metric}"
-    result.to_json(folder / f"{stem}.json")
-    result.plot(folder / f"{stem}.png")
-    print(f"result saved to {folder / f'{stem}.json'}")
+    model = Path(result.provenance["model"]).name.removesuffix(".gguf")
+    stem = "-".join([verb, model, result.component, *result.over, result.metric]).replace("/", "_")
+    json_path = numbered(folder, stem, ".json")
+    result.to_json(json_path)
+    result.plot(json_path.with_suffix(".png"), overwrite=True)  # beside a JSON numbered just now
+    print(f"result saved to {json_path}")
 
 
 def _model(name: str):

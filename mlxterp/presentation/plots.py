@@ -1,15 +1,34 @@
-"""Plots of patching results. They read a result and draw; they compute nothing."""
+"""Figures of patching results. They read a result and draw; they compute nothing.
+
+- one axis (layers, or explicit sites): bars, with standard-error bars over several pairs;
+- two axes (layer x position, layer x head): a heatmap;
+- three axes (layer x head x position): one heatmap per head, on one shared scale.
+
+Colours diverge around 0 (blue: the patch moves the receiver toward the donor, red: away) on a
+symmetric range set by the 99th percentile of |recovery|, so one outlying cell does not wash out
+the rest; cells beyond the range (by more than 5%) are annotated with their value. Positions where the prompts
+differ are labelled with both tokens (clean / corrupted) and drawn in red.
+
+Example:
+    >>> fig = plot_result(result, "figures/ioi-heads.pdf")   # PNG, PDF or SVG by extension
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 
+from mlxterp.paths import numbered, output_path
 from mlxterp.presentation.tables import METHOD_NAMES, site_label
+
+SUFFIXES = {".png", ".pdf", ".svg"}
+ROBUST_PERCENTILE = 99  # the colour range: this percentile of |recovery|, not the largest cell
+OUTLIER = 1.05  # cells this far past the colour range are annotated with their value
+DIFFERING = "#c53030"  # tick labels of positions where the prompts differ
 
 
 def _in_notebook() -> bool:
@@ -25,74 +44,125 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _title(ax, text: str, width_inches: float) -> None:
-    """A title wrapped to the axes' width, so long prompts stay inside the figure."""
-    characters = max(40, int(width_inches * 14))  # about 14 characters an inch at 9 pt
-    ax.set_title(textwrap.fill(text, characters), fontsize=9)
+def title(result) -> str:
+    """What the figure shows: method, component, axes, metric, direction, model, prompts."""
+    how = "Patching" if result.method == "exact" else f"{METHOD_NAMES[result.method].capitalize()} estimate:"
+    how = how.replace("(atp)", "(AtP)").replace("(ig)", "(IG)")
+    pairs = len(result.clean)
+    prompts = (f"{result.clean[0]!r} -> {result.corrupted[0]!r}" if pairs == 1
+               else f"mean of {pairs} prompt pairs (error bars: standard error)")
+    model = result.provenance.get("model", "")
+    return (f"{how} {result.component} over {' x '.join(result.over)}, {result.metric}, "
+            f"{result.direction}{', ' + model if model else ''}: {prompts}")
 
 
-def _what(result) -> str:
-    """How the recoveries were found, for a title: estimates say so."""
-    if result.method == "exact":
-        return "Patching"
-    name = METHOD_NAMES[result.method]
-    return f"{name[0].upper()}{name[1:]} estimate:"
+def _set_title(fig, text: str, width_inches: float) -> None:
+    """A title wrapped to the figure's width, so long prompts stay inside it."""
+    characters = max(40, int(width_inches * 13))  # about 13 characters an inch at 9 pt
+    fig.suptitle(textwrap.fill(text, characters), fontsize=9)
+
+
+def color_limit(values: np.ndarray) -> float:
+    """The symmetric colour range: the robust percentile of |values|, at least 1 point."""
+    finite = np.abs(values[np.isfinite(values)])
+    return max(float(np.percentile(finite, ROBUST_PERCENTILE)) if finite.size else 0.0, 1.0)
+
+
+def position_labels(result, positions: list[int]) -> tuple[list[str], list[bool]]:
+    """Tick labels of positions: `5 ' Mary'`, or `5 ' Mary' / ' John'` where the prompts differ."""
+    labels, differ = [], []
+    for p in positions:
+        clean = result.tokens[0][p] if result.tokens else ""
+        corrupted = result.corrupted_tokens[0][p] if result.corrupted_tokens else clean
+        differ.append(clean != corrupted)
+        labels.append(f"{p} {clean!r} / {corrupted!r}" if clean != corrupted else f"{p} {clean!r}")
+    return labels, differ
 
 
 def bar_chart(result):
-    """Recovery per layer (or per site), positive bars blue, negative red."""
+    """Recovery per layer (or per site), with standard-error bars over several pairs."""
     values = result.mean
-    labels = [site_label(result, site) for site in result.sites]
+    labels = [site_label(result, site).removeprefix("L") if result.over == ("layer",)
+              else site_label(result, site) for site in result.sites]
     width = max(6.0, 0.28 * len(values))
-    fig = _figure(width, 3.6)
+    fig = _figure(width, 3.8)
     ax = fig.add_subplot()
-    ax.bar(range(len(values)), values, color=["#2b6cb0" if v >= 0 else "#c53030" for v in values])
+    errors = result.standard_error if len(result.clean) > 1 else None
+    ax.bar(range(len(values)), values, yerr=errors, capsize=2,
+           color=["#2b6cb0" if v >= 0 else DIFFERING for v in values])
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(values)), [label.removeprefix("L") for label in labels],
-                  rotation=90 if len(values) > 40 else 0, fontsize=8)
+    ax.set_xticks(range(len(values)), labels, rotation=90 if len(values) > 40 or result.over != ("layer",)
+                  else 0, fontsize=8)
     ax.set_xlabel("layer" if result.over == ("layer",) else "site")
     ax.set_ylabel(f"recovery (%), {result.metric}")
-    _title(ax, f"{_what(result)} {result.component} ({result.direction}): {result.clean[0]!r} -> "
-               f"{result.corrupted[0]!r}", width)
+    _set_title(fig, title(result), width)
     return fig
+
+
+def _draw_grid(fig, ax, grid: np.ndarray, limit: float, rows: list[str], columns: list[str],
+               differ: list[bool] | None):
+    """One heatmap panel on the shared scale; cells beyond it annotated with their value."""
+    image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for tick, marked in zip(ax.get_xticklabels(), differ or [], strict=False):
+        if marked:
+            tick.set_color(DIFFERING)
+            tick.set_fontweight("bold")
+    for (row, column), value in np.ndenumerate(grid):
+        if np.isfinite(value) and abs(value) > OUTLIER * limit:
+            ax.annotate(f"{value:.0f}", (column, row), ha="center", va="center", fontsize=6,
+                        color="white")
+    return image
 
 
 def heatmap(result):
-    """Recovery over two axes (layer x position or layer x head), token labels on positions."""
-    grid = result.grid()
-    if grid.ndim == 3:  # layer x head x position: one row per (layer, head)
-        layers, heads = result.axis_values("layer"), result.axis_values("head")
-        grid = grid.reshape(len(layers) * len(heads), -1)
-        row_labels = [f"L{layer}H{head}" for layer in layers for head in heads]
-        column_axis = "position"
-    else:
-        row_labels = [str(v) for v in result.axis_values("layer")]
-        column_axis = result.over[1]
+    """Recovery over two axes (layer x position or layer x head), or over three as one panel
+    per head (layer x position each), all on one colour scale."""
+    limit = color_limit(result.mean)
+    layers = result.axis_values("layer")
+    rows = [str(layer) for layer in layers]
+    column_axis = result.over[-1]
     columns = result.axis_values(column_axis)
-    if column_axis == "position" and result.tokens:
-        column_labels = [f"{p} {result.tokens[0][p]!r}" for p in columns]
+    differ = None
+    if column_axis == "position":
+        column_labels, differ = position_labels(result, columns)
     else:
         column_labels = [str(c) for c in columns]
-    limit = float(np.nanmax(np.abs(grid))) or 1.0
-    width = max(5.0, 0.5 * len(columns) + 2)
-    fig = _figure(width, max(4.0, 0.22 * len(row_labels) + 1.5))
-    ax = fig.add_subplot()
-    image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(len(columns)), column_labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
-    ax.set_xlabel(column_axis)
-    ax.set_ylabel("layer" if grid.ndim == 2 and len(result.over) == 2 else "layer, head")
-    fig.colorbar(image, ax=ax, label=f"recovery (%), {result.metric}")
-    _title(ax, f"{_what(result)} {result.component} over {' x '.join(result.over)} "
-               f"({result.direction}): {result.clean[0]!r} -> {result.corrupted[0]!r}", width)
+    grid = result.grid()
+    panels = [("", grid)] if grid.ndim == 2 else [
+        (f"head {head}", grid[:, i]) for i, head in enumerate(result.axis_values("head"))]
+    across = min(3, len(panels))
+    down = math.ceil(len(panels) / across)
+    panel_width = max(3.5, 0.32 * len(columns) + 1.2)
+    width = panel_width * across + 1.2
+    fig = _figure(width, down * max(3.5, 0.16 * len(rows) + 1.6) + 0.8)
+    axes = fig.subplots(down, across, squeeze=False, sharey=True)
+    for ax, (name, values) in zip(axes.flat, panels, strict=False):
+        image = _draw_grid(fig, ax, values, limit, rows, column_labels, differ)
+        ax.set_title(name, fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer")
+    for ax in axes[-1]:
+        ax.set_xlabel(column_axis)
+    bar = fig.colorbar(image, ax=axes, label=f"recovery (%), {result.metric}",
+                       extend="both" if np.nanmax(np.abs(grid)) > limit else "neither")
+    bar.set_ticks([-limit, 0, limit], labels=[f"{-limit:.0f}", "0", f"{limit:.0f}"])
+    _set_title(fig, title(result), width)
     return fig
 
 
-def plot_result(result, path: str | Path | None = None):
-    """Draw `result`; show it inline in a notebook, else save a PNG (to `path`) and print where.
+def plot_result(result, path: str | Path | None = None, overwrite: bool = False):
+    """Draw `result`; show it inline in a notebook, else save it (to `path`: PNG, PDF or SVG by
+    its extension; an existing file only with `overwrite=True`) and print where.
 
-    Returns the matplotlib Figure.
+    With no path in a script, the file is named after what it shows and numbered so that two
+    plots never overwrite each other. Returns the matplotlib Figure.
     """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
     fig = bar_chart(result) if len(result.over) == 1 else heatmap(result)
     if path is None and _in_notebook():
         from IPython.display import display
@@ -100,7 +170,9 @@ def plot_result(result, path: str | Path | None = None):
         display(fig)
         return fig
     if path is None:
-        path = Path(f"mlxterp-patching-{result.component}-{time.strftime('%Y%m%d-%H%M%S')}.png")
+        stem = "-".join(["mlxterp", result.method if result.method != "exact" else "patching",
+                         result.component, *result.over, result.metric])
+        path = numbered(Path.cwd(), stem.replace("/", "_"), ".png")
     fig.savefig(path, dpi=130)
     print(f"plot saved to {path}")
     return fig

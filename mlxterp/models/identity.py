@@ -1,0 +1,50 @@
+"""What a model is, for the record: its name and a hash of its weights.
+
+Results carry these so that a saved result says which model made it, even after the file that
+held the model is gone or a cache was rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+NAME_ATTRIBUTE = "mlxterp_name"  # set by `load` on the models it returns
+
+_hashes: dict[tuple[int, ...], str] = {}  # parameter array ids -> sha256, so each model hashes once
+
+
+def model_name(model: nn.Module) -> str:
+    """The name the model was loaded by (`"smollm2-135m"`, a path, a hub id), else its class."""
+    return getattr(model, NAME_ATTRIBUTE, None) or f"{type(model).__module__}.{type(model).__name__}"
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of every parameter's name and bytes, in tree order (0.4 s for SmolLM2's 135M).
+
+    Cached by the identity of the parameter arrays, so casting or loading new weights re-hashes.
+
+    Example:
+        >>> weights_sha256(model)[:12]
+        '26a5d4629f58'
+    """
+    parameters = tree_flatten(model.parameters())
+    key = tuple(id(array) for _, array in parameters)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        for name, array in parameters:
+            mx.eval(array)
+            digest.update(name.encode())
+            digest.update(memoryview(array))
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The dtype of the model's floating-point parameters (`"float32"`), or `"mixed"`."""
+    dtypes = {str(array.dtype).removeprefix("mlx.core.") for _, array in tree_flatten(model.parameters())
+              if mx.issubdtype(array.dtype, mx.floating)}
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"

@@ -1,0 +1,42 @@
+"""Where results are written: paths checked before anything is drawn or saved.
+
+Example:
+    >>> output_path("out/result.json", {".json"}, overwrite=False)
+    PosixPath('out/result.json')
+    >>> numbered(Path("out"), "patch-smollm2-135m-mlp-layer-kl", ".png")
+    PosixPath('out/patch-smollm2-135m-mlp-layer-kl-2.png')   # when the first exists
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxterp.errors import MlxterpError
+
+
+class OutputPathError(MlxterpError, ValueError):
+    """A path a result cannot be written to as asked."""
+
+
+def output_path(path: str | Path, suffixes: set[str], overwrite: bool) -> Path:
+    """`path` as a Path, if its extension is one of `suffixes` and it may be written."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise OutputPathError(
+            f"{str(path)!r} has the extension {path.suffix or '(none)'!r}; use one of "
+            f"{', '.join(sorted(suffixes))}."
+        )
+    if path.exists() and not overwrite:
+        raise OutputPathError(f"{str(path)!r} exists; pass overwrite=True to replace it, or another path.")
+    if not path.parent.is_dir():
+        raise OutputPathError(f"the folder {str(path.parent)!r} does not exist; create it first.")
+    return path
+
+
+def numbered(folder: Path, stem: str, suffix: str) -> Path:
+    """`folder/stem.suffix`, or `stem-2`, `stem-3`, ... : the first name not yet taken."""
+    path, number = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        number += 1
+        path = folder / f"{stem}-{number}{suffix}"
+    return path

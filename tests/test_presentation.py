@@ -1,0 +1,135 @@
+"""Results that say what made them, and figures checked on their objects: titles inside the
+canvas, differing positions marked, robust colour limits, facets, error bars, file names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+from mlxterp.experiments.results import PatchingResult, ResultFormatError
+from mlxterp.paths import OutputPathError
+from mlxterp.presentation.plots import color_limit
+
+NAMES = ("When Mary and John went to the store, John gave a drink to",
+         "When John and Mary went to the store, Mary gave a drink to")
+MARY = dict(answer=" Mary", wrong_answer=" John")
+
+
+@pytest.fixture(scope="module")
+def heads(smollm2):
+    from mlxterp import InterpretableModel
+
+    model = InterpretableModel(*smollm2)
+    return model.patching_sweep(*NAMES, component="self_attn", over=("layer", "head"),
+                                layers=[16, 23, 29], metric="logit_diff", **MARY)
+
+
+def inside_canvas(fig, text) -> bool:
+    box = text.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y0 >= 0 and box.y1 <= fig.bbox.y1
+
+
+def test_results_carry_their_provenance_and_round_trip_exactly(heads, tmp_path):
+    saved = json.loads(heads.to_json())
+    assert saved["format"] == 2
+    assert saved["provenance"]["model"] == "smollm2-135m"
+    assert len(saved["provenance"]["model_sha256"]) == 64 and saved["provenance"]["dtype"] == "float32"
+    assert {"mlxterp", "mlx"} <= set(saved["provenance"])
+    assert saved["corrupted_tokens"][0][1] == " John" and saved["tokens"][0][1] == " Mary"
+    again = PatchingResult.from_json(heads.to_json())
+    for name, value in vars(heads).items():
+        other = getattr(again, name)
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(other, value)
+        elif name == "metric_values":
+            for key, array in vars(value).items():
+                np.testing.assert_array_equal(getattr(other, key), array)
+        else:
+            assert other == value, name
+    frame = heads.to_dataframe()
+    assert frame.attrs["model"] == "smollm2-135m" and frame.attrs["metric"] == "logit_diff"
+    assert {"clean", "corrupted", "layer", "head", "recovery", "noise"} <= set(frame.columns)
+    path = tmp_path / "r.json"
+    heads.to_json(path)
+    with pytest.raises(OutputPathError, match="exists; pass overwrite=True"):
+        heads.to_json(path)
+    heads.to_json(path, overwrite=True)
+
+
+def test_older_and_newer_formats(heads):
+    old = json.loads(heads.to_json())
+    for key in ("format", "provenance", "corrupted_tokens", "metric_values", "noise", "method",
+                "locations"):
+        old.pop(key)
+    read = PatchingResult.from_json(json.dumps(old))  # format 1: read, with what it has
+    np.testing.assert_array_equal(read.recovery, heads.recovery)
+    assert read.provenance == {} and read.method == "exact"
+    newer = json.loads(heads.to_json())
+    newer["format"] = 3
+    with pytest.raises(ResultFormatError, match="format 3, written by mlxterp"):
+        PatchingResult.from_json(json.dumps(newer))
+
+
+def test_compact_repr(heads):
+    text = repr(heads)
+    assert len(text.splitlines()) == 2
+    assert text.startswith("PatchingResult(self_attn over layer x head, logit_diff, denoise, exact; "
+                           "27 sites, 1 pair, smollm2-135m)")
+    assert "L23 H3 57.8%" in text
+
+
+def test_heatmap_objects(heads, tmp_path):
+    fig = heads.plot(tmp_path / "heads.svg")
+    ax = fig.axes[0]
+    image = ax.get_images()[0]
+    low, high = image.get_clim()
+    limit = color_limit(heads.mean)
+    assert low == -high == -limit and limit < heads.mean.max()  # robust: the 57.8% outlier does not set it
+    annotated = [t.get_text() for t in ax.texts]
+    assert "58" in annotated  # the outlier is written on its cell
+    ticks = [t.get_text() for t in fig.axes[-1].get_yticklabels()]  # the colour bar
+    assert ticks == [f"{-limit:.0f}", "0", f"{limit:.0f}"]
+    assert inside_canvas(fig, fig._suptitle)
+    assert "logit_diff" in fig.get_suptitle() and "smollm2-135m" in fig.get_suptitle()
+    assert (tmp_path / "heads.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_positions_mark_where_the_prompts_differ(wrapped, tmp_path):
+    result = wrapped.patching_sweep(*NAMES, component="input", over=("layer", "position"),
+                                    layers=[0, 12], metric="kl")
+    fig = result.plot(tmp_path / "positions.pdf")
+    labels = fig.axes[0].get_xticklabels()
+    marked = {label.get_text() for label in labels if label.get_color() != "black"}
+    assert marked == {"1 ' Mary' / ' John'", "3 ' John' / ' Mary'", "9 ' John' / ' Mary'"}
+    assert (tmp_path / "positions.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_three_axes_are_facets_not_a_strip(wrapped, tmp_path):
+    result = wrapped.patching_sweep(*NAMES, component="self_attn", over=("layer", "head", "position"),
+                                    layers=[23, 29], heads=[0, 1, 3, 4], metric="kl")
+    fig = result.plot(tmp_path / "facets.png")
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert [ax.get_title() for ax in panels] == ["head 0", "head 1", "head 3", "head 4"]
+    assert len({ax.get_images()[0].get_clim() for ax in panels}) == 1  # one shared scale
+    width, height = fig.get_size_inches()
+    assert width / height < 3 and inside_canvas(fig, fig._suptitle)
+
+
+def test_several_pairs_have_error_bars_and_file_names_never_collide(wrapped, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    clean = [NAMES[0], "When Anna and Tom went to the park, Tom gave a ball to"]
+    corrupted = [NAMES[1], "When Tom and Anna went to the park, Anna gave a ball to"]
+    result = wrapped.patching_sweep(clean, corrupted, layers=[0, 5, 10], metric="kl")
+    fig = result.plot()
+    bars = fig.axes[0].containers[0]
+    assert bars.has_yerr and "mean of 2 prompt pairs" in fig.get_suptitle()
+    np.testing.assert_allclose(result.standard_error,
+                               result.recovery.std(axis=0, ddof=1) / np.sqrt(2))
+    result.plot()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "mlxterp-patching-mlp-layer-kl-2.png", "mlxterp-patching-mlp-layer-kl.png"]
+    with pytest.raises(OutputPathError, match="'.jpg'; use one of .pdf, .png, .svg"):
+        result.plot(tmp_path / "figure.jpg")
