@@ -4,7 +4,8 @@ Any callable `fn(activation) -> activation` is an intervention; these are the co
 binds its arguments when it is made, so an intervention built in a loop and run later still
 uses the value of its own iteration (a bare `lambda x: clean_act` would read the variable when
 it runs, not when it was made). Each checks its arguments when it is made, and the activation
-when it runs: a bad one is an `InterventionError` saying which.
+when it runs: a bad one is an `InterventionError` saying which. Each returns an array of the
+activation's shape and dtype.
 
 Example:
     >>> from mlxterp import interventions as iv
@@ -110,15 +111,21 @@ def _combined(who: str, x: mx.array, combine, operand) -> mx.array:
             f"{who}: a value of shape {tuple(operand.shape)} would change the activation's shape "
             f"{tuple(x.shape)} to {tuple(y.shape)}; give one that broadcasts to the activation."
         )
-    return y
+    return _same_dtype(y, x)
+
+
+def _same_dtype(y: mx.array, x: mx.array) -> mx.array:
+    """`y` in the activation's dtype: a float32 value must not turn a bfloat16 activation float32,
+    nor an integer value a float activation integer (where noise added next would be truncated)."""
+    return y if y.dtype == x.dtype else y.astype(x.dtype)
 
 
 # -- interventions --------------------------------------------------------------------------------
 
 
 def replace_with(value: Value, positions: Positions | None = None, axis: int = 1) -> Intervention:
-    """Replace the activation by `value` (broadcast to its shape), or only at `positions` of
-    the sequence axis `axis`.
+    """Replace the activation by `value` (broadcast to its shape, in its dtype), or only at
+    `positions` of the sequence axis `axis`.
 
     Example:
         >>> iv.replace_with(clean_mlp)                  # the whole activation
@@ -132,7 +139,7 @@ def replace_with(value: Value, positions: Positions | None = None, axis: int = 1
     def replace(x: mx.array) -> mx.array:
         x = _activation(x, "replace_with")
         try:
-            return mx.broadcast_to(source, x.shape)
+            return _same_dtype(mx.broadcast_to(source, x.shape), x)
         except ValueError as err:
             raise InterventionError(
                 f"replace_with: a value of shape {tuple(source.shape)} cannot replace an "
@@ -156,7 +163,7 @@ def scale(factor: Value) -> Intervention:
     """
     factor = _value(factor, "scale", "factor")
     if isinstance(factor, float):
-        return lambda x: _activation(x, "scale") * factor
+        return lambda x: _same_dtype(_activation(x, "scale") * factor, x)
     return lambda x: _combined("scale", _activation(x, "scale"), mx.multiply, factor)
 
 
@@ -168,7 +175,7 @@ def add_vector(vector: Value) -> Intervention:
     """
     vector = _value(vector, "add_vector", "vector")
     if isinstance(vector, float):
-        return lambda x: _activation(x, "add_vector") + vector
+        return lambda x: _same_dtype(_activation(x, "add_vector") + vector, x)
     return lambda x: _combined("add_vector", _activation(x, "add_vector"), mx.add, vector)
 
 
@@ -183,7 +190,7 @@ def clamp(lo: float | None = None, hi: float | None = None) -> Intervention:
         raise InterventionError("clamp needs at least one of lo and hi.")
     if lo is not None and hi is not None and lo > hi:
         raise InterventionError(f"clamp: lo={lo} is above hi={hi}; no value lies in between.")
-    return lambda x: mx.clip(_activation(x, "clamp"), lo, hi)
+    return lambda x: _same_dtype(mx.clip(_activation(x, "clamp"), lo, hi), x)
 
 
 def noise(std: float, seed: int = 0) -> Intervention:
@@ -273,6 +280,6 @@ def at_positions(positions: Positions, intervention: Intervention, axis: int = 1
         selected[mx.array([p % length for p in wanted])] = True
         shape = [1] * x.ndim
         shape[axis] = length
-        return mx.where(selected.reshape(shape), changed, x)
+        return _same_dtype(mx.where(selected.reshape(shape), changed, x), x)
 
     return patch

@@ -185,3 +185,15 @@ class PatchingResult:
         from mlxterp.presentation.plots import plot_result
 
         return plot_result(self, path, overwrite=overwrite)
+
+    def to_html(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One self-contained interactive HTML page (no network needed to view it): the grid or
+        bars, hover for site, tokens, recovery and raw values, a ranking view; see
+        `mlxterp.presentation.report`.
+
+        Example:
+            >>> result.to_html("ioi-heads.html")
+        """
+        from mlxterp.presentation.report import write_html
+
+        return write_html(self, path, overwrite=overwrite)

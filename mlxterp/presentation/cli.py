@@ -66,7 +66,7 @@ def _sweep_options(args: argparse.Namespace) -> dict:
                 wrong_answer=args.wrong_answer, direction=args.direction)
 
 
-def _save(result, out: str, verb: str) -> None:
+def _save(result, out: str, verb: str, html: bool) -> None:
     """Write the result's JSON and plot into `out` (created if missing), named after the verb,
     the model and the sweep, and numbered so that no earlier result is overwritten."""
     from pathlib import Path
@@ -80,6 +80,8 @@ def _save(result, out: str, verb: str) -> None:
     json_path = numbered(folder, stem, ".json")
     result.to_json(json_path)
     result.plot(json_path.with_suffix(".png"), overwrite=True)  # beside a JSON numbered just now
+    if html:
+        print(f"report saved to {result.to_html(json_path.with_suffix('.html'), overwrite=True)}")
     print(f"result saved to {json_path}")
 
 
@@ -96,7 +98,7 @@ def patch(args: argparse.Namespace) -> int:
                                                **_sweep_options(args))
     print(tables.summary(result))
     print(tables.ranking(result, args.top))
-    _save(result, args.out, "patch")
+    _save(result, args.out, "patch", args.html)
     return 0
 
 
@@ -113,7 +115,7 @@ def attribute(args: argparse.Namespace) -> int:
         print(tables.verified(result, verify_top(model, result, args.verify)))
     else:
         print(tables.ranking(result, args.top))
-    _save(result, args.out, "attribute")
+    _save(result, args.out, "attribute", args.html)
     return 0
 
 
@@ -142,6 +144,7 @@ def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParse
     sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     sub.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
     sub.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
+    sub.add_argument("--html", action="store_true", help="also write an interactive HTML report")
     return sub
 
 
