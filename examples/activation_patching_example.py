@@ -1,8 +1,13 @@
-"""Activation patching by hand: which layer's MLP carries "Paris" vs "London"?
+"""Activation patching by hand: which layer's MLP makes SmolLM2 answer " Paris", not " Rome"?
 
-The manual procedure of the activation-patching guide, complete: run a clean and a corrupted
-prompt, patch each layer's clean MLP output into the corrupted run, and measure how much of the
-clean output that recovers (L2 distance between last-position logits).
+The manual procedure of the activation-patching guide, complete, on a pair with an answer: the
+model completes "The capital of France is" with " Paris" and "The capital of Italy is" with
+" Rome". Run both, patch each layer's clean MLP output into the corrupted run, and measure how
+much of the clean behaviour that recovers with the logit difference
+LD = logit(" Paris") - logit(" Rome") at the last position, the metric the field prefers when
+the behaviour has an answer (docs/patching.md, "Choosing a metric"):
+
+    recovery = (LD(patched) - LD(corrupted)) / (LD(clean) - LD(corrupted)) * 100
 
 Run: python examples/activation_patching_example.py
 """
@@ -13,14 +18,9 @@ import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
 
-CLEAN = "Paris is the capital of France"
-CORRUPTED = "London is the capital of France"  # same number of tokens (6) as CLEAN
-
-
-def l2_distance(a: mx.array, b: mx.array) -> float:
-    """L2 distance between two logit vectors, computed in float32."""
-    diff = a.astype(mx.float32) - b.astype(mx.float32)
-    return float(mx.sqrt(mx.sum(diff * diff)))
+CLEAN = "The capital of France is"
+CORRUPTED = "The capital of Italy is"  # same number of tokens (5) as CLEAN
+ANSWER, WRONG_ANSWER = " Paris", " Rome"  # the clean and the corrupted run's answers
 
 
 def main() -> dict[int, float]:
@@ -30,6 +30,12 @@ def main() -> dict[int, float]:
     base_model, tokenizer = mlxterp.load("smollm2-135m")
     model = InterpretableModel(base_model, tokenizer=tokenizer)
     n_layers = len(model.layers)
+    # One token each, without BOS: `model.encode` would add the BOS of models that use one.
+    answer, wrong = (tokenizer.encode(t, add_special_tokens=False)[0] for t in (ANSWER, WRONG_ANSWER))
+
+    def logit_diff(output: mx.array) -> float:
+        last = output[0, -1].astype(mx.float32)
+        return (last[answer] - last[wrong]).item()
 
     # 1. Baseline: clean and corrupted outputs. The clean trace also keeps every layer's MLP
     #    output, so the clean prompt runs once (the guide re-runs it for each layer: same values).
@@ -41,12 +47,11 @@ def main() -> dict[int, float]:
         corrupted_output = model.output.save()
     mx.eval(clean_output, corrupted_output, clean_mlp)
 
-    baseline = l2_distance(corrupted_output[0, -1], clean_output[0, -1])
-    print(f"Baseline L2 distance: {baseline:.2f}")
+    clean_ld, corrupted_ld = logit_diff(clean_output), logit_diff(corrupted_output)
+    print(f"Logit difference: clean {clean_ld:.2f}, corrupted {corrupted_ld:.2f}")
 
     def recovery(patched_output: mx.array) -> float:
-        dist = l2_distance(patched_output[0, -1], clean_output[0, -1])
-        return (baseline - dist) / baseline * 100
+        return (logit_diff(patched_output) - corrupted_ld) / (clean_ld - corrupted_ld) * 100
 
     # 2. Patch each layer's MLP output from the clean run into the corrupted run.
     results = {}

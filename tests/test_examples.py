@@ -15,13 +15,9 @@ from mlxterp import interventions as iv
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHING_EXAMPLE = ROOT / "examples" / "activation_patching_example.py"
-CLEAN = "Paris is the capital of France"
-CORRUPTED = "London is the capital of France"
+CLEAN = "The capital of France is"
+CORRUPTED = "The capital of Italy is"
 PERCENT = r"(-?\d+\.\d)% recovery"
-
-
-def l2(a: mx.array, b: mx.array) -> float:
-    return float(mx.sqrt(mx.sum((a - b) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +29,9 @@ def patching_output() -> str:
 
 
 def test_patching_example_reports_every_layer(patching_output):
-    baseline = re.search(r"^Baseline L2 distance: (\d+\.\d+)$", patching_output, re.M)
-    assert baseline and 0 < float(baseline[1]) < math.inf
+    baseline = re.search(r"^Logit difference: clean (-?\d+\.\d+), corrupted (-?\d+\.\d+)$",
+                         patching_output, re.M)
+    assert baseline and float(baseline[1]) > 0 > float(baseline[2])  # each run prefers its answer
     layers = re.findall(rf"^Layer +(\d+): +{PERCENT}$", patching_output, re.M)
     assert [int(layer) for layer, _ in layers] == list(range(30))
     values = {int(layer): float(value) for layer, value in layers}
@@ -50,12 +47,16 @@ def test_patching_example_reports_every_layer(patching_output):
 def test_patching_example_matches_a_direct_computation(patching_output, wrapped):
     """Layer 10 (whole MLP, and last position only) recomputed the guide's way."""
     model = wrapped
+    paris, rome = (model.tokenizer.encode(t, add_special_tokens=False)[0] for t in (" Paris", " Rome"))
+
+    def ld(output):
+        return (output[0, -1, paris] - output[0, -1, rome]).item()
+
     with model.trace(CLEAN) as trace:
         clean_output = model.output.save()
         clean_mlp = trace.activations["model.model.layers.10.mlp"]
     with model.trace(CORRUPTED):
         corrupted_output = model.output.save()
-    baseline = l2(corrupted_output[0, -1], clean_output[0, -1])
 
     def selective_patch(corrupted_activation):
         patched = mx.array(corrupted_activation)
@@ -66,12 +67,13 @@ def test_patching_example_matches_a_direct_computation(patching_output, wrapped)
     for label, patch in (("whole", iv.replace_with(clean_mlp)), ("last", selective_patch)):
         with model.trace(CORRUPTED, interventions={"layers.10.mlp": patch}):
             patched = model.output.save()
-        expected[label] = (baseline - l2(patched[0, -1], clean_output[0, -1])) / baseline * 100
+        expected[label] = ((ld(patched) - ld(corrupted_output))
+                           / (ld(clean_output) - ld(corrupted_output)) * 100)
 
-    baseline_printed = re.search(r"^Baseline L2 distance: (\S+)$", patching_output, re.M)[1]
+    clean_printed = re.search(r"^Logit difference: clean (\S+),", patching_output, re.M)[1]
     layer10 = re.search(rf"^Layer 10: +{PERCENT}$", patching_output, re.M)[1]
     last = re.search(rf"^Layer 10 MLP, last position only: {PERCENT}$", patching_output, re.M)[1]
-    assert float(baseline_printed) == pytest.approx(baseline, abs=0.01)
+    assert float(clean_printed) == pytest.approx(ld(clean_output), abs=0.01)
     assert float(layer10) == pytest.approx(expected["whole"], abs=0.1)
     assert float(last) == pytest.approx(expected["last"], abs=0.1)
     assert abs(expected["whole"] - expected["last"]) > 1  # the two patches differ
