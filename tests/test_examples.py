@@ -77,3 +77,18 @@ def test_patching_example_matches_a_direct_computation(patching_output, wrapped)
     assert float(layer10) == pytest.approx(expected["whole"], abs=0.1)
     assert float(last) == pytest.approx(expected["last"], abs=0.1)
     assert abs(expected["whole"] - expected["last"]) > 1  # the two patches differ
+
+
+def test_readme_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
+    """The README's opening block, run as written (in a scratch folder, for its files)."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    claimed = re.search(r"result\.top\(3\) +# (\[.*\])", code)[1]
+    for (label, value), (label_claimed, value_claimed) in zip(scope["result"].top(3), eval(claimed),
+                                                              strict=True):
+        assert label == label_claimed and value == pytest.approx(value_claimed, abs=0.05)
+    assert (tmp_path / "capital-mlp.pdf").exists() and (tmp_path / "capital-mlp.html").exists()
+    assert scope["estimate"].method == "atp"
