@@ -7,6 +7,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.presentation.cli import main
 
@@ -85,3 +87,16 @@ def test_identical_prompts_are_refused(tmp_path, capsys):
     prompt = "Paris is the capital of France"
     assert main(["patch", prompt, prompt, "--out", str(tmp_path)]) == 2
     assert "same tokens" in capsys.readouterr().err
+
+
+def test_patch_writes_the_html_report_when_asked(tmp_path, capsys):
+    args = ["patch", "The capital of France is", "The capital of Italy is", "--layers", "0,23",
+            "--metric", "logit_diff", "--answer", " Paris", "--wrong-answer", " Rome",
+            "--out", str(tmp_path), "--html"]
+    assert main(args) == 0
+    page = tmp_path / "patch-smollm2-135m-mlp-layer-logit_diff.html"
+    assert f"report saved to {page}" in capsys.readouterr().out
+    assert '"label": "L23"' in page.read_text()
+    with pytest.raises(SystemExit):  # argparse's usage error, which names the fix
+        main(["patch", "a b", "c d", "--layers", "x,1", "--out", str(tmp_path)])
+    assert "give layer numbers separated by commas" in capsys.readouterr().err
