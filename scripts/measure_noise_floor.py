@@ -4,7 +4,9 @@ The numbers behind `mlxterp.experiments.metrics.LOGIT_NOISE`: the same prompt ru
 of 8 identical rows, and as one of 31, compared element by element at the last position.
 Relative to max |logit|; run it under each kernel to see them all:
 
-    for k in SkylakeX Haswell Zen Sandybridge; do OPENBLAS_CORETYPE=$k .venv/bin/python scripts/measure_noise_floor.py; done
+    for k in SkylakeX Haswell Zen Sandybridge; do
+        OPENBLAS_CORETYPE=$k .venv/bin/python scripts/measure_noise_floor.py
+    done
     MLXTERP_NO_BLAS=1 .venv/bin/python scripts/measure_noise_floor.py      # reference BLAS
 """
 

@@ -40,7 +40,8 @@ def _payload(result) -> dict:
             lines[-1] += f" (float32 noise ±{result.noise[:, i].max():.2g} points)"
         if isinstance(site.get("position"), int):
             p = site["position"]
-            lines.append(f"token: {result.tokens[0][p]!r} (clean) / {result.corrupted_tokens[0][p]!r} (corrupted)")
+            clean, corrupted = result.tokens[0][p], result.corrupted_tokens[0][p]
+            lines.append(f"token: {clean!r} (clean) / {corrupted!r} (corrupted)")
         if values is not None:
             raw = ", ".join(f"{v:.4g}" for v in values.patched[:, i])
             lines.append(f"{result.metric}: patched {raw}; clean {values.clean[0]:.4g}, "
@@ -97,14 +98,16 @@ const data = JSON.parse(document.getElementById("data").textContent);
 const NS = "http://www.w3.org/2000/svg";
 function color(v) {{  // diverging around 0: blue toward the donor, red away, white at 0
   const t = Math.max(-1, Math.min(1, v / data.limit));
-  const [r, g, b] = t >= 0 ? [1 - 0.85 * t, 1 - 0.6 * t, 1 - 0.3 * t] : [1 + 0.2 * t, 1 + 0.8 * t, 1 + 0.8 * t];
+  const [r, g, b] = t >= 0 ? [1 - 0.85 * t, 1 - 0.6 * t, 1 - 0.3 * t]
+                           : [1 + 0.2 * t, 1 + 0.8 * t, 1 + 0.8 * t];
   return `rgb(${{Math.round(255 * r)}},${{Math.round(255 * g)}},${{Math.round(255 * b)}})`;
 }}
 const tip = document.getElementById("tooltip");
 function hover(el, i) {{
   el.dataset.site = i;
   el.addEventListener("mouseenter", e => {{ tip.textContent = data.sites[i].tip.join("\\n");
-    tip.style.display = "block"; tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; }});
+    tip.style.display = "block";
+    tip.style.left = (e.clientX + 12) + "px"; tip.style.top = (e.clientY + 12) + "px"; }});
   el.addEventListener("mouseleave", () => {{ tip.style.display = "none"; }});
 }}
 function node(name, attrs, parent) {{
