@@ -170,6 +170,7 @@ class InterpretableModel:
             >>> model.attribution_patching(clean, corrupted, component="input",
             ...                            over=("layer", "position"), metric="kl")
         """
+        _check_options(options, attribution.attribution_patching)
         return attribution.attribution_patching(self, clean, corrupted, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from hypothesis import HealthCheck, settings
 
 import mlxterp
 from mlxterp import InterpretableModel
@@ -39,11 +43,11 @@ FAMILY_CONFIGS = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A randomly initialised mlx-lm model of `family`, evaluated."""
+def tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
+    """A randomly initialised mlx-lm model of `family`, evaluated; `overrides` change its config."""
     module = importlib.import_module(f"mlx_lm.models.{family}")
     mx.random.seed(seed)
-    model = module.Model(module.ModelArgs(model_type=family, **FAMILY_CONFIGS[family]))
+    model = module.Model(module.ModelArgs(model_type=family, **{**FAMILY_CONFIGS[family], **overrides}))
     mx.eval(model.parameters())
     return model
 
@@ -52,6 +56,18 @@ def tiny_model(family: str, seed: int = 0) -> nn.Module:
 def smollm2():
     """(bare model, tokenizer) of the bundled SmolLM2-135M in float32."""
     return mlxterp.load("smollm2-135m")
+
+
+SMOLLM2_VOCAB = 49152
+
+
+@pytest.fixture(scope="session")
+def tiny_smol(smollm2) -> InterpretableModel:
+    """A random 2-layer llama (hidden 32) whose vocabulary is SmolLM2's, wrapped with SmolLM2's
+    real tokenizer: real text runs through it at a thousandth of SmolLM2's cost."""
+    _, tokenizer = smollm2
+    base = tiny_model("llama", seed=1, vocab_size=SMOLLM2_VOCAB, num_hidden_layers=2)
+    return InterpretableModel(base, tokenizer=tokenizer)
 
 
 @pytest.fixture
@@ -78,3 +94,70 @@ def assert_model_untouched(model: nn.Module, before: dict) -> None:
         # A probe is an instance attribute shadowing one of the module's own children.
         leftovers = [k for k in vars(module) if k in module]
         assert not leftovers, f"probes left on {type(module).__name__}: {leftovers}"
+
+
+@contextmanager
+def hooked_calls(model: nn.Module, hook: Callable) -> Iterator[None]:
+    """Route every call of every module of `model` through `hook(name, run, args, kwargs)`, where
+    `name` is the module's full name as mlxterp gives it (`model.model.layers.0.mlp`) and
+    `run(*args, **kwargs)` calls the module itself.
+
+    It patches `__call__` on the modules' classes, not on the instances: independent of mlxterp's
+    probes (instance attributes), so a test can build a reference forward, or inject a fault,
+    without using the mechanism it tests. Restored on exit, whatever happened inside.
+    """
+    names = {id(m): f"model.{path}" if path else "model" for path, m in model.named_modules()}
+    classes = {type(m) for _, m in model.named_modules()}
+    # Each class's own __call__ (None: inherited), and the one it resolves to before patching,
+    # so a subclass is never wrapped around its already-wrapped base.
+    own = {cls: cls.__dict__.get("__call__") for cls in classes}
+    resolved = {cls: cls.__call__ for cls in classes}
+
+    def wrapper(original):
+        def __call__(self, *args, **kwargs):
+            name = names.get(id(self))
+            if name is None:  # a module of another model
+                return original(self, *args, **kwargs)
+            return hook(name, lambda *a, **k: original(self, *a, **k), args, kwargs)
+
+        return __call__
+
+    try:
+        for cls in classes:
+            cls.__call__ = wrapper(resolved[cls])
+        yield
+    finally:
+        for cls, method in own.items():
+            if method is None:
+                del cls.__call__
+            else:
+                cls.__call__ = method
+
+
+# -- hypothesis: property-based tests (tests/test_generated_inputs.py) --------------------------
+
+# The "ci" profile runs by default: derandomized, so every run generates the same inputs, and no
+# deadline, since a sweep's time varies with its sites. "long" generates 10x the examples:
+#   .venv/bin/python -m pytest tests/test_generated_inputs.py --hypothesis-profile=long
+CI_EXAMPLES = 100
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=CI_EXAMPLES, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("long", settings.get_profile("ci"), max_examples=10 * CI_EXAMPLES)
+settings.load_profile("ci")  # hypothesis's --hypothesis-profile option, if given, loads another
+
+# Calls made by the property tests, how many passed, and what the passing ones gave (a result
+# equal to the reference, or which MlxterpError); reported after the run.
+GENERATED_CALLS = {"generated": 0, "passed": 0, "outcomes": Counter()}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if GENERATED_CALLS["generated"]:
+        outcomes = ", ".join(f"{name} {count}" for name, count in
+                             GENERATED_CALLS["outcomes"].most_common())
+        terminalreporter.write_line(
+            f"generated inputs (hypothesis profile {settings.get_current_profile_name()!r}): "
+            f"generated {GENERATED_CALLS['generated']}, passed {GENERATED_CALLS['passed']} "
+            f"({outcomes})"
+        )

@@ -124,13 +124,17 @@ def evaluate(metric: Metric, logits: mx.array, reference: mx.array) -> mx.array:
     """The metric of each row of `logits` (N, V) against `reference` (V,), in float32, checked
     for shape."""
     values = metric.fn(logits.astype(mx.float32), reference.astype(mx.float32))
+    if not isinstance(values, mx.array):
+        raise MetricError(
+            f"metric {metric.name!r} returned a {type(values).__name__}; it must return an "
+            f"mx.array with one value per row, shape ({logits.shape[0]},)."
+        )
     if values.shape != (logits.shape[0],):
         raise MetricError(
             f"metric {metric.name!r} returned shape {tuple(values.shape)}; it must return one "
             f"value per row, shape ({logits.shape[0]},)."
         )
     return values
-
 
 
 def measure(metric: Metric, logits: mx.array, reference: mx.array,

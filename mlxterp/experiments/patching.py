@@ -23,8 +23,8 @@ from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import Labels, check_sites, is_index, sweep_sites
 from mlxterp.models.identity import model_dtype, model_name, weights_sha256
-from mlxterp.tracing.inputs import InputError, equal_length_rows
-from mlxterp.tracing.names import Site
+from mlxterp.tracing.inputs import InputError, check_text, equal_length_rows
+from mlxterp.tracing.names import Site, SiteError
 
 
 def _prompts(model, prompts, which: str) -> tuple[list[str], list[list[int]]]:
@@ -77,7 +77,7 @@ def _token_id(model, token: str | int, what: str) -> int:
         if not 0 <= token < model.vocab_size:
             raise InputError(f"{what} id {token} is outside the vocabulary [0, {model.vocab_size}).")
         return token
-    ids = list(model.tokenizer.encode(token, add_special_tokens=False))
+    ids = list(model.tokenizer.encode(check_text(token), add_special_tokens=False))
     if len(ids) != 1:
         raise InputError(
             f"{what} {token!r} is {len(ids)} tokens {model.to_str_tokens(ids)}; it must be one "
@@ -236,6 +236,11 @@ def activation_patching(
     """
     if not isinstance(plot, bool):
         raise InputTypeError(f"plot={plot!r}: give True or False.")
+    for name in ("over", "sites"):
+        if name in options:
+            raise SiteError(f"activation_patching sweeps whole layers, so it takes no {name}=; for "
+                            f"that sweep call model.patching_sweep(clean, corrupted, {name}=...), "
+                            "which returns a PatchingResult.")
     result = patching_sweep(model, clean_text, corrupted_text, component=component,
                             over=("layer",), layers=layers, metric=metric, **options)
     if plot:

@@ -43,11 +43,12 @@ def demo(args: argparse.Namespace) -> int:
     import mlx.core as mx
 
     import mlxterp
+    from mlxterp.tracing.inputs import tokenise
 
     start = time.perf_counter()
     model, tokenizer = mlxterp.load(args.model)
     loaded = time.perf_counter() - start
-    ids = tokenizer.encode(args.prompt)
+    ids = tokenise(tokenizer, args.prompt)
     logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
     probs = mx.softmax(logits)
     top = mx.argsort(-logits)[: args.top].tolist()
