@@ -79,16 +79,40 @@ def test_patching_example_matches_a_direct_computation(patching_output, wrapped)
     assert abs(expected["whole"] - expected["last"]) > 1  # the two patches differ
 
 
-def test_readme_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
-    """The README's opening block, run as written (in a scratch folder, for its files)."""
-    readme = (ROOT / "README.md").read_text()
-    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.chdir(tmp_path)
+def run_first_block(path: Path, folder: Path, monkeypatch) -> tuple[str, dict]:
+    """The first Python block of a Markdown file, run as written in `folder`; (code, its names)."""
+    code = path.read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(folder)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    claimed = re.search(r"result\.top\(3\) +# (\[.*\])", code)[1]
-    for (label, value), (label_claimed, value_claimed) in zip(scope["result"].top(3), eval(claimed),
-                                                              strict=True):
+    exec(compile(code, str(path.relative_to(ROOT)), "exec"), scope)
+    return code, scope
+
+
+def claimed(code: str, expression: str):
+    """The value a `# ...` comment claims for `expression` on its line of `code`."""
+    return eval(re.search(rf"^{re.escape(expression)} +# (.*)$", code, re.M)[1])
+
+
+def assert_top(result, claim) -> None:
+    """Printed to one decimal, so equal within 0.05."""
+    for (label, value), (label_claimed, value_claimed) in zip(result.top(len(claim)), claim, strict=True):
         assert label == label_claimed and value == pytest.approx(value_claimed, abs=0.05)
+
+
+def test_readme_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
+    """The README's opening block (in a scratch folder, for its files)."""
+    code, scope = run_first_block(ROOT / "README.md", tmp_path, monkeypatch)
+    assert_top(scope["result"], claimed(code, "result.top(3)"))
     assert (tmp_path / "capital-mlp.pdf").exists() and (tmp_path / "capital-mlp.html").exists()
     assert scope["estimate"].method == "atp"
+
+
+def test_attribution_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
+    code, scope = run_first_block(ROOT / "docs" / "attribution.md", tmp_path, monkeypatch)
+    estimate, exact = scope["estimate"], scope["exact"]
+    assert_top(estimate, claimed(code, "estimate.top(3)"))
+    assert exact.method == "exact" and len(exact.sites) == 5
+    # Both sides rounded to one decimal: one step (0.1) apart where noise crosses a rounding edge.
+    assert exact.mean.round(1).tolist() == pytest.approx(claimed(code, "exact.mean.round(1).tolist()"),
+                                                        abs=0.11)
+    assert scope["ig"].method == "ig"
