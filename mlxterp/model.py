@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments import attribution, patching
+from mlxterp.experiments import attribution, causal_tracing, patching
 from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
@@ -172,6 +172,17 @@ class InterpretableModel:
         """
         _check_options(options, attribution.attribution_patching)
         return attribution.attribution_patching(self, clean, corrupted, **options)
+
+    def causal_trace(self, prompt: str, subject, **options):
+        """Causal tracing: the indirect effect of restoring each (layer, token) state of the
+        prompt with its subject noised; see `mlxterp.experiments.causal_tracing.causal_trace`.
+
+        Example:
+            >>> model.causal_trace("The Eiffel Tower is located in the city of",
+            ...                    subject="The Eiffel Tower", kind="mlp").plot()
+        """
+        _check_options(options, causal_tracing.causal_trace)
+        return causal_tracing.causal_trace(self, prompt, subject, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------
 

@@ -116,3 +116,13 @@ def test_attribution_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch
     assert exact.mean.round(1).tolist() == pytest.approx(claimed(code, "exact.mean.round(1).tolist()"),
                                                         abs=0.11)
     assert scope["ig"].method == "ig"
+
+
+def test_causal_tracing_doc_code_runs(tmp_path, monkeypatch):
+    """docs/causal-tracing.md's first block: the MLP windows at the subject's ' iffel' token
+    carry the fact (the largest effect restores most of P(' Paris'), 0.70 clean)."""
+    _, scope = run_first_block(ROOT / "docs" / "causal-tracing.md", tmp_path, monkeypatch)
+    result = scope["result"]
+    assert result.metric == "prob" and result.answer_tokens == [" Paris"]
+    assert result.effect.mean(axis=0).max() > 0.3
+    assert "'iffel'" in result.top(1)[0][0] and (tmp_path / "eiffel-mlp.png").exists()

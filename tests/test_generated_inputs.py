@@ -149,6 +149,8 @@ class Names:
         if not module:
             return None
         call = int(match["call"]) if match["call"] else 0
+        if module == "model" and not call and not match["input"]:
+            return "output"  # the wrapped model's own output is the trace's output
         return f"{module}{f'#{call}' if call else ''}{':input' if match['input'] else ''}"
 
 
@@ -1023,7 +1025,9 @@ FOUND = {
     "metric returns a float": dict(metric=returns_float),
     "metric returns a list": dict(metric=returns_list),
     "answer not valid unicode": dict(metric="logit_diff", answer="\ud800", wrong_answer=" London"),
-    "helper given over": dict(helper=True, over=("layer", "position")),
+    "helper given over": dict(runner="helper", over=("layer", "position")),
+    # rope runs twice per forward (queries, keys): attribution took it for one site
+    "attribution at a module called twice": dict(runner="attribution", component="self_attn.rope"),
 }
 
 
@@ -1031,6 +1035,19 @@ FOUND = {
 @pytest.mark.parametrize("naive", [False, True])
 def test_inputs_found_by_generation(tiny_smol, case, naive):
     options = dict(FOUND[case])
-    sweep = tiny_smol.activation_patching if options.pop("helper", False) else tiny_smol.patching_sweep
-    outcome = run_call(tiny_smol.model, lambda: sweep(*SWEEP_PAIRS[0], naive=naive, **options))
+    runner = options.pop("runner", "sweep")
+    if runner == "attribution":
+        options["method"] = "ig" if naive else "atp"  # its two runners in place of naive's two
+        sweep = tiny_smol.attribution_patching
+    else:
+        options["naive"] = naive
+        sweep = tiny_smol.activation_patching if runner == "helper" else tiny_smol.patching_sweep
+    outcome = run_call(tiny_smol.model, lambda: sweep(*SWEEP_PAIRS[0], **options))
     assert isinstance(outcome, MlxterpError)
+
+
+def test_reading_the_root_module_gives_the_output(tiny_smol):
+    """Found by generation: `trace.activations["model"]` (the wrapped model itself) said it was
+    not recorded; the root's output is the model's output."""
+    with tiny_smol.trace(SWEEP_PAIRS[0][0]) as trace:
+        assert trace.activations["model"] is trace.output

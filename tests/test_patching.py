@@ -187,7 +187,7 @@ def test_bad_input(wrapped):
         wrapped.patching_sweep(*PARIS, component="mlp", over=("layer", "head"))
     with pytest.raises(MetricError, match="unknown metric 'l3'"):
         wrapped.patching_sweep(*PARIS, metric="l3")
-    with pytest.raises(MetricError, match="needs answer= and wrong_answer="):
+    with pytest.raises(MetricError, match="takes answer= and wrong_answer="):
         wrapped.patching_sweep(*PARIS, metric="logit_diff")
     with pytest.raises(InputError, match="must be one token"):
         wrapped.patching_sweep(*PARIS, metric="logit_diff", answer=" Parisians", wrong_answer=" London")
@@ -270,7 +270,7 @@ def test_sites_and_options_are_checked(wrapped):
         wrapped.patching_sweep(*PARIS, positions=[3])
     with pytest.raises(SiteError, match="sweep over one of"):
         wrapped.patching_sweep(*PARIS, over=("position", "layer"))
-    with pytest.raises(MetricError, match="apply to metric='logit_diff'"):
+    with pytest.raises(MetricError, match="apply to metrics"):
         wrapped.patching_sweep(*PARIS, metric="kl", answer=" Paris")
     with pytest.raises(SiteError, match="direction='sideways'"):
         wrapped.patching_sweep(*PARIS, direction="sideways")

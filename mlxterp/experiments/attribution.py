@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments.engine import site_activations
+from mlxterp.experiments.engine import second_call, site_activations, then
 from mlxterp.experiments.metrics import MetricError, MetricFn, evaluate, measure
-from mlxterp.experiments.patching import patching_sweep, prepare_sweep, sweep_result
+from mlxterp.experiments.patching import patching_sweep, prepare_sweep, site_at, sweep_result
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import is_index
@@ -56,22 +56,27 @@ def _estimates(plan: Plan, differences: dict[str, np.ndarray],
     products = {key: (differences[key] * gradients[key])[0] for key in gradients}
     estimates = np.zeros(len(plan.sites))
     for i, site in enumerate(plan.sites):
-        product = products[site.key]
-        rows, columns = site.selection(*product.shape)
-        estimates[i] = product[rows][:, columns].sum(dtype=np.float64)
+        for part in site.parts:  # first order: a group's effect is the sum of its parts'
+            product = products[part.key]
+            rows, columns = part.selection(*product.shape)
+            estimates[i] += product[rows][:, columns].sum(dtype=np.float64)
     return estimates
 
 
-def _capture(model, tokens: mx.array, keys: list[str], position: int) -> tuple[dict, mx.array]:
-    """(activations at `keys`, logits at `position`) of one plain forward of `tokens` (1, seq)."""
-    with model.trace(tokens, capture=keys) as trace:
+def _capture(model, tokens: mx.array, keys: list[str], position: int,
+             interventions: dict) -> tuple[dict, mx.array]:
+    """(activations at `keys`, logits at `position`) of one forward of `tokens` (1, seq), the run
+    that `interventions` make (a corruption)."""
+    with model.trace(tokens, interventions=interventions,
+                     capture=[*keys, *map(second_call, keys)]) as trace:
         return site_activations(trace, keys), trace.output[0, position]
 
 
-def _gradient_pass(model, plan: Plan, tokens: mx.array, donor_logits: mx.array, keys: list[str],
-                   like: dict[str, mx.array], start: tuple[str, mx.array] | None):
-    """One forward and backward of `tokens` (the receiver, once per row): (dm/da at every key,
-    averaged over rows, as numpy; the rows' logits at the measured position; their activations).
+def _gradient_pass(model, plan: Plan, pair: int, tokens: mx.array, donor_logits: mx.array,
+                   keys: list[str], like: dict[str, mx.array], start: tuple[str, mx.array] | None):
+    """One forward and backward of `tokens` (pair `pair`'s receiver, once per row): (dm/da at
+    every key, averaged over rows, as numpy; the rows' logits at the measured position; their
+    activations).
 
     `start` = (key, values): that activation is replaced by `values` (one row per step) first.
     `like` gives each key's activation shape and dtype.
@@ -85,6 +90,7 @@ def _gradient_pass(model, plan: Plan, tokens: mx.array, donor_logits: mx.array, 
         interventions = {key: shift(key) for key in deltas}
         if start is not None and start[0] not in deltas:
             interventions[start[0]] = lambda x: start[1].astype(x.dtype)
+        interventions = then(plan.interventions(pair, plan.receiver), interventions)
         with model.trace(tokens, interventions=interventions, capture=keys) as trace:
             logits = trace.output[:, plan.position]
             acts = site_activations(trace, keys)
@@ -113,22 +119,24 @@ def run_gradient(model, plan: Plan, method: str = "atp", steps: int = 16) -> Swe
         raise InputTypeError(f"method={method!r}: use 'atp' or 'ig'.")
     if not is_index(steps) or steps < 1:
         raise InputTypeError(f"steps={steps!r}: give a whole number of steps, at least 1.")
-    keys = sorted({site.key for site in plan.sites})
+    keys = sorted({part.key for site in plan.sites for part in site.parts})
     start_key = f"{model.tree.blocks[0]}:input"  # where IG interpolates: the first block's input
     values = SweepValues.empty(plan.pairs, len(plan.sites))
     for pair in range(plan.pairs):
         tokens = plan.tokens(pair)
         donor_tokens, receiver_tokens = (tokens[run:run + 1] for run in (plan.donor, plan.receiver))
-        donor, donor_logits = _capture(model, donor_tokens, [*keys, start_key], plan.position)
+        donor, donor_logits = _capture(model, donor_tokens, [*keys, start_key], plan.position,
+                                       plan.interventions(pair, plan.donor))
         if method == "atp":  # the gradient pass is the receiver's forward
-            gradients, logits, receiver = _gradient_pass(model, plan, receiver_tokens, donor_logits,
-                                                         keys, donor, None)
+            gradients, logits, receiver = _gradient_pass(model, plan, pair, receiver_tokens,
+                                                         donor_logits, keys, donor, None)
             receiver_logits = logits[0]
         else:
-            receiver, receiver_logits = _capture(model, receiver_tokens, [*keys, start_key], plan.position)
+            receiver, receiver_logits = _capture(model, receiver_tokens, [*keys, start_key], plan.position,
+                                                 plan.interventions(pair, plan.receiver))
             alphas = ((mx.arange(steps) + 0.5) / steps)[:, None, None]
             start = receiver[start_key] + alphas * (donor[start_key] - receiver[start_key])
-            gradients, _, _ = _gradient_pass(model, plan, mx.repeat(receiver_tokens, steps, axis=0),
+            gradients, _, _ = _gradient_pass(model, plan, pair, mx.repeat(receiver_tokens, steps, axis=0),
                                              donor_logits, keys, donor, (start_key, start))
         base = [donor_logits, receiver_logits] if plan.donor == 0 else [receiver_logits, donor_logits]
         values.set_base(pair, *measure(plan.metric, mx.stack(base), donor_logits))
@@ -194,7 +202,7 @@ def verify_top(model, estimate: PatchingResult, k: int, metric: str | MetricFn |
         raise MlxterpError("this result records no site locations (written by an older mlxterp); "
                            "run the estimate again to verify it.")
     order = np.argsort(-estimate.mean, kind="stable")[:k]
-    sites = [Site(**estimate.locations[i]) for i in order]
+    sites = [site_at(estimate.locations[i]) for i in order]
     answers = dict(zip(("answer", "wrong_answer"), estimate.answers, strict=True)) if estimate.answers else {}
     return patching_sweep(model, estimate.clean, estimate.corrupted, sites=sites,
                           metric=metric or estimate.metric, position=estimate.position,

@@ -31,7 +31,7 @@ import numpy as np
 
 from mlxterp.errors import MlxterpError
 from mlxterp.experiments.metrics import measure
-from mlxterp.experiments.plan import Plan, SweepValues
+from mlxterp.experiments.plan import CORRUPTED, Plan, SweepValues
 from mlxterp.experiments.sites import is_index
 from mlxterp.tracing.intercept import call_input, call_parameters, call_patched, intercepted, with_call_input
 from mlxterp.tracing.names import NotReachedError, Site, SiteError
@@ -85,21 +85,23 @@ class _BatchedForward:
 
     def __init__(self, model, plan: Plan, pair: int, sites: list[Site], grow: bool):
         self.model, self.sites, self.position, self.grow = model, sites, plan.position, grow
-        self.tokens = tokens = plan.tokens(pair)  # (2, T): clean, corrupted
+        self.tokens = plan.tokens(pair)  # (2, T): clean, corrupted
         self.receiver, self.donor = plan.receiver, plan.donor
         position = plan.position
         self.blocks = {name: i for i, name in enumerate(model.tree.blocks)}
         first_block = model.tree.modules[model.tree.blocks[0]] if self.blocks else None
         reuse_positions = grow and call_parameters(type(first_block))[1:] == ("mask", "cache")
-        # Before the first token where the prompts differ, donor and receiver activations agree,
+        # Before the first position where the runs differ, donor and receiver activations agree,
         # so a patch there changes nothing.
-        differ = (tokens[0] != tokens[1]).tolist()
-        first_difference = differ.index(True) if True in differ else len(differ)
+        first_difference = plan.first_difference(pair)
+        self.corruption = plan.corruption
+        self.pair = pair
         self.start = {}  # site id -> first position its row computes
         for i, site in enumerate(sites):
-            start = max(min(site.positions or (0,)), first_difference)
+            start = max(min(min(part.positions or (0,)) for part in site.parts), first_difference)
             self.start[i] = start if reuse_positions and 0 < start <= position else 0
-        layer_of = (lambda i: model.tree.block_of(sites[i].module)) if grow else (lambda i: -1)
+        layer_of = ((lambda i: min(model.tree.block_of(part.module) for part in sites[i].parts))
+                    if grow else (lambda i: -1))
         order = sorted(range(len(sites)), key=lambda i: (self.start[i], layer_of(i)))
         self.members = defaultdict(list)  # start -> site ids, in batch order
         self.entering = defaultdict(list)  # (start, layer) -> site ids appended at that block
@@ -113,9 +115,10 @@ class _BatchedForward:
             for slot, i in enumerate(self.members[start], start=2 if start == 0 else 0):
                 self.slot[i], self.index[i] = slot, total
                 total += 1
-        self.patches = defaultdict(list)  # activation key -> site ids patched there
+        self.patches = defaultdict(list)  # activation key -> (site id, the part patched there)
         for i, site in enumerate(sites):
-            self.patches[site.key].append(i)
+            for part in site.parts:
+                self.patches[part.key].append((i, part))
         # State of the running forward.
         self.next_block = 0
         self.applied: set[str] = set()
@@ -130,6 +133,8 @@ class _BatchedForward:
             tokens = mx.concatenate([tokens, mx.repeat(tokens[self.receiver:self.receiver + 1],
                                                        len(self.sites), axis=0)])
         names = set(self.patches) | (set(self.blocks) if self.grow else set())
+        if self.corruption is not None:
+            names.add(self.corruption.module)
         modules = sorted({key.removesuffix(":input") for key in names})
         with intercepted(self.model.tree, modules, self._call):
             logits = self.model.model(tokens)
@@ -152,10 +157,22 @@ class _BatchedForward:
 
     def _module(self, name: str, module, args: tuple, kwargs: dict):
         input_key = f"{name}:input"
+        corrupts = self.corruption is not None and name == self.corruption.module
+
+        def patch_output(y):  # the corruption makes the corrupted run; a patch acts on that run
+            y = self._corrupt(y) if corrupts else y
+            return self._patch(name, y) if name in self.patches else y
+
         return call_patched(
             module, args, kwargs,
             (lambda x: self._patch(input_key, x)) if input_key in self.patches else None,
-            (lambda y: self._patch(name, y)) if name in self.patches else None)
+            patch_output if corrupts or name in self.patches else None)
+
+    def _corrupt(self, y: mx.array) -> mx.array:
+        """`y` with the corrupted run's rows corrupted: its own row, and the patched rows that
+        copy it when they are in the batch from the start (denoising without growing)."""
+        end = y.shape[0] if self.receiver == CORRUPTED else CORRUPTED + 1
+        return mx.concatenate([y[:CORRUPTED], self.corruption.apply(self.pair, y[CORRUPTED:end]), y[end:]])
 
     def _grown(self, hidden: mx.array | None, start: int, layer: int, source: mx.array):
         """`hidden` with the rows of `start` that enter at `layer` appended (receiver copies)."""
@@ -214,15 +231,15 @@ class _BatchedForward:
                 )
             self.applied.add(key)
             self.donor_values[key] = x[self.donor:self.donor + 1]
-        ids = [i for i in self.patches[key] if self.start[i] == start]
-        if not ids:
+        parts = [(i, part) for i, part in self.patches[key] if self.start[i] == start]
+        if not parts:
             return x
         donor = self.donor_values[key][:, start:]
         length = x.shape[1] + start
         rows = np.zeros((x.shape[0], x.shape[1], 1), dtype=bool)
         columns = np.zeros((x.shape[0], 1, x.shape[2]), dtype=bool)
-        for i in ids:
-            site_rows, site_columns = self.sites[i].selection(length, x.shape[2])
+        for i, part in parts:
+            site_rows, site_columns = part.selection(length, x.shape[2])
             rows[self.slot[i], :, 0] = site_rows[start:]
             columns[self.slot[i], 0] = site_columns
         return mx.where(mx.array(rows) & mx.array(columns), donor, x)
@@ -282,17 +299,33 @@ def run_engine(
     return values
 
 
+def second_call(key: str) -> str:
+    """The key of a site's second call (`name#1`, `name#1:input`): a trace that records it shows
+    the module ran twice, which a patch site must not."""
+    module, colon, rest = key.partition(":")
+    return f"{module}#1{colon}{rest}"
+
+
 def site_activations(trace, keys: list[str]) -> dict[str, mx.array]:
-    """The activations of a trace at the given site keys; each must have run exactly once."""
+    """The activations of a trace at the given site keys; each must have run exactly once (a
+    trace with a `capture` list must capture their `second_call` keys to tell)."""
     missing = [key for key in keys if key not in trace.activations]
     if missing:
         raise NotReachedError(f"patch sites {missing} were never reached in the forward pass: their "
                               "modules were not called. Patch a module the model runs.")
-    called_twice = [key for key in keys if f"{key}#1" in trace.activations]
+    called_twice = [key for key in keys if second_call(key) in trace.activations]
     if called_twice:
         raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; patch "
                         "sites must be modules called once.")
     return {key: trace.activations[key] for key in keys}
+
+
+def then(first: dict, second: dict) -> dict:
+    """Trace interventions: those of `first`, then those of `second` (composed at shared keys)."""
+    both = {**first, **second}
+    for key in first.keys() & second.keys():
+        both[key] = lambda x, f=first[key], g=second[key]: g(f(x))
+    return both
 
 
 def run_naive(model, plan: Plan) -> SweepValues:
@@ -303,19 +336,21 @@ def run_naive(model, plan: Plan) -> SweepValues:
         >>> run_naive(model, plan).recovery(plan.direction)
     """
     values = SweepValues.empty(plan.pairs, len(plan.sites))
+    keys = sorted({part.key for site in plan.sites for part in site.parts})
     for pair in range(plan.pairs):
         acts, logits = [], []
-        for tokens in (plan.clean[pair:pair + 1], plan.corrupted[pair:pair + 1]):
-            with model.trace(tokens) as trace:
-                recorded = site_activations(trace, [site.key for site in plan.sites])
-                acts.append([recorded[site.key] for site in plan.sites])
+        for run, tokens in enumerate((plan.clean[pair:pair + 1], plan.corrupted[pair:pair + 1])):
+            with model.trace(tokens, interventions=plan.interventions(pair, run)) as trace:
+                acts.append(site_activations(trace, keys))
                 logits.append(trace.output[0, plan.position])
         values.set_base(pair, *measure(plan.metric, mx.stack(logits), logits[plan.donor]))
         values.check_baseline(plan, pair)
         receiver_tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]
         for i, site in enumerate(plan.sites):
-            patch = {site.key: lambda x, s=site, d=acts[plan.donor][i]: s.patch(x, d)}
-            with model.trace(receiver_tokens, interventions=patch) as trace:
+            donor = acts[plan.donor]
+            patch = {part.key: lambda x, p=part, d=donor[part.key]: p.patch(x, d) for part in site.parts}
+            with model.trace(receiver_tokens,
+                             interventions=then(plan.interventions(pair, plan.receiver), patch)) as trace:
                 patched = trace.output[0, plan.position]
             (values.patched[pair, i],), (values.patched_noise[pair, i],) = measure(
                 plan.metric, patched[None], logits[plan.donor])

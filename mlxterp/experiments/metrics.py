@@ -96,6 +96,21 @@ def logit_diff(answer: int, wrong_answer: int) -> Metric:
     return Metric("logit_diff", score, is_distance=False)
 
 
+def probability(answer: int) -> Metric:
+    """The score P(answer): the softmax probability of token `answer` (causal tracing's metric).
+
+    Example:
+        >>> probability(7042).fn(logits, reference)   # P(" Paris")
+    """
+    def score(logits: mx.array, reference: mx.array) -> mx.array:
+        return mx.exp(logits[:, answer] - mx.logsumexp(logits, axis=-1))
+
+    return Metric("prob", score, is_distance=False)
+
+
+ANSWER_METRICS = {"logit_diff": "answer= and wrong_answer=", "prob": "answer="}  # what each needs
+
+
 def get_metric(metric: str | MetricFn, answer: int | None = None,
                wrong_answer: int | None = None) -> Metric:
     """The metric named `metric`, `logit_diff` for given answer ids, or a user's batched callable.
@@ -103,18 +118,22 @@ def get_metric(metric: str | MetricFn, answer: int | None = None,
     A callable is a distance: `fn(logits (N, V), reference_logits (V,)) -> (N,)`, where the
     reference is the donor run's logits (the clean run's when denoising).
     """
+    if isinstance(metric, str) and metric in ANSWER_METRICS:
+        given = (answer is not None, wrong_answer is not None)
+        if given != ((True, True) if metric == "logit_diff" else (True, False)):
+            raise MetricError(
+                f"metric={metric!r} takes {ANSWER_METRICS[metric]} (tokens as strings or ids), "
+                "e.g. answer=' Paris'" + (", wrong_answer=' London'." if metric == "logit_diff" else ".")
+            )
+        return logit_diff(answer, wrong_answer) if metric == "logit_diff" else probability(answer)
+    if answer is not None or wrong_answer is not None:
+        raise MetricError(f"answer= and wrong_answer= apply to metrics {sorted(ANSWER_METRICS)}, "
+                          f"not {metric!r}.")
     if callable(metric):
         return Metric(getattr(metric, "__name__", "custom"), metric)
-    if metric == "logit_diff":
-        if answer is None or wrong_answer is None:
-            raise MetricError(
-                "metric='logit_diff' needs answer= and wrong_answer= (tokens as strings or ids), "
-                "e.g. answer=' Paris', wrong_answer=' London'."
-            )
-        return logit_diff(answer, wrong_answer)
     if metric not in METRICS:
         raise MetricError(
-            f"unknown metric {metric!r}; use one of {sorted([*METRICS, 'logit_diff'])} or a "
+            f"unknown metric {metric!r}; use one of {sorted([*METRICS, *ANSWER_METRICS])} or a "
             "callable fn(logits (N, V), reference_logits (V,)) -> distances (N,)."
         )
     return METRICS[metric]

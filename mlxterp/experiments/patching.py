@@ -17,14 +17,15 @@ from importlib.metadata import version
 import mlx.core as mx
 
 from mlxterp.errors import InputTypeError
+from mlxterp.experiments.corruption import Ablate, Noise, describe, make_corruption
 from mlxterp.experiments.engine import run_engine, run_naive
-from mlxterp.experiments.metrics import MetricError, MetricFn, get_metric
+from mlxterp.experiments.metrics import ANSWER_METRICS, MetricFn, get_metric
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import Labels, check_sites, is_index, sweep_sites
 from mlxterp.models.identity import model_dtype, model_name, weights_sha256
 from mlxterp.tracing.inputs import InputError, check_text, equal_length_rows
-from mlxterp.tracing.names import Site, SiteError
+from mlxterp.tracing.names import Site, SiteError, SiteGroup
 
 
 def _prompts(model, prompts, which: str) -> tuple[list[str], list[list[int]]]:
@@ -62,6 +63,18 @@ def _prompt_tokens(model, clean, corrupted) -> tuple[list[str], list[str], mx.ar
     return clean_texts, corrupted_texts, tokens[:pairs], tokens[pairs:]
 
 
+def _corrupted_run(model, clean, spec: Noise | Ablate):
+    """(clean texts, clean tokens, the Corruption, corrupted texts), one pair per noise sample,
+    for a corrupted run made from one clean prompt."""
+    texts, rows = _prompts(model, clean, "clean")
+    if len(rows) != 1:
+        raise InputError(f"a {type(spec).__name__} corruption applies to one clean prompt; got {len(rows)}.")
+    corruption = make_corruption(model, texts[0], len(rows[0]), spec)
+    tokens = mx.repeat(mx.array(rows), corruption.pairs, axis=0)
+    described = describe(corruption, model.to_str_tokens(rows[0]))
+    return texts * corruption.pairs, tokens, corruption, [described] * corruption.pairs
+
+
 def _check_option_types(metric, position) -> None:
     if not isinstance(metric, str) and not callable(metric):
         raise InputTypeError(f"metric={metric!r}: give a name such as 'kl' or a callable.")
@@ -69,7 +82,8 @@ def _check_option_types(metric, position) -> None:
         raise InputTypeError(f"position={position!r}: give a token position as a whole number.")
 
 
-def _token_id(model, token: str | int, what: str) -> int:
+def token_id(model, token: str | int, what: str) -> int:
+    """The id of one token given as text (' Paris') or an id, checked; `what` names it in errors."""
     if not isinstance(token, str) and not is_index(token):
         raise InputTypeError(f"{what}={token!r}: give one token as a string (' Paris') or an id.")
     if is_index(token):
@@ -109,11 +123,14 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
     if model.tokenizer is None:
         raise InputError("patching prompts needs a tokenizer: InterpretableModel(m, tokenizer).")
     _check_option_types(metric=metric, position=position)
-    clean_list, corrupted_list, clean_ids, corrupted_ids = _prompt_tokens(model, clean, corrupted)
-    if metric != "logit_diff" and (answer is not None or wrong_answer is not None):
-        raise MetricError(f"answer= and wrong_answer= apply to metric='logit_diff', not {metric!r}.")
-    answers = [None if answer is None else _token_id(model, answer, "answer"),
-               None if wrong_answer is None else _token_id(model, wrong_answer, "wrong_answer")]
+    corruption = None
+    if isinstance(corrupted, Noise | Ablate):
+        clean_list, clean_ids, corruption, corrupted_list = _corrupted_run(model, clean, corrupted)
+        corrupted_ids = clean_ids
+    else:
+        clean_list, corrupted_list, clean_ids, corrupted_ids = _prompt_tokens(model, clean, corrupted)
+    answers = [None if answer is None else token_id(model, answer, "answer"),
+               None if wrong_answer is None else token_id(model, wrong_answer, "wrong_answer")]
     chosen = get_metric(metric, *answers)
     if sites is not None:
         sites, labels = check_sites(model, sites)
@@ -121,9 +138,9 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
     else:
         sites, labels = sweep_sites(model, component, over, clean_ids.shape[1], layers, positions, heads)
         over = (over,) if isinstance(over, str) else tuple(over)
-    plan = Plan(clean_ids, corrupted_ids, tuple(sites), chosen, direction, position)
+    plan = Plan(clean_ids, corrupted_ids, tuple(sites), chosen, direction, position, corruption)
     return Sweep(plan, labels, clean_list, corrupted_list, component, over,
-                 answers if metric == "logit_diff" else [])
+                 answers if metric in ANSWER_METRICS else [])
 
 
 def provenance(module) -> dict:
@@ -148,17 +165,33 @@ def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact"
         corrupted_tokens=[model.to_str_tokens(row) for row in plan.corrupted.tolist()],
         provenance=provenance(model.model),
         is_distance=plan.metric.is_distance, position=plan.position, answers=sweep.answers,
+        answer_tokens=[model.decode([a]) for a in sweep.answers if a is not None],
         metric_values=values, noise=values.recovery_noise(direction), method=method,
-        locations=[{"module": s.module, "is_input": s.is_input,
-                    "positions": None if s.positions is None else list(s.positions),
-                    "head": s.head, "n_heads": s.n_heads} for s in plan.sites],
+        locations=[location(s) for s in plan.sites],
+        corruption={} if plan.corruption is None else plan.corruption.description,
     )
+
+
+def location(site: Site | SiteGroup) -> dict:
+    """Where a site is, as JSON: `Site(**location)` takes it; a group is {"parts": [...]}."""
+    if isinstance(site, SiteGroup):
+        return {"parts": [location(part) for part in site.parts]}
+    return {"module": site.module, "is_input": site.is_input,
+            "positions": None if site.positions is None else list(site.positions),
+            "head": site.head, "n_heads": site.n_heads}
+
+
+def site_at(location: dict) -> Site | SiteGroup:
+    """The site a `location` describes."""
+    if "parts" in location:
+        return SiteGroup(tuple(site_at(part) for part in location["parts"]))
+    return Site(**location)
 
 
 def patching_sweep(
     model,
     clean: str | Sequence[str],
-    corrupted: str | Sequence[str],
+    corrupted: str | Sequence[str] | Noise | Ablate,
     component: str = "mlp",
     over: Sequence[str] = ("layer",),
     layers: Sequence[int] | None = None,
@@ -179,7 +212,10 @@ def patching_sweep(
     Args:
         model: an `InterpretableModel` with a tokenizer.
         clean, corrupted: a prompt each, or equal-length lists of prompt pairs; as text, or
-            as token ids in any form a trace takes (a list, a list of lists, an array).
+            as token ids in any form a trace takes (a list, a list of lists, an array). The
+            corrupted run may instead be made from one clean prompt: `Noise("The Eiffel
+            Tower")` (Gaussian noise on the subject's embeddings, one pair per sample) or
+            `Ablate(subject, kind="zero" | "mean")` (mlxterp.experiments.corruption).
         component: 'mlp', 'self_attn' ('attn'), a sub-module ('mlp.down_proj', ...), 'input'
             (residual stream entering the block) or 'output' (leaving it).
         over: ('layer',), ('layer', 'position'), ('layer', 'head') or ('layer', 'head',
@@ -187,7 +223,8 @@ def patching_sweep(
             key/value heads.
         layers, positions, heads: restrict the sweep (None: all).
         sites: explicit `Site`s (or activation keys such as 'layers.3.mlp') instead of a sweep.
-        metric: 'l2', 'cosine', 'mse', 'kl', 'logit_diff' (with answer / wrong_answer), or a
+        metric: 'l2', 'cosine', 'mse', 'kl', 'logit_diff' (with answer / wrong_answer), 'prob'
+            (the probability of answer), or a
             batched callable fn(logits (N, V), reference (V,)) -> distances (N,), the reference
             being the donor run's logits.
         position: the token position whose logits are measured (default: the last).

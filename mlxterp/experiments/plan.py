@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
+from mlxterp.experiments.corruption import Corruption
 from mlxterp.experiments.metrics import Metric
 from mlxterp.experiments.sites import is_index
 from mlxterp.tracing.names import Site, SiteError
@@ -54,6 +55,7 @@ class Plan:
     metric: Metric
     direction: str = "denoise"
     position: int = -1
+    corruption: Corruption | None = None  # None: the corrupted run is the corrupted prompt
 
     def __post_init__(self):
         if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
@@ -69,11 +71,27 @@ class Plan:
         object.__setattr__(self, "position", int(self.position) % seq_len)
         object.__setattr__(self, "sites", tuple(self.sites))
         same = np.all(np.array(self.clean) == np.array(self.corrupted), axis=1)
-        if same.any():
+        if self.corruption is not None:
+            self._check_corruption(same)
+        elif same.any():
             raise BaselineError(
                 f"pair {int(np.argmax(same))}: the clean and corrupted prompts are the same tokens, "
                 "so there is nothing to recover. Corrupt the prompt (e.g. swap the subject or a name)."
             )
+
+    def _check_corruption(self, same: np.ndarray) -> None:
+        if not same.all():
+            raise SiteError("a corruption corrupts the clean prompt itself: give the clean tokens "
+                            "as the corrupted ones too.")
+        if self.corruption.pairs != self.pairs:
+            raise SiteError(f"the corruption has values for {self.corruption.pairs} pairs, the plan "
+                            f"{self.pairs}; give one per pair (one noise sample per pair).")
+        if max(self.corruption.positions) >= self.clean.shape[1]:
+            raise SiteError(f"corrupted positions {self.corruption.positions} are out of range for "
+                            f"{self.clean.shape[1]} tokens.")
+        if not self.corruption.replace and not mx.any(self.corruption.values != 0).item():
+            raise BaselineError("the corruption adds nothing (noise 0), so the corrupted run is the "
+                                "clean run and there is nothing to recover; give noise > 0.")
 
     @property
     def pairs(self) -> int:
@@ -88,6 +106,19 @@ class Plan:
     def receiver(self) -> int:
         """Which run of a pair receives the patches."""
         return 1 - self.donor
+
+    def first_difference(self, pair: int) -> int:
+        """The first position where the pair's clean and corrupted runs can differ."""
+        if self.corruption is not None:
+            return min(self.corruption.positions)
+        differ = (self.clean[pair] != self.corrupted[pair]).tolist()
+        return differ.index(True)  # the plan refuses identical token pairs
+
+    def interventions(self, pair: int, run: int) -> dict:
+        """The trace interventions that make run `run` (CLEAN or CORRUPTED) of pair `pair`."""
+        if run == CORRUPTED and self.corruption is not None:
+            return self.corruption.intervention(pair)
+        return {}
 
     def tokens(self, pair: int) -> mx.array:
         """(2, seq): the pair's clean and corrupted rows, in that order."""

@@ -49,7 +49,8 @@ class PatchingResult:
     tokens: list[list[str]] = field(default_factory=list)  # clean tokens, per pair
     is_distance: bool = True  # False for scores such as logit_diff
     position: int = -1  # the measured position
-    answers: list = field(default_factory=list)  # [answer, wrong_answer] ids for logit_diff
+    answers: list = field(default_factory=list)  # [answer, wrong_answer] ids (logit_diff, prob)
+    answer_tokens: list = field(default_factory=list)  # the answers as text
     metric_values: SweepValues | None = None
     # (pairs, sites): percentage points by which float32 noise can move each recovery
     noise: np.ndarray | None = None
@@ -59,11 +60,24 @@ class PatchingResult:
     locations: list[dict] = field(default_factory=list)
     corrupted_tokens: list[list[str]] = field(default_factory=list)  # per pair
     provenance: dict = field(default_factory=dict)  # model, model_sha256, dtype, mlxterp, mlx
+    # how the corrupted run was made when not by a prompt: {"kind": "noise", "scale", "seed",
+    # "positions", "module"} (causal tracing) or {"kind": "zero" | "mean", ...}
+    corruption: dict = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
         """Mean recovery over pairs, one value per site."""
         return self.recovery.mean(axis=0)
+
+    @property
+    def effect(self) -> np.ndarray:
+        """(pairs, sites): how far each patch moved the metric, patched - receiving run, in the
+        metric's own units (causal tracing's indirect effect for metric "prob")."""
+        if self.metric_values is None:
+            raise MlxterpError("this result has no metric values (an mlxterp 0.1 file); run it again.")
+        values = self.metric_values
+        receiver = values.corrupted if self.direction == "denoise" else values.clean
+        return values.patched - receiver[:, None]
 
     @property
     def standard_error(self) -> np.ndarray:
@@ -180,10 +194,13 @@ class PatchingResult:
         return cls(**data)
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
-        """A bar chart (one axis), heatmap (two) or heatmaps faceted by head (three); see
-        mlxterp.presentation.plots. PNG, PDF or SVG by the path's extension."""
-        from mlxterp.presentation.plots import plot_result
+        """A bar chart (one axis), heatmap (two) or heatmaps faceted by head (three); for a
+        causal trace the paper's figure; see mlxterp.presentation.plots. PNG, PDF or SVG by the
+        path's extension."""
+        from mlxterp.presentation.plots import plot_causal_trace, plot_result
 
+        if self.metric == "prob" and self.corruption and self.over == ("layer", "position"):
+            return plot_causal_trace([self], path, overwrite=overwrite)
         return plot_result(self, path, overwrite=overwrite)
 
     def to_html(self, path: str | Path, overwrite: bool = False) -> Path:

@@ -87,7 +87,7 @@ def _sub_modules(model, layer: int) -> list[str]:
     return sorted(n[len(block) + 1:] for n in model.tree.modules if n.startswith(block + "."))
 
 
-def _check_component(model, component: str) -> str:
+def check_component(model, component: str) -> str:
     """The component as the model names it: its own sub-module names first, then aliases
     ('attn' for 'self_attn' and back), else an error listing the valid ones."""
     children = _sub_modules(model, 0)
@@ -181,7 +181,7 @@ def sweep_sites(
     n_layers = len(model.tree.blocks)
     if n_layers == 0:
         raise SiteError("this model has no list of blocks to sweep over.")
-    component = _check_component(model, component)
+    component = check_component(model, component)
     layer_list = _checked_indices(layers, n_layers, "layer")
     position_list = _checked_indices(positions, seq_len, "position") if "position" in over else [None]
     sites, labels = [], []

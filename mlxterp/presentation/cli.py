@@ -1,4 +1,5 @@
-"""The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp doctor`, `mlxterp demo`."""
+"""The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
+`mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -120,6 +121,45 @@ def attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+def trace_fact(args: argparse.Namespace) -> int:
+    """Causal tracing of a fact: the three kinds of state restored at each layer and token; print
+    the largest effects, write the paper's three-panel figure and one JSON per kind."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from mlxterp.paths import numbered
+    from mlxterp.presentation.plots import plot_causal_trace
+
+    model = _model(args.model)
+    options = dict(answer=args.answer, window=args.window, samples=args.samples, noise=args.noise,
+                   seed=args.seed)
+    results = [model.causal_trace(args.prompt, args.subject, kind=kind, **options)
+               for kind in ("hidden", "mlp", "attn")]
+    first = results[0]
+    values, corruption = first.metric_values, first.corruption
+    subject = [first.tokens[0][p] for p in corruption["positions"]]
+    print(f"prompt:  {args.prompt!r}\nsubject: {args.subject!r}, tokens {corruption['positions']} {subject}")
+    print(f"P({first.answer_tokens[0]!r}): clean {values.clean.mean():.3f}, corrupted "
+          f"{values.corrupted.mean():.3f} (mean of {args.samples} samples, noise sd "
+          f"{corruption['scale']:.3g})")
+    for result in results:
+        effect = result.effect.mean(axis=0)
+        best = np.argsort(-effect)[:3]
+        cells = ", ".join(f"{tables.site_label(result, result.sites[i])} {effect[i]:+.3f}" for i in best)
+        print(f"{result.component:<16} largest indirect effects: {cells}")
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_name = Path(first.provenance["model"]).name.removesuffix(".gguf")
+    figure = numbered(folder, f"trace-fact-{model_name}", ".png")
+    plot_causal_trace(results, figure)
+    for result, kind in zip(results, ("hidden", "mlp", "attn"), strict=True):
+        path = figure.with_name(f"{figure.stem}-{kind}.json")
+        result.to_json(path)
+        print(f"result saved to {path}")
+    return 0
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -160,6 +200,16 @@ def _parser() -> argparse.ArgumentParser:
     attribute_parser.add_argument("--steps", type=int, default=16, help="ig: steps along the path")
     attribute_parser.add_argument("--verify", type=int, default=0, metavar="K",
                                   help="patch the top K sites exactly and print both columns")
+    fact = commands.add_parser("trace-fact", help="causal tracing: noise the subject, restore each state")
+    fact.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
+    fact.add_argument("--subject", required=True, help="text of the prompt to noise, e.g. 'The Eiffel Tower'")
+    fact.add_argument("--answer", help="the answer token (default: the model's top next token)")
+    fact.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    fact.add_argument("--window", type=int, default=10, help="layers restored together (mlp, attn)")
+    fact.add_argument("--samples", type=int, default=10, help="noise samples")
+    fact.add_argument("--noise", type=float, help="noise sd (default: 3x the embeddings' sd)")
+    fact.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    fact.add_argument("--out", default="mlxterp-out", help="folder for the figure and JSON")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -171,7 +221,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"patch": patch, "attribute": attribute, "doctor": doctor, "demo": demo}[args.command](args)
+        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "doctor": doctor,
+                    "demo": demo}
+        return commands[args.command](args)
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)
         return 2

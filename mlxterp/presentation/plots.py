@@ -164,15 +164,83 @@ def plot_result(result, path: str | Path | None = None, overwrite: bool = False)
     if path is not None:
         path = output_path(path, SUFFIXES, overwrite)
     fig = bar_chart(result) if len(result.over) == 1 else heatmap(result)
+    stem = "-".join(["mlxterp", result.method if result.method != "exact" else "patching",
+                     result.component, *result.over, result.metric])
+    return _show_or_save(fig, path, stem)
+
+
+def _show_or_save(fig, path: Path | None, stem: str):
+    """Show `fig` inline in a notebook when no path is given, else save it (to `path`, or to a
+    new numbered file named `stem` in the working directory)."""
     if path is None and _in_notebook():
         from IPython.display import display
 
         display(fig)
         return fig
     if path is None:
-        stem = "-".join(["mlxterp", result.method if result.method != "exact" else "patching",
-                         result.component, *result.over, result.metric])
-        path = numbered(Path.cwd(), stem.replace("/", "_"), ".png")
+        path = numbered(Path.cwd(), stem.replace("/", "_").replace(" ", "_"), ".png")
     fig.savefig(path, dpi=130)
     print(f"plot saved to {path}")
     return fig
+
+
+# -- causal tracing ------------------------------------------------------------------------------
+
+TRACE_COLORS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}  # the paper's
+
+
+def effect_panels(panels: list[tuple[str, np.ndarray]], rows: list[str], marked: list[bool],
+                  layers: list[int], title_text: str, label: str):
+    """Causal tracing's figure: one heatmap per kind of state (name, grid (rows, layers)), the
+    tokens (or token categories) down the side with the subject's marked, layers across, each
+    panel on its own scale from min(0, lowest) to its highest value."""
+    width = 3.2 * len(panels) + 1.2
+    fig = _figure(width, max(3.0, 0.22 * len(rows) + 1.8))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (name, grid) in zip(axes, panels, strict=True):
+        kind = name.split()[0]
+        image = ax.imshow(grid, cmap=TRACE_COLORS.get(kind, "Blues"), aspect="auto",
+                          vmin=min(0.0, float(np.nanmin(grid))), vmax=max(float(np.nanmax(grid)), 1e-9))
+        ax.set_title(name, fontsize=8)
+        step = max(1, len(layers) // 10)
+        ax.set_xticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=7)
+        ax.set_xlabel("layer")
+        fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    axes[0].set_yticks(range(len(rows)), rows, fontsize=7)
+    for tick, is_marked in zip(axes[0].get_yticklabels(), marked, strict=True):
+        if is_marked:
+            tick.set_color(DIFFERING)
+            tick.set_fontweight("bold")
+    _set_title(fig, title_text, width)
+    return fig
+
+
+def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: bool = False):
+    """The paper's figure for one prompt: the mean indirect effect of each kind's results
+    (hidden, MLP, attention) over layer x token, tokens down the side, the subject marked (*).
+
+    Example:
+        >>> plot_causal_trace([hidden, mlp, attn], "eiffel.pdf")
+    """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
+    first = results[0]
+    layers, positions = first.axis_values("layer"), first.axis_values("position")
+    subject = set(first.corruption.get("positions", []))
+    rows = [f"{first.tokens[0][p]!r}{' *' if p in subject else ''}" for p in positions]
+    answer = first.answer_tokens[0] if first.answer_tokens else "the answer"
+    panels = []
+    for result in results:
+        effect = result.effect.mean(axis=0)
+        grid = np.full((len(positions), len(layers)), np.nan)
+        for site, value in zip(result.sites, effect, strict=True):
+            grid[positions.index(site["position"]), layers.index(site["layer"])] = value
+        panels.append((result.component, grid))
+    values = first.metric_values
+    model = first.provenance.get("model", "")
+    text = (f"Causal tracing{', ' + model if model else ''}: {first.clean[0]!r}, subject (*) noised "
+            f"({len(first.clean)} samples); P({answer!r}) clean {values.clean.mean():.3f}, "
+            f"corrupted {values.corrupted.mean():.3f}")
+    fig = effect_panels(panels, rows, [p in subject for p in positions], layers, text,
+                        "indirect effect on P(answer)")
+    return _show_or_save(fig, path, f"mlxterp-causal-trace-{model}")

@@ -6,9 +6,10 @@ from mlxterp.tracing.names import (
     NotReachedError,
     Site,
     SiteError,
+    SiteGroup,
     UnknownModuleError,
 )
 from mlxterp.tracing.trace import Activations, NotRecordedError, Trace, TraceError
 
 __all__ = ["OUTPUT_KEY", "Activations", "ModuleTree", "NotReachedError", "NotRecordedError", "Site",
-           "SiteError", "Trace", "TraceError", "UnknownModuleError"]
+           "SiteError", "SiteGroup", "Trace", "TraceError", "UnknownModuleError"]

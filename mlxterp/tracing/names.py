@@ -112,6 +112,35 @@ class Site:
         rows, columns = self.selection(receiver.shape[-2], receiver.shape[-1])
         return mx.where(mx.array(rows[:, None] & columns[None]), donor, receiver)
 
+    @property
+    def parts(self) -> tuple[Site, ...]:
+        """The sites patched together when this one is patched: itself (see `SiteGroup`)."""
+        return (self,)
+
+
+@dataclass(frozen=True)
+class SiteGroup:
+    """Several sites patched together in one run, as one site of a sweep: causal tracing's
+    window, the MLP outputs of 10 consecutive layers at one token, is a group of 10 sites.
+
+    Example:
+        >>> SiteGroup(tuple(Site(f"layers.{l}.mlp", positions=(4,)) for l in range(3, 13)))
+    """
+
+    parts: tuple[Site, ...]
+
+    def __post_init__(self):
+        if not self.parts or not all(isinstance(p, Site) for p in self.parts):
+            raise SiteError(f"a SiteGroup takes a non-empty tuple of Site; got {self.parts!r}.")
+        keys = [p.key for p in self.parts]
+        if len(set(keys)) != len(keys):
+            raise SiteError(f"a SiteGroup patches each activation once; {keys} repeats one.")
+        object.__setattr__(self, "parts", tuple(self.parts))
+
+    @property
+    def key(self) -> str:
+        return "+".join(p.key for p in self.parts)
+
 
 class ModuleTree:
     """All modules of a model by full name, with the one list of blocks the model runs through.
@@ -194,4 +223,6 @@ class ModuleTree:
         if key == OUTPUT_KEY:
             return key
         site = self.site(key)
+        if site.module == ROOT and not site.is_input and not site.call:
+            return OUTPUT_KEY  # the wrapped model's own output is the trace's output
         return Site(site.module, site.call or None, site.is_input).key

@@ -1,0 +1,224 @@
+"""Causal tracing and corruptions made from the clean prompt: the engine against the naive
+one-forward-per-restoration procedure, the noise against its definition, the figure, the CLI,
+and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_model_untouched, parameters_snapshot
+
+from mlxterp import InterpretableModel
+from mlxterp.errors import InputTypeError
+from mlxterp.experiments.corruption import Ablate, Noise, embedding_statistics, subject_positions
+from mlxterp.experiments.patching import site_at
+from mlxterp.experiments.plan import BaselineError
+from mlxterp.experiments.results import PatchingResult
+from mlxterp.presentation import cli
+from mlxterp.presentation.plots import plot_causal_trace
+from mlxterp.tracing.inputs import InputError
+from mlxterp.tracing.names import Site, SiteError, SiteGroup
+
+PROMPT, SUBJECT, ANSWER = "The iPhone is made by", "The iPhone", " Apple"  # 5 tokens
+EIFFEL = "The Eiffel Tower is located in the city of"
+KINDS = ("hidden", "mlp", "attn")
+
+
+def assert_same_recoveries(engine: PatchingResult, naive: PatchingResult) -> None:
+    """Equal within 0.01 pp, or 3x the float32 noise floor each result reports where that is
+    larger (batch layouts round differently: metrics.LOGIT_NOISE)."""
+    assert engine.sites == naive.sites and engine.recovery.shape == naive.recovery.shape
+    tolerance = np.maximum(0.01, 3 * np.maximum(engine.noise, naive.noise))
+    assert np.all(np.abs(engine.recovery - naive.recovery) <= tolerance)
+
+
+@pytest.fixture(scope="module")
+def traces(smollm2):
+    """Each kind traced by the engine, with one noise sample."""
+    wrapped = InterpretableModel(*smollm2)
+    return {kind: wrapped.causal_trace(PROMPT, SUBJECT, answer=ANSWER, kind=kind, samples=1)
+            for kind in KINDS}
+
+
+# The naive procedure is 150 forwards a kind; windows (mlp) are new to the engine: in the default run.
+@pytest.mark.parametrize("kind", ["mlp", pytest.param("hidden", marks=pytest.mark.slow),
+                                  pytest.param("attn", marks=pytest.mark.slow)])
+def test_engine_equals_naive(traces, wrapped, kind):
+    engine = traces[kind]
+    naive = wrapped.causal_trace(PROMPT, SUBJECT, answer=ANSWER, kind=kind, samples=1, naive=True)
+    assert_same_recoveries(engine, naive)
+    # 0.01 pp of the answer's probability: the issue's bar for the indirect effect.
+    assert np.abs(engine.effect - naive.effect).max() <= 1e-4
+    assert engine.effect.max() > 0.05  # something is restored: the comparison is not of zeros
+
+
+def test_sites_are_windows_of_the_papers_shape(traces, wrapped):
+    result = traces["mlp"]
+    n_layers, seq_len = len(wrapped.tree.blocks), 5
+    assert result.over == ("layer", "position") and len(result.sites) == n_layers * seq_len
+    # The paper's window for layer l: layers l-5 .. l+4, cut at the ends.
+    windows = {(s["layer"], s["position"]): [int(p["module"].split(".")[-2]) for p in loc["parts"]]
+               for s, loc in zip(result.sites, result.locations, strict=True)}
+    assert windows[0, 1] == list(range(0, 5)) and windows[15, 1] == list(range(10, 20))
+    assert windows[29, 4] == list(range(24, 30))
+    assert all(len(loc) == 5 for loc in traces["hidden"].locations)  # one Site each
+
+
+def test_restoring_every_hidden_state_of_the_last_layer_restores_the_clean_run(traces):
+    """At the last layer a restored state at the last token is the clean run's final residual
+    stream there: P(answer) comes back exactly (recovery 100% within the noise floor)."""
+    result = traces["hidden"]
+    last = next(i for i, s in enumerate(result.sites) if s == {"layer": 29, "position": 4})
+    assert abs(result.recovery[0, last] - 100) <= max(0.01, 3 * result.noise[0, last])
+    values = result.metric_values
+    assert values.clean[0] > 0.3 and values.corrupted[0] < values.clean[0] / 2  # the noise matters
+
+
+def test_noise_is_seeded_and_scaled_as_the_paper(wrapped):
+    """Default noise sd: 3x the sd of all token embeddings, checked against numpy on the
+    embedding matrix; the same seed gives the same noise, another seed other noise."""
+    weight = np.array(wrapped.model.model.embed_tokens.weight.astype(mx.float32), dtype=np.float64)
+    mean, std = embedding_statistics(wrapped)
+    np.testing.assert_allclose(std, weight.std(), rtol=1e-6)
+    np.testing.assert_allclose(mean, weight.mean(axis=0), atol=1e-7)
+    first, again, other = (wrapped.patching_sweep(EIFFEL, Noise(SUBJECT_EIFFEL, samples=2, seed=seed),
+                                                  layers=[0], metric="kl") for seed in (0, 0, 1))
+    assert first.corruption["scale"] == pytest.approx(3 * weight.std(), rel=1e-6)
+    np.testing.assert_array_equal(first.metric_values.corrupted, again.metric_values.corrupted)
+    assert not np.allclose(first.metric_values.corrupted, other.metric_values.corrupted)
+
+
+SUBJECT_EIFFEL = "The Eiffel Tower"
+
+
+@pytest.mark.parametrize("spec", [Noise(SUBJECT_EIFFEL, samples=2), Ablate(SUBJECT_EIFFEL, kind="mean"),
+                                  Ablate((1, 2), kind="zero")], ids=["noise", "mean", "zero"])
+def test_patching_with_a_corruption_equals_naive_and_matches_a_trace(wrapped, spec):
+    """A corrupted run made by a corruption: the engine equals the naive procedure, and the
+    corrupted run's KL to the clean run is what a trace with the corruption applied by hand
+    gives (replace or add at the subject's embeddings)."""
+    options = dict(component="mlp", over=("layer", "position"), layers=[0, 12], metric="kl")
+    engine = wrapped.patching_sweep(EIFFEL, spec, **options)
+    naive = wrapped.patching_sweep(EIFFEL, spec, naive=True, **options)
+    assert_same_recoveries(engine, naive)
+    positions = engine.corruption["positions"]
+    assert positions == ([0, 1, 2, 3] if isinstance(spec.subject, str) else [1, 2])
+    ids = mx.array([wrapped.encode(EIFFEL)])
+    clean = wrapped.model(ids)[0, -1]
+    mean, std = embedding_statistics(wrapped)
+    subject = np.zeros((ids.shape[1], 1), dtype=bool)
+    subject[positions] = True
+    for pair in range(len(engine.clean)):
+        if isinstance(spec, Noise):  # the paper's noise, drawn here as embedding_noise documents
+            draws = np.random.default_rng(spec.seed).standard_normal(
+                (spec.samples, len(positions), mean.size))
+            added = np.zeros((ids.shape[1], mean.size), dtype=np.float32)
+            added[positions] = draws[pair] * 3 * std
+            change = lambda x, a=added: x + mx.array(a)  # noqa: E731
+        else:
+            value = mx.array(np.zeros_like(mean) if spec.kind == "zero" else mean, dtype=mx.float32)
+            change = lambda x, v=value: mx.where(mx.array(subject), v, x)  # noqa: E731
+        with wrapped.trace(ids, interventions={"embed_tokens": change}) as trace:
+            corrupted = trace.output[0, -1]
+        p, q = (x - mx.logsumexp(x) for x in (clean, corrupted))
+        kl = mx.sum(mx.exp(p) * (p - q)).item()
+        assert engine.metric_values.corrupted[pair] == pytest.approx(kl, rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::mlxterp.experiments.plan.NoisyBaselineWarning")
+def test_attribution_with_a_corruption_converges_to_the_exact_effect_as_the_noise_shrinks(wrapped):
+    """AtP is the first-order term, so under noise of sd s its error at the first block's input
+    shrinks with s (measured: 36.9 pp at s=5e-3, 9.4 at 1e-3, 2.3 at 2e-4). An AtP that applied the corruption
+    differently from the exact engine would not converge to it."""
+    options = dict(component="input", over=("layer", "position"), layers=[0], metric="logit_diff",
+                   answer=" Paris", wrong_answer=" London")
+    errors = []
+    for scale in (5e-3, 1e-3, 2e-4):
+        spec = Noise(SUBJECT_EIFFEL, samples=1, scale=scale)
+        exact = wrapped.patching_sweep(EIFFEL, spec, **options)
+        estimate = wrapped.attribution_patching(EIFFEL, spec, **options)
+        assert estimate.sites == exact.sites
+        errors.append(np.abs(estimate.mean - exact.mean).max())
+    # Each scale is 5x smaller: the error shrinks with it. (At 2e-4 the float32 noise floor of
+    # the recoveries is up to 3.6 pp, NoisyBaselineWarning, below the 9 pp measured at 1e-3.)
+    assert errors[0] > 2 * errors[1] and errors[1] > errors[2], errors
+
+
+def test_figure_has_three_panels_with_the_subject_marked(traces, tmp_path):
+    results = [traces[kind] for kind in KINDS]
+    fig = plot_causal_trace(results, tmp_path / "trace.svg")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["hidden", "mlp (window 10)", "attn (window 10)"]
+    labels = panels[0].get_yticklabels()
+    assert [t.get_text() for t in labels] == ["'The' *", "' iPhone' *", "' is'", "' made'", "' by'"]
+    assert [t.get_color() for t in labels][:2] == ["#c53030"] * 2 and labels[2].get_color() != "#c53030"
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width  # inside the canvas
+    assert "' Apple'" in fig._suptitle.get_text() and (tmp_path / "trace.svg").exists()
+
+
+def test_result_round_trips_with_its_windows_and_corruption(traces):
+    result = traces["attn"]
+    back = PatchingResult.from_json(result.to_json())
+    assert back.locations == result.locations and back.corruption == result.corruption
+    np.testing.assert_array_equal(back.effect, result.effect)
+    assert site_at(back.locations[0]) == SiteGroup(tuple(Site(p["module"], positions=(0,))
+                                                         for p in result.locations[0]["parts"]))
+
+
+def test_cli_trace_fact_writes_the_figure_and_three_results(tmp_path, capsys):
+    code = cli.main(["trace-fact", PROMPT, "--subject", SUBJECT, "--samples", "1", "--out",
+                     str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "P(' Apple'): clean" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "trace-fact-smollm2-135m-attn.json", "trace-fact-smollm2-135m-hidden.json",
+        "trace-fact-smollm2-135m-mlp.json", "trace-fact-smollm2-135m.png"]
+    saved = json.loads((tmp_path / "trace-fact-smollm2-135m-mlp.json").read_text())
+    assert saved["metric"] == "prob" and saved["corruption"]["positions"] == [0, 1]
+
+
+def test_bad_input(wrapped):
+    before = parameters_snapshot(wrapped.model)
+    with pytest.raises(InputError, match="occurs 0 times"):
+        wrapped.causal_trace(PROMPT, "Android")
+    with pytest.raises(InputError, match="occurs 2 times"):
+        wrapped.causal_trace("Paris is Paris and the capital of", "Paris")
+    with pytest.raises(InputError, match=r"token boundaries: the tokens that cover it are \[' iPhone'\]"):
+        wrapped.causal_trace(PROMPT, "iPho")
+    with pytest.raises(InputError, match="is 2 tokens"):
+        wrapped.causal_trace(PROMPT, SUBJECT, answer=" Apple Inc")
+    with pytest.raises(BaselineError, match="adds nothing"):
+        wrapped.causal_trace(PROMPT, SUBJECT, noise=0)
+    with pytest.raises(SiteError, match="window=31: give a number of layers from 1 to 30"):
+        wrapped.causal_trace(PROMPT, SUBJECT, kind="mlp", window=31)
+    with pytest.raises(InputTypeError, match="samples=0"):
+        wrapped.causal_trace(PROMPT, SUBJECT, samples=0)
+    with pytest.raises(InputTypeError, match="kind='mpl'"):
+        wrapped.causal_trace(PROMPT, SUBJECT, kind="mpl")
+    with pytest.raises(SiteError, match="out of range"):
+        wrapped.patching_sweep(PROMPT, Ablate((7,)))
+    with pytest.raises(InputError, match="applies to one clean prompt"):
+        wrapped.patching_sweep([PROMPT, PROMPT], Noise(SUBJECT))
+    assert_model_untouched(wrapped.model, before)
+    assert subject_positions(wrapped, PROMPT, SUBJECT) == (0, 1)
+
+
+def test_the_facts_are_well_formed_and_mostly_known(wrapped):
+    """tests/fixtures/facts.json (scripts/causal_tracing_study.py reads it): every subject maps
+    to token positions, every answer is one token, and SmolLM2 answers at least 40 correctly
+    (75 of 88 when written)."""
+    facts = json.loads((Path(__file__).parent / "fixtures" / "facts.json").read_text())
+    correct = 0
+    for fact in facts:
+        positions = subject_positions(wrapped, fact["prompt"], fact["subject"])
+        assert positions == tuple(range(positions[0], positions[-1] + 1))
+        (answer,) = wrapped.tokenizer.encode(fact["answer"], add_special_tokens=False)
+        logits = wrapped.model(mx.array([wrapped.encode(fact["prompt"])]))[0, -1]
+        correct += int(mx.argmax(logits).item()) == answer
+    assert len(facts) >= 40 and correct >= 40
