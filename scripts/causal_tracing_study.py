@@ -11,7 +11,7 @@ token, it counts as the last token.
     .venv/bin/python scripts/causal_tracing_study.py --model smollm2-135m --samples 3
     .venv/bin/python scripts/causal_tracing_study.py --model gemma3-270m --samples 3
 
-Writes docs/figures/causal-tracing-<model>.png and .json (the averages), and prints them.
+Writes docs/img/causal-tracing-<model>.png and .json (the averages), and prints them.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--samples", type=int, default=3, help="noise samples per fact")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args()
     model = InterpretableModel(*mlxterp.load(args.model))
     facts = json.loads(FACTS.read_text(encoding="utf-8"))

@@ -39,7 +39,9 @@ def summary(result) -> str:
     donor, receiver = ("clean", "corrupted") if result.direction == "denoise" else ("corrupted", "clean")
     what = f"d({receiver}, {donor})" if result.is_distance else f"{name}({donor}) - {name}({receiver})"
     lines = [
-        f"clean:     {result.clean[0]!r}" + (f" (+{pairs - 1} more pairs)" if pairs > 1 else ""),
+        f"clean:     {result.clean[0]!r}" + (
+            f" ({pairs} noise samples)" if result.corruption.get("kind") == "noise"
+            else f" (+{pairs - 1} more pairs)" if pairs > 1 else ""),
         f"corrupted: {result.corrupted[0]!r}",
         f"patching {result.component} over {' x '.join(result.over)} ({result.direction}), "
         f"{len(result.sites)} sites",
