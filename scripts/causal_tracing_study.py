@@ -103,8 +103,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"causal-tracing-{args.model}"
     text = (f"Causal tracing, {args.model}: mean indirect effect on P(answer) over {len(kept)} known facts "
-            f"({args.samples} noise sample{'s' if args.samples > 1 else ''} each); clean {np.mean(clean):.3f}, corrupted "
-            f"{np.mean(corrupted):.3f}")
+            f"({args.samples} noise sample{'s' if args.samples > 1 else ''} each); "
+            f"clean {np.mean(clean):.3f}, corrupted {np.mean(corrupted):.3f}")
     panels = [(kind if kind == "hidden" else f"{kind} (window 10)", averages[kind]) for kind in KINDS]
     fig = effect_panels(panels, CATEGORIES, [c.endswith("subject token") or c.endswith("subject tokens")
                                              for c in CATEGORIES], list(range(n_layers)), text,
