@@ -22,9 +22,9 @@ import numpy as np
 import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp.blas import blas_status
+from mlxterp.experiments.causal_tracing import KINDS
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # 10 tokens
-KINDS = ("hidden", "mlp", "attn")
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 import mlxterp
 from mlxterp import InterpretableModel
+from mlxterp.experiments.causal_tracing import KINDS
 from mlxterp.experiments.corruption import subject_positions
 from mlxterp.presentation.plots import effect_panels
 
@@ -33,7 +34,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FACTS = ROOT / "tests" / "fixtures" / "facts.json"
 CATEGORIES = ["first subject token", "middle subject tokens", "last subject token",
               "first subsequent token", "further tokens", "last token"]
-KINDS = ("hidden", "mlp", "attn")
 
 
 def categories(subject: tuple[int, ...], seq_len: int) -> dict[str, list[int]]:

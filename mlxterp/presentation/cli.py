@@ -128,6 +128,7 @@ def trace_fact(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from mlxterp.experiments.causal_tracing import KINDS
     from mlxterp.paths import numbered
     from mlxterp.presentation.plots import plot_causal_trace
 
@@ -135,7 +136,7 @@ def trace_fact(args: argparse.Namespace) -> int:
     options = dict(answer=args.answer, window=args.window, samples=args.samples, noise=args.noise,
                    seed=args.seed)
     results = [model.causal_trace(args.prompt, args.subject, kind=kind, **options)
-               for kind in ("hidden", "mlp", "attn")]
+               for kind in KINDS]
     first = results[0]
     values, corruption = first.metric_values, first.corruption
     subject = [first.tokens[0][p] for p in corruption["positions"]]
@@ -153,7 +154,7 @@ def trace_fact(args: argparse.Namespace) -> int:
     model_name = Path(first.provenance["model"]).name.removesuffix(".gguf")
     figure = numbered(folder, f"trace-fact-{model_name}", ".png")
     plot_causal_trace(results, figure)
-    for result, kind in zip(results, ("hidden", "mlp", "attn"), strict=True):
+    for result, kind in zip(results, KINDS, strict=True):
         path = figure.with_name(f"{figure.stem}-{kind}.json")
         result.to_json(path)
         print(f"result saved to {path}")
