@@ -82,6 +82,7 @@ class InterpretableModel:
         inputs: Inputs,
         interventions: Mapping[str, Intervention] | None = None,
         capture: Iterable[str] | None = None,
+        capture_attention: bool = False,
     ) -> Trace:
         """A forward pass to read activations from and intervene on, as a context manager.
 
@@ -92,13 +93,20 @@ class InterpretableModel:
                 the module `key` (or its input, for keys ending in `:input`).
             capture: record only these keys (faster, and nothing else is kept alive); by
                 default every module's input and output is recorded.
+            capture_attention: also record every attention module's probabilities
+                (batch, heads, queries, keys) as `"layers.3.self_attn:pattern"`; a key such as
+                that in `capture` records one layer's.
 
         Example:
             >>> with model.trace(corrupted, interventions={"layers.10.mlp": iv.zero_out}):
             ...     logits = model.output.save()
+            >>> with model.trace(prompt, capture_attention=True) as trace:
+            ...     pattern = trace.activations["layers.3.self_attn:pattern"]
         """
+        if not isinstance(capture_attention, bool):
+            raise InputTypeError(f"capture_attention is True or False; got {capture_attention!r}.")
         return Trace(self.model, self.tree, self._tokens(inputs), interventions, capture,
-                     on_enter=self._begin_trace, on_exit=self._end_trace)
+                     capture_attention, on_enter=self._begin_trace, on_exit=self._end_trace)
 
     def _begin_trace(self, trace: Trace) -> None:
         if self._active is not None:

@@ -58,6 +58,12 @@ def smollm2():
     return mlxterp.load("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """(bare model, tokenizer) of the bundled Gemma 3 270M in float32."""
+    return mlxterp.load("gemma3-270m")
+
+
 SMOLLM2_VOCAB = 49152
 
 

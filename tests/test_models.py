@@ -49,11 +49,6 @@ def test_smollm2_says_paris(smollm2):
     assert tokenizer.decode([mx.argmax(logits).item()]) == " Paris"
 
 
-@pytest.fixture(scope="module")
-def gemma3():
-    return mlxterp.load("gemma3-270m")
-
-
 def test_gemma3_matches_reference(gemma3):
     """mlx-lm's Gemma 3 rounds the embedding scale sqrt(640) to bfloat16 (25.25 instead of
     25.2982), as Google's bfloat16 reference does; transformers and llama.cpp do not. With that

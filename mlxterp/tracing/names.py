@@ -9,6 +9,9 @@ Two suffixes address more than a module's output:
   concatenated head outputs),
 - `name#k` is the k-th call (from 0) of a module called several times in one forward; `name`
   alone is its first call when read, and every call when intervened on.
+
+An attention module's probabilities are read (never intervened on) as `name:pattern`, e.g.
+`layers.3.self_attn:pattern` (see `attention.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mlxterp.errors import InputTypeError, MlxterpError
 
 ROOT = "model"
 OUTPUT_KEY = "output"  # the key of the model's own output in `trace.activations`
+PATTERN = ":pattern"  # the key suffix of an attention module's probabilities (read-only)
 
 _SITE = re.compile(r"^(?P<module>[^#:]+)(?:#(?P<call>\d+))?(?::(?P<input>input))?$")
 
@@ -222,6 +226,11 @@ class ModuleTree:
         """The key a trace stores an activation under: full name, with `#k` only past call 0."""
         if key == OUTPUT_KEY:
             return key
+        if isinstance(key, str) and key.endswith(PATTERN):
+            site = self.site(key[:-len(PATTERN)])
+            if site.is_input:
+                raise UnknownModuleError(f"{key!r}: ':pattern' follows a module name, not ':input'.")
+            return Site(site.module, site.call or None).key + PATTERN
         site = self.site(key)
         if site.module == ROOT and not site.is_input and not site.call:
             return OUTPUT_KEY  # the wrapped model's own output is the trace's output

@@ -15,8 +15,17 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.tracing.attention import AttentionCaptureError, AttentionLayout, attention_layouts
 from mlxterp.tracing.intercept import call_patched, intercepted
-from mlxterp.tracing.names import OUTPUT_KEY, ROOT, ModuleTree, NotReachedError, Site, UnknownModuleError
+from mlxterp.tracing.names import (
+    OUTPUT_KEY,
+    PATTERN,
+    ROOT,
+    ModuleTree,
+    NotReachedError,
+    Site,
+    UnknownModuleError,
+)
 
 Intervention = Callable[[mx.array], mx.array]
 
@@ -48,6 +57,12 @@ class Activations(Mapping):
     def __getitem__(self, key: str):
         canonical = self._tree.canonical_key(key)
         if canonical not in self._store:
+            if canonical.endswith(PATTERN):
+                raise NotRecordedError(
+                    f"{canonical!r} was not recorded in this trace: attention probabilities are "
+                    "recorded with `model.trace(..., capture_attention=True)`, or by naming the "
+                    "key in `capture`."
+                )
             raise NotRecordedError(
                 f"{canonical!r} was not recorded in this trace: the module was not called that "
                 "often in the forward pass, or the trace's `capture` list left it out."
@@ -76,6 +91,10 @@ class Trace:
     holds every recorded activation by full name (and `"output"`, the model's output); after
     the block the trace lets go of them, keeping only what was `.save()`d.
 
+    With `capture_attention=True` (or keys such as `"layers.3.self_attn:pattern"` in `capture`)
+    it also holds each attention module's probabilities (batch, heads, queries, keys), rebuilt
+    as `tracing.attention` describes.
+
     Example:
         >>> with model.trace("The capital of France is") as trace:
         ...     mlp = trace.activations["layers.10.mlp"]
@@ -88,6 +107,7 @@ class Trace:
         inputs: mx.array,
         interventions: Mapping[str, Intervention] | None = None,
         capture: Iterable[str] | None = None,
+        capture_attention: bool = False,
         on_enter: Callable[[Trace], None] = lambda trace: None,
         on_exit: Callable[[], None] = lambda: None,
     ):
@@ -108,6 +128,9 @@ class Trace:
         self._capture = None if capture is None else {
             tree.canonical_key(key) for key in _capture_keys(capture)
         }
+        self._attention = _wanted_attention(tree, self._capture, capture_attention)
+        # rope name -> its outputs (queries, keys) during the current call of its attention module
+        self._rotated: dict[str, list[mx.array]] = {}
         self._store: dict[str, object] = {}
         self._calls: Counter[str] = Counter()
         self._open = False
@@ -119,8 +142,11 @@ class Trace:
         if self._capture is None:
             modules = set(self._tree.modules) - {ROOT}
         else:
-            modules = {self._tree.site(key).module for key in self._capture if key != OUTPUT_KEY}
+            modules = {self._tree.site(key).module for key in self._capture
+                       if key != OUTPUT_KEY and not key.endswith(PATTERN)}
         modules |= {plan.site.module for plan in self._planned}
+        for layout in self._attention.values():
+            modules |= {layout.module, layout.rope}
         return sorted(modules)
 
     def _wants(self, key: str) -> bool:
@@ -139,9 +165,24 @@ class Trace:
             stored = f"{key}:input" if is_input else key
             if self._wants(stored):
                 self._store[stored] = x
+            if not is_input and name in self._rotated:
+                self._rotated[name].append(x)
             return x
 
-        return call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
+        layout = self._attention.get(name)
+        if layout is None:
+            return call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
+        mask = layout.call_mask(module, args, kwargs)
+        self._rotated[layout.rope] = []
+        output = call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
+        rotated = self._rotated.pop(layout.rope)
+        if len(rotated) != 2:
+            raise AttentionCaptureError(
+                f"{layout.rope} ran {len(rotated)} times in one call of {name}; mlxterp rebuilds "
+                "attention from exactly two: the queries, then the keys."
+            )
+        self._store[key + PATTERN] = layout.pattern(*rotated, mask)
+        return output
 
     def __enter__(self) -> Trace:
         if self._done:
@@ -196,6 +237,22 @@ class Trace:
         """The model's output (logits for a language model)."""
         self._require_open("trace.output")
         return self._store[OUTPUT_KEY]
+
+
+def _wanted_attention(tree: ModuleTree, capture: set[str] | None,
+                      every_layer: bool) -> dict[str, AttentionLayout]:
+    """The attention modules whose probabilities a trace records, by full name."""
+    asked = set() if capture is None else {key for key in capture if key.endswith(PATTERN)}
+    if not every_layer and not asked:
+        return {}  # capture costs nothing when not asked for: nothing extra is intercepted
+    layouts = {layout.key: layout for layout in attention_layouts(tree)}
+    unknown = sorted(asked - set(layouts))
+    if unknown:
+        raise AttentionCaptureError(
+            f"{', '.join(map(repr, unknown))}: ':pattern' is read from attention modules, such as "
+            f"{next(iter(layouts))!r}, at their first call."
+        )
+    return {layout.module: layout for key, layout in layouts.items() if every_layer or key in asked}
 
 
 def _capture_keys(capture: object) -> list:

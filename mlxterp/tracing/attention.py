@@ -1,0 +1,133 @@
+"""Attention probabilities, rebuilt from what the model's attention module computes.
+
+mlx-lm's attention calls `mx.fast.scaled_dot_product_attention`, which never materialises the
+probabilities. A trace that asks for them intercepts three things the module already does, with
+the one interception mechanism: its rotary embedding's two calls (queries, then keys: after any
+q/k norm and RoPE, so Qwen 3's and Gemma 3's norms are included), and the mask the block passes
+in (`"causal"`, or Gemma 3's sliding-window array). The probabilities are then
+
+    softmax(scale * q @ k^T + mask)    with each key head repeated for its query heads (GQA),
+
+with the module's own `scale` (Gemma 3: `query_pre_attn_scalar ** -0.5`). The forward pass is
+not changed: the trace only reads these arrays, so its output stays the untraced one.
+
+Example:
+    >>> with model.trace(prompt, capture_attention=True) as trace:
+    ...     pattern = trace.activations["layers.3.self_attn:pattern"]   # (batch, heads, q, k)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from mlxterp.errors import MlxterpError
+from mlxterp.tracing.intercept import call_parameters
+from mlxterp.tracing.names import PATTERN, ModuleTree
+
+# What an attention module must have for its probabilities to be rebuilt: mlx-lm's layout.
+REQUIRED = ("rope", "scale", "n_heads", "n_kv_heads")
+
+
+class AttentionCaptureError(MlxterpError, ValueError):
+    """Attention probabilities asked of a model whose attention mlxterp cannot rebuild."""
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where one block's attention lives and how it scales its scores.
+
+    Example:
+        >>> attention_layouts(model.tree)[3]
+        AttentionLayout(module='model.model.layers.3.self_attn', rope='...self_attn.rope', ...)
+    """
+
+    module: str  # the attention module's full name
+    rope: str  # its rotary embedding: call 0 rotates the queries, call 1 the keys
+    scale: float
+    n_heads: int
+    n_kv_heads: int
+
+    @property
+    def key(self) -> str:
+        return self.module + PATTERN
+
+    def call_mask(self, module, args: tuple, kwargs: dict):
+        """The mask a block passed to this attention module (`module(x, mask, cache)`)."""
+        names = call_parameters(type(module))
+        if "mask" not in names:
+            raise AttentionCaptureError(
+                f"{self.module} takes no `mask` argument ({', '.join(names)}), so mlxterp cannot "
+                "tell which keys each query sees."
+            )
+
+        def argument(name: str):
+            index = names.index(name)
+            return args[index] if index < len(args) else kwargs.get(name)
+
+        if "cache" in names and argument("cache") is not None:
+            raise AttentionCaptureError(
+                f"{self.module} was called with a KV cache; attention probabilities are read in a "
+                "trace of the whole sequence, which runs without one."
+            )
+        return argument("mask")
+
+    def pattern(self, queries: mx.array, keys: mx.array, mask) -> mx.array:
+        """Probabilities (batch, heads, queries, keys) in float32 from the rotated queries
+        (batch, heads, q, d) and keys (batch, kv_heads, k, d) and the block's mask."""
+        if queries.shape[1] != self.n_heads or keys.shape[1] != self.n_kv_heads:
+            raise AttentionCaptureError(
+                f"{self.module}: its rope was called with {queries.shape[1]} and {keys.shape[1]} "
+                f"heads, not {self.n_heads} query then {self.n_kv_heads} key heads; mlxterp "
+                "rebuilds attention only for modules that rotate queries, then keys."
+            )
+        keys = mx.repeat(keys, self.n_heads // self.n_kv_heads, axis=1)
+        scores = (queries.astype(mx.float32) * self.scale) @ keys.astype(mx.float32).swapaxes(-1, -2)
+        return mx.softmax(_masked(scores, mask), axis=-1)
+
+
+def _masked(scores: mx.array, mask) -> mx.array:
+    """`scores` with the block's mask applied as `mx.fast.scaled_dot_product_attention` does."""
+    if mask is None:
+        return scores
+    n_queries, n_keys = scores.shape[-2:]
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise AttentionCaptureError(f"unknown attention mask {mask!r}; mlxterp knows 'causal'.")
+        # A query at position i (of the last n_queries of n_keys) sees keys 0..i.
+        mask = mx.arange(n_keys - n_queries, n_keys)[:, None] >= mx.arange(n_keys)[None]
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
+    return scores + mask.astype(mx.float32)
+
+
+def attention_layouts(tree: ModuleTree) -> list[AttentionLayout]:
+    """The attention module of every block, in block order: the one module inside the block
+    with a `rope` child and the attributes `scale`, `n_heads` and `n_kv_heads` (mlx-lm's
+    Llama, Qwen 2/3, Gemma 3 and most other families).
+
+    Example:
+        >>> [layout.module for layout in attention_layouts(model.tree)][:1]
+        ['model.model.layers.0.self_attn']
+    """
+    if not tree.blocks:
+        raise AttentionCaptureError("this model has no list of blocks, so no attention layers to read.")
+    layouts = []
+    for index, block in enumerate(tree.blocks):
+        found = [name for name, module in tree.modules.items()
+                 if name.startswith(block + ".") and all(hasattr(module, a) for a in REQUIRED)
+                 and f"{name}.rope" in tree.modules]
+        if len(found) != 1:
+            children = sorted({n[len(block) + 1:].split(".")[0]
+                               for n in tree.modules if n.startswith(block + ".")})
+            raise AttentionCaptureError(
+                f"block {index} ({block}) has {len(found) or 'no'} attention module(s) mlxterp can "
+                f"read{': ' + ', '.join(found) if found else ''}. It looks for one module with a "
+                f"`rope` child and the attributes {', '.join(REQUIRED[1:])}, as mlx-lm's attention "
+                f"has; the block's children are {children}."
+            )
+        module = tree.modules[found[0]]
+        layouts.append(AttentionLayout(found[0], f"{found[0]}.rope", float(module.scale),
+                                       int(module.n_heads), int(module.n_kv_heads)))
+    return layouts
