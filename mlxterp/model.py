@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments import attribution, causal_tracing, patching
+from mlxterp.experiments import attribution, causal_tracing, lenses, patching
 from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
@@ -191,6 +191,16 @@ class InterpretableModel:
         """
         _check_options(options, causal_tracing.causal_trace)
         return causal_tracing.causal_trace(self, prompt, subject, **options)
+
+    def logit_lens(self, prompt, **options):
+        """The model's prediction after each block at each position: a `LensResult`; see
+        `mlxterp.experiments.lenses.logit_lens` (a tuned lens: `lens=TunedLens.load(...)`).
+
+        Example:
+            >>> model.logit_lens("The Eiffel Tower is in the city of", target=" Paris").plot()
+        """
+        _check_options(options, lenses.logit_lens)
+        return lenses.logit_lens(self, prompt, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------
 

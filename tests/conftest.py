@@ -30,6 +30,10 @@ FAMILY_CONFIGS = {
     "gemma3_text": dict(hidden_size=32, num_hidden_layers=7, intermediate_size=64,
                         num_attention_heads=4, num_key_value_heads=1, head_dim=8,
                         vocab_size=101, sliding_window=4, query_pre_attn_scalar=8),
+    # soft-caps its attention scores and its logits (set low so that the cap matters)
+    "gemma2": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, vocab_size=101,
+                   attn_logit_softcapping=0.5, final_logit_softcapping=2.0),
     "gpt2": dict(n_ctx=64, n_embd=32, n_head=4, n_layer=3, n_positions=64,
                  layer_norm_epsilon=1e-5, vocab_size=101),
     # calls its blocks as block(h, attn_scale, mask, cache=c)

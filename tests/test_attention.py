@@ -87,5 +87,14 @@ def test_one_layer_by_key_and_errors(tiny_smol):
 
 def test_a_family_without_rope_is_refused():
     model = InterpretableModel(tiny_model("gpt2"))
-    with pytest.raises(AttentionCaptureError, match=r"(?s)block 0.*`rope` child.*children are \['attn'"):
+    with pytest.raises(AttentionCaptureError, match=r"(?s)block 0.*children rope.*children are \['attn'"):
         model.trace([[1, 2, 3]], capture_attention=True)
+
+
+def test_a_family_with_another_formula_is_refused():
+    """Gemma 2 has every attribute mlxterp reads but soft-caps its scores: the check of pattern
+    @ V against the model's own output catches it, instead of returning wrong probabilities."""
+    model = InterpretableModel(tiny_model("gemma2"))
+    with pytest.raises(AttentionCaptureError, match=r"layers.0.self_attn do not reproduce.*soft-caps"):
+        with model.trace([[1, 2, 3, 4, 5]], capture_attention=True):
+            pass

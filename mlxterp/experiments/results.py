@@ -144,22 +144,12 @@ class PatchingResult:
                        "position": self.position, "answers": self.answers, **self.provenance}
         return frame
 
+    ARRAYS = {"recovery": np.float64, "baseline": np.float64, "noise": np.float64}
+
     def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
         """The result as JSON (written to `path` when given; an existing file only with
         `overwrite=True`); `from_json` reads it back exactly."""
-        data = {"format": FORMAT}
-        for name, value in vars(self).items():
-            if isinstance(value, np.ndarray):
-                value = value.tolist()
-            elif isinstance(value, SweepValues):
-                value = {key: array.tolist() for key, array in vars(value).items()}
-            elif isinstance(value, tuple):
-                value = list(value)
-            data[name] = value
-        text = json.dumps(data, indent=1)
-        if path is not None:
-            output_path(path, {".json"}, overwrite).write_text(text)
-        return text
+        return write_json(self, path, overwrite)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> PatchingResult:
@@ -169,29 +159,12 @@ class PatchingResult:
         Example:
             >>> PatchingResult.from_json("out/patch-smollm2-135m-mlp-layer-kl.json").top(3)
         """
-        text = str(text_or_path)
-        if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        data = json.loads(text)
-        written = data.pop("format", 1)
-        if written > FORMAT:
-            raise ResultFormatError(
-                f"this result is in format {written}, written by mlxterp "
-                f"{data.get('provenance', {}).get('mlxterp', '(a newer version)')}; this mlxterp "
-                f"reads formats 1 to {FORMAT}. Upgrade mlxterp to read it."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ResultFormatError(f"not a PatchingResult: unknown fields {sorted(unknown)}.")
-        for name in ("recovery", "baseline", "noise"):
-            if data.get(name) is not None:
-                data[name] = np.array(data[name], dtype=np.float64)
-        if data.get("metric_values") is not None:
-            data["metric_values"] = SweepValues(**{k: np.array(v, dtype=np.float64)
-                                                   for k, v in data["metric_values"].items()})
-        data["over"] = tuple(data["over"])
-        return cls(**data)
+        result = read_json(cls, text_or_path)
+        if result.metric_values is not None:
+            result.metric_values = SweepValues(**{k: np.array(v, dtype=np.float64)
+                                                  for k, v in result.metric_values.items()})
+        result.over = tuple(result.over)
+        return result
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
         """A bar chart (one axis), heatmap (two) or heatmaps faceted by head (three); for a
@@ -214,3 +187,42 @@ class PatchingResult:
         from mlxterp.presentation.report import write_html
 
         return write_html(self, path, overwrite=overwrite)
+
+
+def write_json(result, path: str | Path | None, overwrite: bool) -> str:
+    """A result dataclass as JSON text, written to `path` (.json) when given."""
+    data = {"format": FORMAT}
+    for name, value in vars(result).items():
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, SweepValues):
+            value = {key: array.tolist() for key, array in vars(value).items()}
+        elif isinstance(value, tuple):
+            value = list(value)
+        data[name] = value
+    text = json.dumps(data, indent=1)
+    if path is not None:
+        output_path(path, {".json"}, overwrite).write_text(text)
+    return text
+
+
+def read_json(cls, text_or_path: str | Path):
+    """A `cls` from JSON text or a file written by `write_json`, its `cls.ARRAYS` as numpy."""
+    text = str(text_or_path)
+    if not text.lstrip().startswith("{"):
+        text = Path(text_or_path).read_text()
+    data = json.loads(text)
+    written = data.pop("format", 1)
+    if written > FORMAT:
+        raise ResultFormatError(
+            f"this result is in format {written}, written by mlxterp "
+            f"{data.get('provenance', {}).get('mlxterp', '(a newer version)')}; this mlxterp "
+            f"reads formats 1 to {FORMAT}. Upgrade mlxterp to read it."
+        )
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ResultFormatError(f"not a {cls.__name__}: unknown fields {sorted(unknown)}.")
+    for name, dtype in cls.ARRAYS.items():
+        if data.get(name) is not None:
+            data[name] = np.array(data[name], dtype=dtype)
+    return cls(**data)

@@ -244,3 +244,44 @@ def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: 
     fig = effect_panels(panels, rows, [p in subject for p in positions], layers, text,
                         "indirect effect on P(answer)")
     return _show_or_save(fig, path, f"mlxterp-causal-trace-{model}")
+
+
+# -- lenses and heads ----------------------------------------------------------------------------
+
+
+def _cell_text(token: str, width: int = 8) -> str:
+    text = token.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def plot_lens(result, path: str | Path | None = None, overwrite: bool = False):
+    """The lens grid: layers up the side (last on top), positions across labelled with the input
+    tokens, each cell the top token, coloured by its probability (0 to 1).
+
+    Example:
+        >>> plot_lens(model.logit_lens("The Eiffel Tower is in"), "lens.png")
+    """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
+    probs = result.top_probs[:, :, 0]
+    width = 0.75 * len(result.positions) + 2.2
+    fig = _figure(width, 0.24 * len(result.layers) + 1.8)
+    ax = fig.subplots()
+    image = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
+    for (row, column), prob in np.ndenumerate(probs):
+        ax.text(column, row, _cell_text(result.top_tokens[row][column][0]), ha="center", va="center",
+                fontsize=6, color="white" if prob > 0.6 else "black")
+    ax.set_xticks(range(len(result.positions)),
+                  [_cell_text(repr(result.tokens[p])[1:-1], 10) for p in result.positions],
+                  rotation=60, ha="right", fontsize=7)
+    step = max(1, len(result.layers) // 15)
+    ax.set_yticks(range(0, len(result.layers), step), [str(x) for x in result.layers[::step]], fontsize=7)
+    ax.set_xlabel("input token (position)")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.8)
+    model = result.provenance.get("model", "")
+    target = f", target {result.target!r}" if result.target is not None else ""
+    prompt = f": {result.prompt!r}" if result.prompt else ""
+    _set_title(fig, f"{result.lens.capitalize()} lens{', ' + model if model else ''}{target}{prompt}",
+               width)
+    return _show_or_save(fig, path, f"mlxterp-{result.lens}-lens-{model}")

@@ -11,6 +11,10 @@ in (`"causal"`, or Gemma 3's sliding-window array). The probabilities are then
 with the module's own `scale` (Gemma 3: `query_pre_attn_scalar ** -0.5`). The forward pass is
 not changed: the trace only reads these arrays, so its output stays the untraced one.
 
+Each pattern is checked against the model's own result in the same trace: pattern @ V (from
+`v_proj`) must equal the attention output (the input of `o_proj`). A family whose attention is
+not this formula (Gemma 2 soft-caps its scores) is refused, not given wrong probabilities.
+
 Example:
     >>> with model.trace(prompt, capture_attention=True) as trace:
     ...     pattern = trace.activations["layers.3.self_attn:pattern"]   # (batch, heads, q, k)
@@ -27,7 +31,13 @@ from mlxterp.tracing.intercept import call_parameters
 from mlxterp.tracing.names import PATTERN, ModuleTree
 
 # What an attention module must have for its probabilities to be rebuilt: mlx-lm's layout.
-REQUIRED = ("rope", "scale", "n_heads", "n_kv_heads")
+CHILDREN = ("rope", "v_proj", "o_proj")
+ATTRIBUTES = ("scale", "n_heads", "n_kv_heads")
+# |pattern @ V - attention output| / max(1, |output|) above which the rebuilt probabilities are
+# not the model's: 0 on the CPU, where MLX's attention computes the same float32 products; a
+# fused GPU kernel rounds differently, by far less; a formula that differs (a soft cap, a
+# missing mask) is off by 1e-2 or more.
+MIXING_TOLERANCE = 1e-4
 
 
 class AttentionCaptureError(MlxterpError, ValueError):
@@ -44,7 +54,6 @@ class AttentionLayout:
     """
 
     module: str  # the attention module's full name
-    rope: str  # its rotary embedding: call 0 rotates the queries, call 1 the keys
     scale: float
     n_heads: int
     n_kv_heads: int
@@ -52,6 +61,31 @@ class AttentionLayout:
     @property
     def key(self) -> str:
         return self.module + PATTERN
+
+    @property
+    def rope(self) -> str:
+        """Its rotary embedding: call 0 rotates the queries, call 1 the keys."""
+        return f"{self.module}.rope"
+
+    @property
+    def values(self) -> str:
+        return f"{self.module}.v_proj"
+
+    @property
+    def mixed(self) -> str:
+        """The key of the attention output before the output projection."""
+        return f"{self.module}.o_proj:input"
+
+    def mixing_error(self, pattern: mx.array, values: mx.array, mixed: mx.array) -> mx.array:
+        """max |pattern @ V - mixed| / max(1, max |mixed|): how far the rebuilt probabilities
+        are from what the model computed, with V (batch, seq, kv_heads * d) from `v_proj` and
+        `mixed` (batch, seq, heads * d) the input of `o_proj`."""
+        batch, length, _ = values.shape
+        values = values.reshape(batch, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = mx.repeat(values, self.n_heads // self.n_kv_heads, axis=1).astype(mx.float32)
+        rebuilt = (pattern @ values).transpose(0, 2, 1, 3).reshape(mixed.shape)
+        mixed = mixed.astype(mx.float32)
+        return mx.abs(rebuilt - mixed).max() / mx.maximum(mx.abs(mixed).max(), 1.0)
 
     def call_mask(self, module, args: tuple, kwargs: dict):
         """The mask a block passed to this attention module (`module(x, mask, cache)`)."""
@@ -104,8 +138,8 @@ def _masked(scores: mx.array, mask) -> mx.array:
 
 def attention_layouts(tree: ModuleTree) -> list[AttentionLayout]:
     """The attention module of every block, in block order: the one module inside the block
-    with a `rope` child and the attributes `scale`, `n_heads` and `n_kv_heads` (mlx-lm's
-    Llama, Qwen 2/3, Gemma 3 and most other families).
+    with the children `rope`, `v_proj`, `o_proj` and the attributes `scale`, `n_heads` and
+    `n_kv_heads` (mlx-lm's Llama, Qwen 2/3, Gemma 3 and most other families).
 
     Example:
         >>> [layout.module for layout in attention_layouts(model.tree)][:1]
@@ -116,18 +150,18 @@ def attention_layouts(tree: ModuleTree) -> list[AttentionLayout]:
     layouts = []
     for index, block in enumerate(tree.blocks):
         found = [name for name, module in tree.modules.items()
-                 if name.startswith(block + ".") and all(hasattr(module, a) for a in REQUIRED)
-                 and f"{name}.rope" in tree.modules]
+                 if name.startswith(block + ".") and all(hasattr(module, a) for a in ATTRIBUTES)
+                 and all(f"{name}.{child}" in tree.modules for child in CHILDREN)]
         if len(found) != 1:
             children = sorted({n[len(block) + 1:].split(".")[0]
                                for n in tree.modules if n.startswith(block + ".")})
             raise AttentionCaptureError(
                 f"block {index} ({block}) has {len(found) or 'no'} attention module(s) mlxterp can "
-                f"read{': ' + ', '.join(found) if found else ''}. It looks for one module with a "
-                f"`rope` child and the attributes {', '.join(REQUIRED[1:])}, as mlx-lm's attention "
-                f"has; the block's children are {children}."
+                f"read{': ' + ', '.join(found) if found else ''}. It looks for one module with the "
+                f"children {', '.join(CHILDREN)} and the attributes {', '.join(ATTRIBUTES)}, as "
+                f"mlx-lm's attention has; the block's children are {children}."
             )
         module = tree.modules[found[0]]
-        layouts.append(AttentionLayout(found[0], f"{found[0]}.rope", float(module.scale),
-                                       int(module.n_heads), int(module.n_kv_heads)))
+        layouts.append(AttentionLayout(found[0], float(module.scale), int(module.n_heads),
+                                       int(module.n_kv_heads)))
     return layouts

@@ -15,7 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.tracing.attention import AttentionCaptureError, AttentionLayout, attention_layouts
+from mlxterp.tracing.attention import (
+    MIXING_TOLERANCE,
+    AttentionCaptureError,
+    AttentionLayout,
+    attention_layouts,
+)
 from mlxterp.tracing.intercept import call_patched, intercepted
 from mlxterp.tracing.names import (
     OUTPUT_KEY,
@@ -129,8 +134,10 @@ class Trace:
             tree.canonical_key(key) for key in _capture_keys(capture)
         }
         self._attention = _wanted_attention(tree, self._capture, capture_attention)
-        # rope name -> its outputs (queries, keys) during the current call of its attention module
-        self._rotated: dict[str, list[mx.array]] = {}
+        # During a call of an attention module: what its rope returned (queries, keys), its
+        # v_proj returned and its o_proj was given, by key; after it, each layer's check.
+        self._watched: dict[str, list[mx.array]] = {}
+        self._mixing_errors: list[tuple[str, mx.array]] = []
         self._store: dict[str, object] = {}
         self._calls: Counter[str] = Counter()
         self._open = False
@@ -146,7 +153,7 @@ class Trace:
                        if key != OUTPUT_KEY and not key.endswith(PATTERN)}
         modules |= {plan.site.module for plan in self._planned}
         for layout in self._attention.values():
-            modules |= {layout.module, layout.rope}
+            modules |= {layout.module, layout.rope, layout.values, layout.mixed.removesuffix(":input")}
         return sorted(modules)
 
     def _wants(self, key: str) -> bool:
@@ -165,23 +172,27 @@ class Trace:
             stored = f"{key}:input" if is_input else key
             if self._wants(stored):
                 self._store[stored] = x
-            if not is_input and name in self._rotated:
-                self._rotated[name].append(x)
+            watched = self._watched.get(f"{name}:input" if is_input else name)
+            if watched is not None:  # every call, whatever its number
+                watched.append(x)
             return x
 
         layout = self._attention.get(name)
         if layout is None:
             return call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
         mask = layout.call_mask(module, args, kwargs)
-        self._rotated[layout.rope] = []
+        self._watched.update({layout.rope: [], layout.values: [], layout.mixed: []})
         output = call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
-        rotated = self._rotated.pop(layout.rope)
-        if len(rotated) != 2:
+        rotated, values, mixed = (self._watched.pop(k) for k in (layout.rope, layout.values, layout.mixed))
+        if (len(rotated), len(values), len(mixed)) != (2, 1, 1):
             raise AttentionCaptureError(
-                f"{layout.rope} ran {len(rotated)} times in one call of {name}; mlxterp rebuilds "
-                "attention from exactly two: the queries, then the keys."
+                f"in one call of {name}, its rope ran {len(rotated)} times, v_proj "
+                f"{len(values)} and o_proj {len(mixed)}; mlxterp rebuilds attention from a rope "
+                "that rotates the queries, then the keys, and one v_proj and o_proj call."
             )
-        self._store[key + PATTERN] = layout.pattern(*rotated, mask)
+        pattern = layout.pattern(*rotated, mask)
+        self._store[key + PATTERN] = pattern
+        self._mixing_errors.append((name, layout.mixing_error(pattern, values[0], mixed[0])))
         return output
 
     def __enter__(self) -> Trace:
@@ -193,6 +204,7 @@ class Trace:
             with intercepted(self._tree, self._probed_modules(), self._handle_call):
                 output = self._model(self._inputs)
             self._check_interventions_ran()
+            self._check_attention()
         except BaseException:
             self._close()
             raise
@@ -216,6 +228,20 @@ class Trace:
                     f"{calls} time(s) in this forward pass."
                     + (" A module's calls are numbered from #0." if plan.site.call else "")
                 )
+
+    def _check_attention(self) -> None:
+        """Every recorded pattern must reproduce its module's output (see `tracing.attention`)."""
+        if not self._mixing_errors:
+            return
+        errors = mx.stack([error for _, error in self._mixing_errors]).tolist()  # one evaluation
+        worst = max(range(len(errors)), key=lambda i: errors[i])
+        if not errors[worst] <= MIXING_TOLERANCE:  # also refuses NaN
+            raise AttentionCaptureError(
+                f"the attention probabilities rebuilt for {self._mixing_errors[worst][0]} do not "
+                f"reproduce its output (relative error {errors[worst]:.2g}): this family's "
+                "attention is not softmax(scale * q @ k^T + mask) (Gemma 2, for one, soft-caps "
+                "its scores), so mlxterp does not report probabilities for it."
+            )
 
     # -- reading -------------------------------------------------------------------------------
 

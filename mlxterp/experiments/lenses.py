@@ -1,0 +1,299 @@
+"""The logit lens: what the model would predict if it stopped after each block.
+
+The residual stream after block l goes through the model's own head, its final norm and
+unembedding (tied or not, with any logit soft cap), as if it were the last block's output.
+`Unembedding` finds that head by watching one forward pass: the module that takes the last
+block's output is the final norm, the module that takes the norm's output is the unembedding
+(none: the embedding is tied and its `as_linear` unembeds). Every lens run checks the head it
+found against the model: at the last block the lens must give the model's own logits.
+
+A tuned lens (`tuned_lens.py`) puts each layer's residual through a trained affine translator
+first; everything else is the same code.
+
+Example:
+    >>> result = model.logit_lens("The Eiffel Tower is in the city of", target=" Paris")
+    >>> result.plot(); result.target_rank[:, -1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.experiments.metrics import LOGIT_NOISE
+from mlxterp.experiments.patching import provenance, token_id
+from mlxterp.experiments.results import read_json, write_json
+from mlxterp.experiments.sites import is_index
+from mlxterp.tracing.inputs import Inputs
+from mlxterp.tracing.names import ROOT
+
+# Lens logits are made this many elements at a time (float32: 256 MiB), whole layers at once.
+CHUNK_ELEMENTS = 2**26
+# At the last block the lens is the model's head on the same rows in another batch layout: it
+# must give the model's logits to within float32 noise, 10x the per-element noise model.
+HEAD_TOLERANCE = 10 * LOGIT_NOISE
+
+
+class LensError(MlxterpError, ValueError):
+    """A lens that cannot be made or applied: no head found, a layer or position out of range."""
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The model's head, from a residual (..., d_model) to logits: norm, unembedding, soft cap.
+
+    Example:
+        >>> head = Unembedding.of(model)
+        >>> head.norm, head.unembedding, head.tied
+        ('model.model.norm', 'model.model.embed_tokens', True)
+    """
+
+    norm: str  # full module names
+    unembedding: str
+    tied: bool  # the unembedding is the input embedding's `as_linear`
+    softcap: float | None  # logits = softcap * tanh(logits / softcap), when the model caps them
+    _modules: tuple[nn.Module, nn.Module] = field(repr=False, compare=False)
+
+    def __call__(self, residual: mx.array) -> mx.array:
+        norm, unembedding = self._modules
+        hidden = norm(residual)
+        logits = unembedding.as_linear(hidden) if self.tied else unembedding(hidden)
+        if self.softcap:
+            logits = mx.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def describe(self) -> dict:
+        return {"norm": self.norm, "unembedding": self.unembedding, "tied": self.tied,
+                "softcap": self.softcap}
+
+    @classmethod
+    def of(cls, model) -> Unembedding:
+        """Find the head of a wrapped model by tracing two tokens (see the module's docstring)."""
+        tree = model.tree
+        if not tree.blocks:
+            raise LensError("this model has no list of blocks, so no residual stream to read.")
+        outside = [name for name in tree.modules
+                   if name != ROOT and tree.block_of(name) is None and name != tree.blocks_name]
+        last = tree.blocks[-1]
+        with model.trace([[0, 1]], capture=[last, *outside, *(f"{n}:input" for n in outside)]) as trace:
+            recorded = trace.activations
+
+            def taking(value) -> list[str]:
+                return [n for n in outside if f"{n}:input" in recorded and recorded[f"{n}:input"] is value]
+
+            norms = taking(recorded[last])
+            unembeddings = taking(recorded[norms[0]]) if norms else []
+        if len(norms) != 1:
+            raise LensError(
+                f"cannot find the model's final norm: of the modules outside the blocks "
+                f"({', '.join(outside)}), {len(norms) or 'none'} take(s) the last block's output. "
+                "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
+            )
+        tied = not unembeddings
+        if tied:
+            embeddings = [n for n in outside
+                          if isinstance(tree.modules[n], nn.Embedding | nn.QuantizedEmbedding)]
+            if len(embeddings) != 1:
+                raise LensError(
+                    f"cannot find the unembedding: no module takes the output of {norms[0]}, and "
+                    f"the modules outside the blocks ({', '.join(outside)}) hold "
+                    f"{len(embeddings) or 'no'} embedding(s) to tie it to. Pass unembed=lambda h: ..."
+                )
+            unembeddings = embeddings
+        softcap = getattr(getattr(tree.modules[ROOT], "args", None), "final_logit_softcapping", None)
+        return cls(norms[0], unembeddings[0], tied, softcap,
+                   (tree.modules[norms[0]], tree.modules[unembeddings[0]]))
+
+
+@dataclass
+class LensResult:
+    """What the model predicts after each block, at each position of one prompt.
+
+    Arrays are indexed [layer, position] over `layers` and `positions`; probabilities are of the
+    lens's softmax; `kl[l, p]` is KL(final || lens) in nats; `target_rank` is 0 for the top token.
+
+    Example:
+        >>> result.to_dataframe().query("position == 13")[["layer", "top_token", "kl"]]
+    """
+
+    prompt: str | None
+    tokens: list[str]  # every token of the prompt
+    layers: list[int]
+    positions: list[int]
+    lens: str  # "logit" or "tuned"
+    top_ids: np.ndarray  # (layers, positions, top)
+    top_tokens: list  # [layer][position][k] token strings
+    top_probs: np.ndarray  # (layers, positions, top)
+    kl: np.ndarray  # (layers, positions)
+    target: str | None = None
+    target_id: int | None = None
+    target_prob: np.ndarray | None = None  # (layers, positions)
+    target_rank: np.ndarray | None = None  # (layers, positions)
+    head: dict = field(default_factory=dict)  # how residuals became logits (`Unembedding.describe`)
+    provenance: dict = field(default_factory=dict)
+
+    ARRAYS = {"top_ids": np.int64, "top_probs": np.float64, "kl": np.float64,
+              "target_prob": np.float64, "target_rank": np.int64}
+
+    def __repr__(self) -> str:
+        final = [tokens[0] for tokens in self.top_tokens[-1]]
+        return (f"LensResult({self.lens} lens, {len(self.layers)} layers x {len(self.positions)} "
+                f"positions, {self.provenance.get('model', 'unknown model')})\n"
+                f"  top token at layer {self.layers[-1]}: {final}")
+
+    def to_dataframe(self):
+        """One row per (layer, position): the input token, the top token and its probability,
+        the top tokens, KL to the final distribution, [the target's probability and rank]."""
+        import pandas as pd
+
+        records = []
+        for i, layer in enumerate(self.layers):
+            for j, position in enumerate(self.positions):
+                record = {"layer": layer, "position": position, "token": self.tokens[position],
+                          "top_token": self.top_tokens[i][j][0], "top_prob": float(self.top_probs[i, j, 0]),
+                          "top_tokens": self.top_tokens[i][j], "kl": float(self.kl[i, j])}
+                if self.target_prob is not None:
+                    record["target_prob"] = float(self.target_prob[i, j])
+                    record["target_rank"] = int(self.target_rank[i, j])
+                records.append(record)
+        frame = pd.DataFrame.from_records(records)
+        frame.attrs = {"lens": self.lens, "target": self.target, **self.head, **self.provenance}
+        return frame
+
+    def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
+        """The result as JSON (written to `path` when given); `from_json` reads it back."""
+        return write_json(self, path, overwrite)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> LensResult:
+        return read_json(cls, text_or_path)
+
+    def plot(self, path: str | Path | None = None, overwrite: bool = False):
+        """The grid: layers x positions, the top token in each cell, coloured by its probability."""
+        from mlxterp.presentation.plots import plot_lens
+
+        return plot_lens(self, path, overwrite=overwrite)
+
+
+def _indices(values, size: int, what: str) -> list[int]:
+    """`values` (None: all) as sorted, distinct indices in 0..size-1; negative ones count back."""
+    if values is None:
+        return list(range(size))
+    if is_index(values):
+        values = [values]
+    if isinstance(values, str) or not isinstance(values, Sequence | range) or not values:
+        raise InputTypeError(f"{what} must be a non-empty list of ints or None (all); got {values!r}.")
+    chosen = []
+    for value in values:
+        if not is_index(value):
+            raise InputTypeError(f"{what} must be ints; got {value!r}.")
+        if not -size <= value < size:
+            raise LensError(f"{what[:-1]} {value} is out of range: there are {size} (0 to {size - 1}).")
+        chosen.append(int(value) % size)
+    return sorted(set(chosen))
+
+
+def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
+               positions: Sequence[int] | None = None, top: int = 5, target: str | int | None = None,
+               lens=None, unembed: Callable[[mx.array], mx.array] | None = None) -> LensResult:
+    """The model's prediction after each block (`layers`) at each position of one prompt.
+
+    Args:
+        prompt: a string or one row of token ids.
+        layers, positions: indices (negative count from the end); None: all.
+        top: how many top tokens to keep per cell.
+        target: one token (' Paris' or an id) whose probability and rank to follow.
+        lens: a `TunedLens` for this model: each residual goes through its layer's translator.
+        unembed: the model's head as a function residual -> logits, when mlxterp cannot find
+            it (see `Unembedding`).
+
+    Example:
+        >>> result = logit_lens(model, "The Eiffel Tower is in the city of", target=" Paris")
+    """
+    if not is_index(top) or top < 1:
+        raise InputTypeError(f"top must be a positive int; got {top!r}.")
+    tokens = model._tokens(prompt)
+    if tokens.shape[0] != 1:
+        raise InputTypeError(f"the lens reads one prompt; got {tokens.shape[0]} rows.")
+    n_layers, length = len(model.tree.blocks), tokens.shape[1]
+    layers = _indices(layers, n_layers, "layers")
+    positions = _indices(positions, length, "positions")
+    target_id = None if target is None else token_id(model, target, "target")
+    if lens is not None:
+        lens.check_model(model)
+    head = unembed if unembed is not None else Unembedding.of(model)
+    last = n_layers - 1
+    blocks = model.tree.blocks
+    with model.trace(tokens, capture=[*(blocks[i] for i in sorted({*layers, last})), "output"]) as trace:
+        residuals = {i: trace.activations[blocks[i]][0] for i in {*layers, last}}
+        final = trace.output[0].astype(mx.float32)
+    _check_head(head, residuals[last], final)
+    final = final[mx.array(positions)]
+    final_log_probs = final - mx.logsumexp(final, axis=-1, keepdims=True)
+    final_probs = mx.exp(final_log_probs)
+    per_chunk = max(1, CHUNK_ELEMENTS // (final.shape[-1] * len(positions)))
+    chunks = [_lens_cells(head, lens, residuals, layers[i:i + per_chunk], positions, final_probs,
+                          final_log_probs, top, target_id) for i in range(0, len(layers), per_chunk)]
+    top_ids, top_probs, kl, target_prob, target_rank = (
+        None if chunks[0][k] is None else np.concatenate([c[k] for c in chunks]) for k in range(5))
+    return LensResult(
+        prompt=prompt if isinstance(prompt, str) else None, tokens=_strings(model, tokens[0].tolist()),
+        layers=layers, positions=positions, lens="logit" if lens is None else "tuned",
+        top_ids=top_ids, top_tokens=[[_strings(model, cell) for cell in row] for row in top_ids.tolist()],
+        top_probs=top_probs, kl=kl, target=None if target is None else _strings(model, [target_id])[0],
+        target_id=target_id, target_prob=target_prob, target_rank=target_rank,
+        head=head.describe() if isinstance(head, Unembedding) else {"unembed": "given"},
+        provenance=provenance(model.model),
+    )
+
+
+def _check_head(head, residual: mx.array, logits: mx.array) -> None:
+    """The head applied to the last block's output must give the model's own logits."""
+    error = mx.abs(head(residual).astype(mx.float32) - logits).max().item()
+    scale = max(1.0, mx.abs(logits).max().item())
+    if not error <= HEAD_TOLERANCE * scale:  # also refuses NaN
+        found = head.describe() if isinstance(head, Unembedding) else "the unembed function given"
+        raise LensError(
+            f"the head ({found}) does not reproduce the model's logits from the last block's "
+            f"output: they differ by {error:.3g} (allowed {HEAD_TOLERANCE * scale:.2g}). The model "
+            "does more after its last block; pass unembed=lambda h: <what it does to h>."
+        )
+
+
+def _lens_cells(head, lens, residuals: dict, layers: list[int], positions: list[int],
+                final_probs: mx.array, final_log_probs: mx.array, top: int, target_id: int | None):
+    """Top tokens, KL and target statistics of some layers' lens at `positions`, as numpy."""
+    rows = mx.stack([residuals[layer][mx.array(positions)] for layer in layers])  # (L, P, d)
+    if lens is not None:
+        rows = mx.stack([lens.translate(layer, row) for layer, row in zip(layers, rows, strict=True)])
+    logits = head(rows).astype(mx.float32)
+    normaliser = mx.logsumexp(logits, axis=-1)  # the one exp pass over the vocabulary
+    log_probs = logits - normaliser[..., None]
+    # From log-probabilities, not from two large sums that cancel: 4e-7 nats where the lens is
+    # the model, against 8e-5 for sum(p * (log p - logits)) + logsumexp(logits) in float32.
+    kl = (final_probs * (final_log_probs - log_probs)).sum(-1)
+    top = min(top, logits.shape[-1])
+    top_ids = mx.argpartition(-logits, top - 1, axis=-1)[..., :top]
+    top_logits = mx.take_along_axis(logits, top_ids, axis=-1)
+    order = mx.argsort(-top_logits, axis=-1)  # argpartition leaves the top unsorted
+    top_ids = mx.take_along_axis(top_ids, order, axis=-1)
+    top_probs = mx.exp(mx.take_along_axis(top_logits, order, axis=-1) - normaliser[..., None])
+    outputs = [top_ids, top_probs, kl]
+    if target_id is not None:
+        target_logit = logits[..., target_id]
+        outputs += [mx.exp(target_logit - normaliser), (logits > target_logit[..., None]).sum(-1)]
+    mx.eval(*outputs)
+    arrays = [np.array(a) for a in outputs]
+    return (*arrays, *([None, None] if target_id is None else []))
+
+
+def _strings(model, ids: list[int]) -> list[str]:
+    if model.tokenizer is None:
+        return [f"#{i}" for i in ids]
+    return [model.token_to_str(i) for i in ids]
