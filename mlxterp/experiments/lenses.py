@@ -2,9 +2,9 @@
 
 The residual stream after block l goes through the model's own head, its final norm and
 unembedding (tied or not, with any logit soft cap), as if it were the last block's output.
-`Unembedding` finds that head by watching one forward pass: the module that takes the last
-block's output is the final norm, the module that takes the norm's output is the unembedding
-(none: the embedding is tied and its `as_linear` unembeds). Every lens run checks the head it
+`Unembedding` finds that head by watching one forward pass of two tokens: the module that takes
+the last block's output is the final norm, the module that takes the norm's output is the
+unembedding (none: the embedding is tied and its `as_linear` unembeds). Every lens run checks the head it
 found against the model: at the last block the lens must give the model's own logits.
 
 A tuned lens (`tuned_lens.py`) puts each layer's residual through a trained affine translator
@@ -54,15 +54,15 @@ class Unembedding:
         ('model.model.norm', 'model.model.embed_tokens', True)
     """
 
-    norm: str  # full module names
+    norm: str | None  # full module names; None: the model has no final norm
     unembedding: str
     tied: bool  # the unembedding is the input embedding's `as_linear`
     softcap: float | None  # logits = softcap * tanh(logits / softcap), when the model caps them
-    _modules: tuple[nn.Module, nn.Module] = field(repr=False, compare=False)
+    _modules: tuple[nn.Module | None, nn.Module] = field(repr=False, compare=False)
 
     def __call__(self, residual: mx.array) -> mx.array:
         norm, unembedding = self._modules
-        hidden = norm(residual)
+        hidden = residual if norm is None else norm(residual)
         logits = unembedding.as_linear(hidden) if self.tied else unembedding(hidden)
         if self.softcap:
             logits = mx.tanh(logits / self.softcap) * self.softcap
@@ -74,7 +74,9 @@ class Unembedding:
 
     @classmethod
     def of(cls, model) -> Unembedding:
-        """Find the head of a wrapped model by tracing two tokens (see the module's docstring)."""
+        """Find the head of a wrapped model by tracing two tokens: the module that takes the
+        last block's output is the final norm if it keeps its shape (else it unembeds); the
+        module that takes the norm's output unembeds (none: the tied input embedding does)."""
         tree = model.tree
         if not tree.blocks:
             raise LensError("this model has no list of blocks, so no residual stream to read.")
@@ -84,31 +86,33 @@ class Unembedding:
         with model.trace([[0, 1]], capture=[last, *outside, *(f"{n}:input" for n in outside)]) as trace:
             recorded = trace.activations
 
-            def taking(value) -> list[str]:
-                return [n for n in outside if f"{n}:input" in recorded and recorded[f"{n}:input"] is value]
+            def taking(value) -> str | None:
+                found = [n for n in outside if f"{n}:input" in recorded and recorded[f"{n}:input"] is value]
+                return found[0] if len(found) == 1 else None
 
-            norms = taking(recorded[last])
-            unembeddings = taking(recorded[norms[0]]) if norms else []
-        if len(norms) != 1:
-            raise LensError(
-                f"cannot find the model's final norm: of the modules outside the blocks "
-                f"({', '.join(outside)}), {len(norms) or 'none'} take(s) the last block's output. "
-                "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
-            )
-        tied = not unembeddings
+            first = taking(recorded[last])
+            if first is None:
+                raise LensError(
+                    f"cannot find the model's head: none of the modules outside the blocks "
+                    f"({', '.join(outside)}) is the one module that takes the last block's output. "
+                    "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
+                )
+            is_norm = recorded[first].shape == recorded[f"{first}:input"].shape
+            norm, unembedding = (first, taking(recorded[first])) if is_norm else (None, first)
+        tied = unembedding is None
         if tied:
             embeddings = [n for n in outside
                           if isinstance(tree.modules[n], nn.Embedding | nn.QuantizedEmbedding)]
             if len(embeddings) != 1:
                 raise LensError(
-                    f"cannot find the unembedding: no module takes the output of {norms[0]}, and "
+                    f"cannot find the unembedding: no module takes the output of {norm}, and "
                     f"the modules outside the blocks ({', '.join(outside)}) hold "
                     f"{len(embeddings) or 'no'} embedding(s) to tie it to. Pass unembed=lambda h: ..."
                 )
-            unembeddings = embeddings
+            unembedding = embeddings[0]
         softcap = getattr(getattr(tree.modules[ROOT], "args", None), "final_logit_softcapping", None)
-        return cls(norms[0], unembeddings[0], tied, softcap,
-                   (tree.modules[norms[0]], tree.modules[unembeddings[0]]))
+        return cls(norm, unembedding, tied, softcap,
+                   (tree.modules.get(norm), tree.modules[unembedding]))
 
 
 @dataclass
