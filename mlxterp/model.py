@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments import attribution, causal_tracing, lenses, patching
+from mlxterp.experiments import attribution, causal_tracing, heads, lenses, patching
 from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
 from mlxterp.tracing.trace import Intervention, Trace, TraceError
@@ -201,6 +201,16 @@ class InterpretableModel:
         """
         _check_options(options, lenses.logit_lens)
         return lenses.logit_lens(self, prompt, **options)
+
+    def detect_heads(self, tokens=None, **options):
+        """Previous-token, duplicate-token and induction scores of every attention head: a
+        `HeadScores`; see `mlxterp.experiments.heads.detect_heads`.
+
+        Example:
+            >>> model.detect_heads().top("induction", 3)
+        """
+        _check_options(options, heads.detect_heads)
+        return heads.detect_heads(self, tokens, **options)
 
     # -- tokenizer helpers ---------------------------------------------------------------------
 

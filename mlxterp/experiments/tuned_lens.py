@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten
 from mlxterp.errors import InputTypeError
 from mlxterp.experiments.lenses import LensError, Unembedding
 from mlxterp.models.identity import model_name, weights_sha256
+from mlxterp.models.load import cache_dir
 from mlxterp.paths import output_path
 
 
@@ -78,6 +79,23 @@ class TunedLens(nn.Module):
                     "model_sha256": self.model_sha256, "trained_on": json.dumps(self.trained_on)}
         mx.save_safetensors(str(path), dict(tree_flatten(self.parameters())), metadata=metadata)
         return path
+
+    @staticmethod
+    def default_path(model) -> Path:
+        """Where `mlxterp train-lens` keeps the lens of `model`: the cache, by weights hash."""
+        name = Path(model_name(model.model)).name.removesuffix(".gguf")
+        return cache_dir() / "tuned-lenses" / f"{name}-{weights_sha256(model.model)[:12]}.safetensors"
+
+    @classmethod
+    def for_model(cls, model) -> TunedLens:
+        """The lens `mlxterp train-lens` trained for `model`."""
+        path = cls.default_path(model)
+        if not path.exists():
+            raise LensError(
+                f"no tuned lens has been trained for {model_name(model.model)} (looked for {path}); "
+                f"train one with `mlxterp train-lens --model {model_name(model.model)}`."
+            )
+        return cls.load(path)
 
     @classmethod
     def load(cls, path: str | Path) -> TunedLens:
@@ -135,6 +153,18 @@ def lens_kl(model, lens: TunedLens | None, head: Unembedding, tokens: mx.array) 
         log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         kls.append((final_probs * (final_log_probs - log_probs)).sum(-1))
     return mx.stack(kls)
+
+
+def kl_per_layer(model, lens: TunedLens | None, tokens: mx.array) -> np.ndarray:
+    """Mean KL(final || lens) per layer (all but the last) over windows of tokens, leaving out
+    position 0 (see `train_tuned_lens`): the curve of Belrose et al.'s figure. None: the logit
+    lens.
+
+    Example:
+        >>> kl_per_layer(model, lens, token_windows(model, held_out, 64)[:8])
+    """
+    head = Unembedding.of(model)
+    return np.array(lens_kl(model, lens, head, tokens)[:, :, 1:].mean(axis=(1, 2)))
 
 
 def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 2,

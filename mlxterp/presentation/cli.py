@@ -1,5 +1,5 @@
 """The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
-`mlxterp doctor`, `mlxterp demo`."""
+`mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -68,18 +68,22 @@ def _sweep_options(args: argparse.Namespace) -> dict:
                 wrong_answer=args.wrong_answer, direction=args.direction)
 
 
-def _save(result, out: str, verb: str, html: bool) -> None:
-    """Write the result's JSON and plot into `out` (created if missing), named after the verb,
-    the model and the sweep, and numbered so that no earlier result is overwritten."""
+def _model_label(result) -> str:
+    from pathlib import Path
+
+    return Path(result.provenance["model"]).name.removesuffix(".gguf")
+
+
+def _save(result, out: str, parts: list[str], html: bool = False) -> None:
+    """Write the result's JSON and plot into `out` (created if missing), named by `parts` (the
+    verb, the model, what was run), numbered so that no earlier result is overwritten."""
     from pathlib import Path
 
     from mlxterp.paths import numbered
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    model = Path(result.provenance["model"]).name.removesuffix(".gguf")
-    stem = "-".join([verb, model, result.component, *result.over, result.metric]).replace("/", "_")
-    json_path = numbered(folder, stem, ".json")
+    json_path = numbered(folder, "-".join(parts).replace("/", "_"), ".json")
     result.to_json(json_path)
     result.plot(json_path.with_suffix(".png"), overwrite=True)  # beside a JSON numbered just now
     if html:
@@ -100,7 +104,7 @@ def patch(args: argparse.Namespace) -> int:
                                                **_sweep_options(args))
     print(tables.summary(result))
     print(tables.ranking(result, args.top))
-    _save(result, args.out, "patch", args.html)
+    _save(result, args.out, _sweep_name("patch", result), args.html)
     return 0
 
 
@@ -117,8 +121,12 @@ def attribute(args: argparse.Namespace) -> int:
         print(tables.verified(result, verify_top(model, result, args.verify)))
     else:
         print(tables.ranking(result, args.top))
-    _save(result, args.out, "attribute", args.html)
+    _save(result, args.out, _sweep_name("attribute", result), args.html)
     return 0
+
+
+def _sweep_name(verb: str, result) -> list[str]:
+    return [verb, _model_label(result), result.component, *result.over, result.metric]
 
 
 def trace_fact(args: argparse.Namespace) -> int:
@@ -158,6 +166,56 @@ def trace_fact(args: argparse.Namespace) -> int:
         path = figure.with_name(f"{figure.stem}-{kind}.json")
         result.to_json(path)
         print(f"result saved to {path}")
+    return 0
+
+
+def lens(args: argparse.Namespace) -> int:
+    """The logit (or tuned) lens of a prompt: print what each layer predicts at the last
+    position, write the grid and the JSON."""
+    from mlxterp.experiments.tuned_lens import TunedLens
+
+    model = _model(args.model)
+    tuned = None
+    if args.tuned is not None:
+        tuned = TunedLens.for_model(model) if args.tuned == "default" else TunedLens.load(args.tuned)
+    result = model.logit_lens(args.prompt, target=args.target, top=args.top, lens=tuned)
+    print(tables.lens_table(result))
+    _save(result, args.out, [f"{result.lens}-lens", _model_label(result)])
+    return 0
+
+
+def heads(args: argparse.Namespace) -> int:
+    """Previous-token, duplicate-token and induction scores of every head: print the top heads,
+    write the heatmaps and the JSON."""
+    result = _model(args.model).detect_heads(length=args.length, batch=args.batch, seed=args.seed)
+    for kind in result.kinds:
+        print(f"{kind:<10} " + ", ".join(f"{head} {score:.2f}" for head, score in result.top(kind, args.top)))
+    _save(result, args.out, ["heads", _model_label(result)])
+    return 0
+
+
+def train_lens(args: argparse.Namespace) -> int:
+    """Train a tuned lens on the Python reference (pydoc_data) and keep it where `lens --tuned`
+    finds it; print the held-out KL of the logit and the tuned lens per layer."""
+    from mlxterp.experiments.tuned_lens import (
+        TunedLens,
+        kl_per_layer,
+        python_reference_text,
+        token_windows,
+        train_tuned_lens,
+    )
+
+    model = _model(args.model)
+    training, held_out = python_reference_text()
+    trained = train_tuned_lens(model, training, steps=args.steps, batch=args.batch, length=args.length,
+                               learning_rate=args.learning_rate, corpus="pydoc_data.topics")
+    path = trained.save(args.save or TunedLens.default_path(model), overwrite=True)
+    print(f"tuned lens saved to {path} ({trained.trained_on['seconds']} s)")
+    windows = token_windows(model, held_out, args.length)[:args.held_out]
+    logit, tuned = (kl_per_layer(model, lens, windows) for lens in (None, trained))
+    print(f"held-out KL (nats) per layer, {len(windows)} windows of {args.length} tokens:")
+    print("\n".join(f"{layer:>5}  logit {a:7.3f}  tuned {b:7.3f}"
+                    for layer, (a, b) in enumerate(zip(logit, tuned, strict=True))))
     return 0
 
 
@@ -211,6 +269,29 @@ def _parser() -> argparse.ArgumentParser:
     fact.add_argument("--noise", type=float, help="noise sd (default: 3x the embeddings' sd)")
     fact.add_argument("--seed", type=int, default=0, help="seed of the noise")
     fact.add_argument("--out", default="mlxterp-out", help="folder for the figure and JSON")
+    lens_parser = commands.add_parser("lens", help="logit lens: what each layer predicts at each position")
+    lens_parser.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
+    lens_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    lens_parser.add_argument("--target", help="a token to follow, e.g. ' Paris'")
+    lens_parser.add_argument("--tuned", nargs="?", const="default", metavar="FILE",
+                             help="use a tuned lens: the one `train-lens` made, or FILE")
+    lens_parser.add_argument("--top", type=int, default=5, help="top tokens kept per cell")
+    lens_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
+    heads_parser = commands.add_parser("heads", help="previous-token, duplicate and induction heads")
+    heads_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    heads_parser.add_argument("--length", type=int, default=25, help="random tokens, repeated once")
+    heads_parser.add_argument("--batch", type=int, default=4, help="rows of random tokens")
+    heads_parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    heads_parser.add_argument("--top", type=int, default=5, help="heads printed per kind")
+    heads_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
+    train = commands.add_parser("train-lens", help="train a tuned lens on the Python reference text")
+    train.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    train.add_argument("--steps", type=int, default=60, help="Adam steps")
+    train.add_argument("--batch", type=int, default=2, help="windows per step")
+    train.add_argument("--length", type=int, default=64, help="tokens per window")
+    train.add_argument("--learning-rate", type=float, default=5e-4, help="peak rate, decaying to 0")
+    train.add_argument("--held-out", type=int, default=8, help="held-out windows to report KL on")
+    train.add_argument("--save", help="file to write (default: the cache, where `lens --tuned` looks)")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -222,8 +303,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "doctor": doctor,
-                    "demo": demo}
+        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
+                    "heads": heads, "train-lens": train_lens, "doctor": doctor, "demo": demo}
         return commands[args.command](args)
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)

@@ -285,3 +285,30 @@ def plot_lens(result, path: str | Path | None = None, overwrite: bool = False):
     _set_title(fig, f"{result.lens.capitalize()} lens{', ' + model if model else ''}{target}{prompt}",
                width)
     return _show_or_save(fig, path, f"mlxterp-{result.lens}-lens-{model}")
+
+
+def plot_heads(result, path: str | Path | None = None, overwrite: bool = False):
+    """Head detection: one heatmap per kind (layers down, heads across), colour = score 0 to 1.
+
+    Example:
+        >>> plot_heads(model.detect_heads(), "heads.png")
+    """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
+    n_layers, n_heads = result.scores.shape[1:]
+    panel_width = max(2.2, 0.3 * n_heads + 1.0)
+    width = panel_width * len(result.kinds) + 1.2
+    fig = _figure(width, 0.16 * n_layers + 1.8)
+    axes = fig.subplots(1, len(result.kinds), squeeze=False, sharey=True)[0]
+    for ax, kind, grid in zip(axes, result.kinds, result.scores, strict=True):
+        image = ax.imshow(grid, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(kind, fontsize=8)
+        ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)], fontsize=7)
+        ax.set_xlabel("head")
+    step = max(1, n_layers // 15)
+    axes[0].set_yticks(range(0, n_layers, step), [str(x) for x in range(0, n_layers, step)], fontsize=7)
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes, label="attention on the kind's target tokens", shrink=0.8)
+    model = result.provenance.get("model", "")
+    _set_title(fig, f"Head detection{', ' + model if model else ''}: {result.text}", width)
+    return _show_or_save(fig, path, f"mlxterp-heads-{model}")

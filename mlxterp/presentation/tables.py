@@ -73,3 +73,24 @@ def verified(estimate, exact) -> str:
     lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%  {actual:7.1f}%"
               for rank, ((label, value), actual) in enumerate(zip(rows, exact.mean, strict=True), 1)]
     return "\n".join(lines)
+
+
+def lens_table(result) -> str:
+    """What each layer's lens predicts at the last position it covers: top token and its
+    probability, KL to the final distribution, [the target's probability and rank].
+
+    Example:
+        >>> print(lens_table(model.logit_lens("The Eiffel Tower is in", target=" Paris")))
+    """
+    position = len(result.positions) - 1
+    token = result.tokens[result.positions[position]]
+    lines = [f"{result.lens} lens at position {result.positions[position]} ({token!r}), "
+             f"{result.provenance.get('model', '')}",
+             "layer  top token        prob     KL" + ("   P(target)  rank" if result.target else "")]
+    for i, layer in enumerate(result.layers):
+        line = (f"{layer:>5}  {result.top_tokens[i][position][0]!r:<15} "
+                f"{result.top_probs[i, position, 0]:5.3f} {result.kl[i, position]:6.2f}")
+        if result.target is not None:
+            line += f"   {result.target_prob[i, position]:9.4f} {result.target_rank[i, position]:5d}"
+        lines.append(line)
+    return "\n".join(lines)
