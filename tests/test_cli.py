@@ -100,3 +100,32 @@ def test_patch_writes_the_html_report_when_asked(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse's usage error, which names the fix
         main(["patch", "a b", "c d", "--layers", "x,1", "--out", str(tmp_path)])
     assert "give layer numbers separated by commas" in capsys.readouterr().err
+
+
+def test_lens_heads_and_train_lens(tmp_path, capsys, monkeypatch):
+    from mlxterp.experiments.heads import HeadScores
+    from mlxterp.experiments.lenses import LensResult
+
+    monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path / "cache"))  # where train-lens keeps a lens
+    prompt = "The Eiffel Tower is located in the city of"
+    assert main(["lens", prompt, "--target", " Paris", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("logit lens at position 9 (' of')")
+    assert printed[-3].startswith("   29  ' Paris'")  # the last layer, then the two files
+    result = LensResult.from_json(tmp_path / "logit-lens-smollm2-135m.json")
+    assert result.target == " Paris" and result.target_rank[-1, -1] == 0
+    assert (tmp_path / "logit-lens-smollm2-135m.png").stat().st_size > 10_000
+
+    assert main(["lens", prompt, "--tuned", "--out", str(tmp_path)]) == 2
+    assert "train one with `mlxterp train-lens --model smollm2-135m`" in capsys.readouterr().err
+    assert main(["train-lens", "--steps", "1", "--batch", "1", "--length", "16", "--held-out", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "tuned lens saved to" in printed and len(re.findall(r"logit .* tuned", printed)) == 29
+    assert main(["lens", prompt, "--tuned", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("tuned lens at position 9")
+    assert LensResult.from_json(tmp_path / "tuned-lens-smollm2-135m.json").lens == "tuned"
+
+    assert main(["heads", "--length", "10", "--batch", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[:3]] == ["previous", "duplicate", "induction"]
+    assert HeadScores.from_json(tmp_path / "heads-smollm2-135m.json").scores.shape == (3, 30, 9)

@@ -204,12 +204,17 @@ def train_lens(args: argparse.Namespace) -> int:
         token_windows,
         train_tuned_lens,
     )
+    from mlxterp.paths import output_path
 
     model = _model(args.model)
+    if args.save is None:
+        TunedLens.default_path(model).parent.mkdir(parents=True, exist_ok=True)
+    # Checked before training, not after minutes of it.
+    path = output_path(args.save or TunedLens.default_path(model), {".safetensors"}, overwrite=True)
     training, held_out = python_reference_text()
     trained = train_tuned_lens(model, training, steps=args.steps, batch=args.batch, length=args.length,
                                learning_rate=args.learning_rate, corpus="pydoc_data.topics")
-    path = trained.save(args.save or TunedLens.default_path(model), overwrite=True)
+    trained.save(path, overwrite=True)
     print(f"tuned lens saved to {path} ({trained.trained_on['seconds']} s)")
     windows = token_windows(model, held_out, args.length)[:args.held_out]
     logit, tuned = (kl_per_layer(model, lens, windows) for lens in (None, trained))
