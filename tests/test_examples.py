@@ -126,3 +126,14 @@ def test_causal_tracing_doc_code_runs(tmp_path, monkeypatch):
     assert result.metric == "prob" and result.answer_tokens == [" Paris"]
     assert result.effect.mean(axis=0).max() > 0.3
     assert "'iffel'" in result.top(1)[0][0] and (tmp_path / "eiffel-mlp.png").exists()
+
+
+def test_lenses_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
+    code, scope = run_first_block(ROOT / "docs" / "lenses.md", tmp_path, monkeypatch)
+    result, heads = scope["result"], scope["heads"]
+    assert result.top_tokens[-1][-1][:3] == claimed(code, "result.top_tokens[-1][-1][:3]")
+    assert result.target_rank[-4:, -1].tolist() == claimed(code, "result.target_rank[-4:, -1].tolist()")
+    assert scope["pattern"].shape == (1, 9, 10, 10) and (tmp_path / "eiffel-lens.png").exists()
+    for (head, score), (head_claimed, score_claimed) in zip(
+            heads.top("induction", 2), claimed(code, 'heads.top("induction", 2)'), strict=True):
+        assert head == head_claimed and score == pytest.approx(score_claimed, abs=0.005)
