@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_model
 
 from mlxterp import InterpretableModel
-from mlxterp.experiments.lenses import LensError, LensResult, Unembedding
+from mlxterp.experiments.lenses import LensError, LensResult, Unembedding, largest
 from mlxterp.experiments.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
 from mlxterp.tracing.inputs import InputError
 
@@ -169,3 +169,11 @@ def test_a_lens_for_another_model_is_refused(tiny_smol, wrapped, tmp_path):
     mx.save_safetensors(str(tmp_path / "other.safetensors"), {"w": mx.zeros(3)})
     with pytest.raises(LensError, match="not a tuned lens written by mlxterp"):
         TunedLens.load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("vocab", [101, 5000, 49152])
+def test_largest_logits_against_a_sort(vocab):
+    logits = mx.random.normal((3, 4, vocab), key=mx.random.key(vocab))
+    found = np.sort(np.array(largest(logits, 5)), axis=-1)
+    expected = np.sort(np.argsort(-np.array(logits), axis=-1)[..., :5], axis=-1)
+    np.testing.assert_array_equal(found, expected)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,8 +34,13 @@ from mlxterp.experiments.sites import is_index
 from mlxterp.tracing.inputs import Inputs
 from mlxterp.tracing.names import ROOT
 
+if TYPE_CHECKING:
+    from mlxterp.experiments.tuned_lens import TunedLens
+
 # Lens logits are made this many elements at a time (float32: 256 MiB), whole layers at once.
 CHUNK_ELEMENTS = 2**26
+# The top tokens are found among the blocks of this many logits with the highest maxima.
+TOP_BLOCK = 1024
 # At the last block the lens is the model's head on the same rows in another batch layout: it
 # must give the model's logits to within float32 noise, 10x the per-element noise model.
 HEAD_TOLERANCE = 10 * LOGIT_NOISE
@@ -205,7 +211,8 @@ def _indices(values, size: int, what: str) -> list[int]:
 
 def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
                positions: Sequence[int] | None = None, top: int = 5, target: str | int | None = None,
-               lens=None, unembed: Callable[[mx.array], mx.array] | None = None) -> LensResult:
+               lens: TunedLens | None = None,
+               unembed: Callable[[mx.array], mx.array] | None = None) -> LensResult:
     """The model's prediction after each block (`layers`) at each position of one prompt.
 
     Args:
@@ -270,7 +277,7 @@ def _check_head(head, residual: mx.array, logits: mx.array) -> None:
         )
 
 
-def _lens_cells(head, lens, residuals: dict, layers: list[int], positions: list[int],
+def _lens_cells(head, lens: TunedLens | None, residuals: dict, layers: list[int], positions: list[int],
                 final_probs: mx.array, final_log_probs: mx.array, top: int, target_id: int | None):
     """Top tokens, KL and target statistics of some layers' lens at `positions`, as numpy."""
     rows = mx.stack([residuals[layer][mx.array(positions)] for layer in layers])  # (L, P, d)
@@ -282,8 +289,7 @@ def _lens_cells(head, lens, residuals: dict, layers: list[int], positions: list[
     # From log-probabilities, not from two large sums that cancel: 4e-7 nats where the lens is
     # the model, against 8e-5 for sum(p * (log p - logits)) + logsumexp(logits) in float32.
     kl = (final_probs * (final_log_probs - log_probs)).sum(-1)
-    top = min(top, logits.shape[-1])
-    top_ids = mx.argpartition(-logits, top - 1, axis=-1)[..., :top]
+    top_ids = largest(logits, min(top, logits.shape[-1]))
     top_logits = mx.take_along_axis(logits, top_ids, axis=-1)
     order = mx.argsort(-top_logits, axis=-1)  # argpartition leaves the top unsorted
     top_ids = mx.take_along_axis(top_ids, order, axis=-1)
@@ -295,6 +301,30 @@ def _lens_cells(head, lens, residuals: dict, layers: list[int], positions: list[
     mx.eval(*outputs)
     arrays = [np.array(a) for a in outputs]
     return (*arrays, *([None, None] if target_id is None else []))
+
+
+def largest(logits: mx.array, k: int) -> mx.array:
+    """Ids of the k largest logits of each row (..., vocab), in no order.
+
+    A partition of the whole vocabulary costs as much as the unembedding's matmul here; but the
+    k largest logits lie in the k blocks (of TOP_BLOCK) whose maxima are largest, so only those
+    k blocks are partitioned (5x faster for SmolLM2's 49,152 logits).
+
+    Example:
+        >>> largest(mx.array([[0.1, 3.0, 2.0, -1.0]]), 2)   # ids 1 and 2, in some order
+    """
+    vocab = logits.shape[-1]
+    if vocab <= k * TOP_BLOCK:
+        return mx.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    lead = logits.shape[:-1]
+    padding = (-vocab) % TOP_BLOCK
+    if padding:
+        logits = mx.concatenate([logits, mx.full((*lead, padding), -mx.inf)], axis=-1)
+    blocks = logits.reshape(*lead, -1, TOP_BLOCK)
+    best = mx.argpartition(-blocks.max(-1), k - 1, axis=-1)[..., :k]
+    candidates = mx.take_along_axis(blocks, best[..., None], axis=-2).reshape(*lead, k * TOP_BLOCK)
+    local = mx.argpartition(-candidates, k - 1, axis=-1)[..., :k]
+    return mx.take_along_axis(best, local // TOP_BLOCK, axis=-1) * TOP_BLOCK + local % TOP_BLOCK
 
 
 def _strings(model, ids: list[int]) -> list[str]:
