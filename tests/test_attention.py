@@ -98,3 +98,19 @@ def test_a_family_with_another_formula_is_refused():
     with pytest.raises(AttentionCaptureError, match=r"layers.0.self_attn do not reproduce.*soft-caps"):
         with model.trace([[1, 2, 3, 4, 5]], capture_attention=True):
             pass
+
+
+def test_a_failed_capture_leaves_the_model_as_it_was(tiny_smol):
+    from conftest import assert_model_untouched, parameters_snapshot
+
+    before = parameters_snapshot(tiny_smol.model)
+    plain = tiny_smol("Hello world")
+
+    def fail(x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        with tiny_smol.trace("Hello world", capture_attention=True, interventions={"layers.1.mlp": fail}):
+            pass
+    assert_model_untouched(tiny_smol.model, before)
+    assert mx.array_equal(tiny_smol("Hello world"), plain)
