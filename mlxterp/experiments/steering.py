@@ -130,7 +130,7 @@ class SteeringVector:
         path = Path(path)
         try:
             arrays, metadata = mx.load(str(path), return_metadata=True)
-        except (OSError, RuntimeError, ValueError) as err:  # what mx.load raises for a missing or bad file
+        except (RuntimeError, ValueError) as err:  # mx.load: a missing or unreadable file, a bad suffix
             raise SteeringVectorError(f"cannot read a steering vector from {path}: {err}") from err
         if metadata.get("format") != FORMAT or "vector" not in arrays:
             raise SteeringVectorError(

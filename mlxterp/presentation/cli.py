@@ -1,5 +1,5 @@
 """The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
-`mlxterp doctor`, `mlxterp demo`."""
+`mlxterp generate`, `mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -161,6 +161,22 @@ def trace_fact(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Print the text the model writes after PROMPT as it is generated, steered by a saved
+    vector if --steer is given."""
+    from mlxterp.experiments.steering import SteeringVector
+
+    model = _model(args.model)
+    interventions = None
+    if args.steer:
+        interventions = SteeringVector.load(args.steer, model).interventions(args.alpha, layer=args.layer)
+    for piece in model.generate(args.prompt, max_tokens=args.max_tokens, interventions=interventions,
+                                temperature=args.temperature, seed=args.seed, stream=True):
+        print(piece.text, end="", flush=True)
+    print()
+    return 0
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -211,6 +227,15 @@ def _parser() -> argparse.ArgumentParser:
     fact.add_argument("--noise", type=float, help="noise sd (default: 3x the embeddings' sd)")
     fact.add_argument("--seed", type=int, default=0, help="seed of the noise")
     fact.add_argument("--out", default="mlxterp-out", help="folder for the figure and JSON")
+    gen = commands.add_parser("generate", help="generate text, optionally steered by a saved vector")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
+    gen.add_argument("--steer", metavar="FILE", help="a steering vector saved with SteeringVector.save")
+    gen.add_argument("--layer", type=int, help="--steer: add it after this block (default: its own)")
+    gen.add_argument("--alpha", type=float, default=4.0, help="--steer: the vector's coefficient")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    gen.add_argument("--seed", type=int, help="seed of the sampling")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -222,8 +247,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "doctor": doctor,
-                    "demo": demo}
+        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "generate": generate,
+                    "doctor": doctor, "demo": demo}
         return commands[args.command](args)
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)

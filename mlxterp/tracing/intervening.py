@@ -90,11 +90,11 @@ class Intervening:
                 raise InstalledInterventionError(
                     f"an intervention on {name!r} failed on the forward pass over positions "
                     f"{start} to {start + length - 1} ({length} token{'s' * (length != 1)}): {err}\n"
-                    "(When a model generates, mlx-lm runs the prompt first, then one token per "
-                    "forward pass: a value with one row per prompt token, such as iv.replace_with "
-                    "of a (1, prompt length, d) activation, cannot apply there. Give a value that "
-                    "broadcasts over positions (shape (d,)), or one position's value inside "
-                    "iv.at_positions(p, ...), where p counts from the prompt's first token.)"
+                    "Generation runs the prompt, then one token per forward pass: if the "
+                    "intervention's value has one row per prompt token (e.g. iv.replace_with of a "
+                    "whole prompt's activation), give one that broadcasts over positions (shape "
+                    "(d,)), or one position's value inside iv.at_positions(p, ...), p counting from "
+                    "the prompt's first token."
                 ) from err
 
         return call_patched(module, args, kwargs, lambda x: patch(x, True), lambda y: patch(y, False))
