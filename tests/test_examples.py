@@ -126,3 +126,14 @@ def test_causal_tracing_doc_code_runs(tmp_path, monkeypatch):
     assert result.metric == "prob" and result.answer_tokens == [" Paris"]
     assert result.effect.mean(axis=0).max() > 0.3
     assert "'iffel'" in result.top(1)[0][0] and (tmp_path / "eiffel-mlp.png").exists()
+
+
+def test_steering_doc_code_runs(tmp_path, monkeypatch):
+    """docs/steering.md's first block: plain generation, a steered and an ablated one that
+    differ from it, and the saved vector read back."""
+    _, scope = run_first_block(ROOT / "docs" / "steering.md", tmp_path, monkeypatch)
+    plain, steered, ablated = scope["plain"], scope["steered"], scope["ablated"]
+    assert len(plain.prompt_tokens) == 6 and len(plain.tokens) == 16
+    assert steered.tokens != plain.tokens and ablated.tokens != plain.tokens
+    assert scope["same"].layer == 8 and scope["same"].width == 576
+    assert mx.array_equal(scope["same"].vector, scope["wedding"].vector)

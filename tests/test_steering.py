@@ -116,3 +116,5 @@ def test_cli_generate_streams_text_and_steers(wrapped, vector, tmp_path, capsys)
     assert steered.strip() == expected.strip()
     assert main(["generate", "Hi", "--steer", str(path), "--model", "gemma3-270m"]) == 2
     assert "was made on 'smollm2-135m'" in capsys.readouterr().err
+    assert main(["generate", "Hi", "--alpha", "2"]) == 2
+    assert "of --steer FILE to add" in capsys.readouterr().err

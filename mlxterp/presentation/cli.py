@@ -166,10 +166,13 @@ def generate(args: argparse.Namespace) -> int:
     vector if --steer is given."""
     from mlxterp.experiments.steering import SteeringVector
 
+    if not args.steer and (args.layer is not None or args.alpha is not None):
+        raise MlxterpError("--layer and --alpha say where and how much of --steer FILE to add; give it.")
     model = _model(args.model)
     interventions = None
     if args.steer:
-        interventions = SteeringVector.load(args.steer, model).interventions(args.alpha, layer=args.layer)
+        alpha = 1.0 if args.alpha is None else args.alpha
+        interventions = SteeringVector.load(args.steer, model).interventions(alpha, layer=args.layer)
     for piece in model.generate(args.prompt, max_tokens=args.max_tokens, interventions=interventions,
                                 temperature=args.temperature, seed=args.seed, stream=True):
         print(piece.text, end="", flush=True)
@@ -233,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
     gen.add_argument("--steer", metavar="FILE", help="a steering vector saved with SteeringVector.save")
     gen.add_argument("--layer", type=int, help="--steer: add it after this block (default: its own)")
-    gen.add_argument("--alpha", type=float, default=4.0, help="--steer: the vector's coefficient")
+    gen.add_argument("--alpha", type=float, help="--steer: the vector's coefficient (default 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     gen.add_argument("--seed", type=int, help="seed of the sampling")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
