@@ -66,7 +66,7 @@ class InterpretableModel:
         self.model = model
         self.tokenizer = tokenizer
         self.tree = ModuleTree(model)  # every module by name, and the block list
-        self._active: Trace | None = None
+        self._active: Trace | Intervening | None = None  # probes go on one at a time
         # Rows of the input embedding: token ids must stay below it.
         rows = [m.weight.shape[0] for m in self.tree.modules.values()
                 if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)]
@@ -99,7 +99,7 @@ class InterpretableModel:
             ...     logits = model.output.save()
         """
         return Trace(self.model, self.tree, self._tokens(inputs), interventions, capture,
-                     on_enter=self._begin_trace, on_exit=self._end_trace)
+                     on_enter=self._begin, on_exit=self._end)
 
     def intervening(self, interventions: Mapping[str, Intervention] | None) -> Intervening:
         """Interventions installed for every call of the model inside a `with` block, with the
@@ -110,24 +110,28 @@ class InterpretableModel:
             >>> with model.intervening({"layers.6": iv.add_vector(4.0 * v)}):
             ...     logits = model("I went to the")
         """
-        return Intervening(self.tree, interventions)
+        return Intervening(self.tree, interventions, on_enter=self._begin, on_exit=self._end)
 
-    def _begin_trace(self, trace: Trace) -> None:
+    def _begin(self, run: Trace | Intervening) -> None:
+        # Two sets of probes on one module would remove each other's on exit.
         if self._active is not None:
+            outer = ("a trace is" if isinstance(self._active, Trace)
+                     else "interventions installed with model.intervening (or model.generate) are")
             raise TraceError(
-                "a trace is already running on this model; traces cannot be nested. Finish "
-                "the outer `with model.trace(...)` block first."
+                f"{outer} already active on this model; traces and installed interventions "
+                "cannot be nested. Finish the outer `with` block first, or pass every "
+                "intervention to one of them."
             )
-        self._active = trace
+        self._active = run
 
-    def _end_trace(self) -> None:
+    def _end(self) -> None:
         self._active = None
 
     def _tokens(self, inputs: Inputs) -> mx.array:
         return to_token_array(inputs, self.tokenizer, self._embedding_rows)
 
     def _current_trace(self, what: str) -> Trace:
-        if self._active is None:
+        if not isinstance(self._active, Trace):
             raise TraceError(f"{what} is only available inside a `with model.trace(...)` block.")
         return self._active
 

@@ -17,6 +17,7 @@ from mlxterp.errors import InputTypeError
 from mlxterp.experiments.generation import GenerationError
 from mlxterp.tracing.intervening import InstalledInterventionError
 from mlxterp.tracing.names import NotReachedError
+from mlxterp.tracing.trace import TraceError
 
 PROMPT = "The capital of France is"
 
@@ -191,3 +192,19 @@ def test_bad_prompts_are_clear_errors(tiny_smol):
         tiny_smol.generate(["a b", "c d"])
     with pytest.raises(InputTypeError, match="one prompt"):
         tiny_smol.generate(3)
+
+
+def test_installed_interventions_and_traces_do_not_nest(tiny_smol):
+    """Two sets of probes on one module would remove each other's: nesting is refused, and the
+    model is clean after."""
+    model = tiny_smol
+    before = parameters_snapshot(model.model)
+    with model.intervening({"layers.0": iv.zero_out}), pytest.raises(TraceError, match="cannot be nested"):
+        with model.trace("Hello there"):
+            pass
+    with model.trace("Hello there"), pytest.raises(TraceError, match="a trace is already active"):
+        model.generate("Hello there", max_tokens=2)
+    assert_model_untouched(model.model, before)
+    with model.trace("Hello there"):  # and both work again
+        pass
+    assert len(model.generate("Hello there", max_tokens=2).tokens) == 2

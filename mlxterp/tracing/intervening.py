@@ -14,7 +14,8 @@ called once per forward pass, with the new token ids, before any block runs.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,7 +45,13 @@ class Intervening:
         4
     """
 
-    def __init__(self, tree: ModuleTree, interventions: Mapping[str, Intervention] | None):
+    def __init__(
+        self,
+        tree: ModuleTree,
+        interventions: Mapping[str, Intervention] | None,
+        on_enter: Callable[[Intervening], None] = lambda intervening: None,
+        on_exit: Callable[[], None] = lambda: None,
+    ):
         if tree.blocks_name is None or tree.blocks_name.rpartition(".")[0] == ROOT:
             raise MlxterpError(
                 "installing interventions needs the model's blocks inside a sub-module (as in "
@@ -52,24 +59,34 @@ class Intervening:
                 "starts."
             )
         self._tree = tree
+        self._on_enter, self._on_exit = on_enter, on_exit
         self._body = tree.blocks_name.rpartition(".")[0]  # called once per forward pass
         self.interventions = Interventions(tree, interventions)
         self.tokens_seen = 0  # tokens of every forward pass so far: the next one starts here
         self._start = 0  # the first position of the current forward pass
         self._calls: Counter[str] = Counter()  # calls of each module in the current forward pass
-        self._installed = None
+        self._probes: ExitStack | None = None  # while installed: removes the probes on exit
 
     def __enter__(self) -> Intervening:
-        if self._installed is not None:
+        if self._probes is not None:
             raise MlxterpError("these interventions are already installed; leave the outer `with` first.")
+        self._on_enter(self)
         names = sorted(self.interventions.modules | {self._body})
-        self._installed = intercepted(self._tree, names, self._handle_call)
-        self._installed.__enter__()
+        self._probes = ExitStack()
+        try:
+            self._probes.enter_context(intercepted(self._tree, names, self._handle_call))
+        except BaseException:
+            self._probes = None
+            self._on_exit()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        installed, self._installed = self._installed, None
-        installed.__exit__(*exc)
+        probes, self._probes = self._probes, None
+        try:
+            probes.__exit__(*exc)
+        finally:
+            self._on_exit()
         if exc[0] is None and self.tokens_seen:
             self.interventions.check_ran(self._calls, "the last forward pass")
 
