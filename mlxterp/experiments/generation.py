@@ -65,8 +65,8 @@ def generate(model, prompt: str | Sequence[int], max_tokens: int = 256,
             `.logprobs`), one per token as it is generated, instead of a `Generation`.
 
     Example:
-        >>> model.generate("The capital of France is", max_tokens=6).text
-        ' Paris.\n\nThe answer'
+        >>> model.generate("The capital of France is", max_tokens=2).text
+        ' Paris.'
         >>> for piece in model.generate("Once upon a time", max_tokens=30, stream=True):
         ...     print(piece.text, end="", flush=True)
     """
