@@ -5,7 +5,8 @@ binds its arguments when it is made, so an intervention built in a loop and run 
 uses the value of its own iteration (a bare `lambda x: clean_act` would read the variable when
 it runs, not when it was made). Each checks its arguments when it is made, and the activation
 when it runs: a bad one is an `InterventionError` saying which. Each returns an array of the
-activation's shape and dtype.
+activation's shape and dtype. One that needs to know which token positions its activation holds
+(as `at_positions` does during generation) subclasses `PositionAware`.
 
 Example:
     >>> from mlxterp import interventions as iv
