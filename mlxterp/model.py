@@ -107,7 +107,7 @@ class InterpretableModel:
         over every forward pass since it was made (as in generation, which uses it).
 
         Example:
-            >>> with model.intervening({"layers.6": iv.add_vector(4.0 * v)}):
+            >>> with model.intervening({"layers.6": iv.add_vector(1.0 * v)}):
             ...     logits = model("I went to the")
         """
         return Intervening(self.tree, interventions, on_enter=self._begin, on_exit=self._end)
@@ -205,7 +205,7 @@ class InterpretableModel:
         `mlxterp.experiments.generation.generate`.
 
         Example:
-            >>> model.generate("I went to the", max_tokens=20, interventions=v.interventions(4.0)).text
+            >>> model.generate("I went to the", max_tokens=20, interventions=v.interventions(1.0)).text
         """
         _check_options(options, generation.generate)
         return generation.generate(self, prompt, **options)

@@ -8,7 +8,7 @@ are absolute token positions of the whole sequence (prompt token 0 is position 0
 
 Example:
     >>> out = model.generate("I went to the", max_tokens=20,
-    ...                      interventions={"layers.6": iv.add_vector(4.0 * v)})
+    ...                      interventions={"layers.6": iv.add_vector(1.0 * v)})
     >>> out.text
 """
 

@@ -10,7 +10,7 @@ the identity of the model it belongs to, which `load` checks.
 
 Example:
     >>> v = model.steering_vector(["I love weddings"], ["I love meetings"], layer=6)
-    >>> model.generate("Today I", interventions=v.interventions(alpha=4.0)).text
+    >>> model.generate("Today I", interventions=v.interventions(alpha=1.0)).text
     >>> v.save("weddings.safetensors")
 """
 
@@ -46,8 +46,8 @@ class SteeringVector:
     model (`mlxterp.models.identity`); `pairs` and `position` say how it was made.
 
     Example:
-        >>> v.interventions(alpha=4.0)            # {'model.model.layers.6': add 4.0 * v}
-        >>> v.interventions(alpha=4.0, layer=8)   # the same vector added after block 8
+        >>> v.interventions(alpha=1.0)            # {'model.model.layers.6': add 1.0 * v}
+        >>> v.interventions(alpha=1.0, layer=8)   # the same vector added after block 8
     """
 
     vector: mx.array
@@ -96,10 +96,10 @@ class SteeringVector:
 
     def interventions(self, alpha: float, layer: int | None = None) -> dict[str, Intervention]:
         """`{key: add alpha * vector}` at every position, for `model.generate` or `model.trace`
-        (merge it with other interventions: `{**v.interventions(4.0), "layers.3.mlp": ...}`).
+        (merge it with other interventions: `{**v.interventions(1.0), "layers.3.mlp": ...}`).
 
         Example:
-            >>> model.generate("Today I", interventions=v.interventions(alpha=4.0, layer=8))
+            >>> model.generate("Today I", interventions=v.interventions(alpha=1.0, layer=8))
         """
         if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
             raise InputTypeError(f"alpha must be a finite number; got {type(alpha).__name__} {alpha!r}.")

@@ -38,7 +38,7 @@ class Intervening:
     install the interventions around each step of a loop and leave the model clean between.
 
     Example:
-        >>> steering = model.intervening({"layers.6": iv.add_vector(4.0 * v)})
+        >>> steering = model.intervening({"layers.6": iv.add_vector(1.0 * v)})
         >>> with steering:
         ...     logits = model("I went to the")       # positions 0-3
         >>> steering.tokens_seen
