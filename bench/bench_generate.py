@@ -7,7 +7,7 @@ Three variants each write `--tokens` new tokens greedily after the same prompt:
 
     mlx-lm     mlx_lm.generate(base, tokenizer, prompt, max_tokens=N)
     plain      model.generate(prompt, max_tokens=N)
-    steered    model.generate(prompt, max_tokens=N, interventions=vector.interventions(4.0))
+    steered    model.generate(prompt, max_tokens=N, interventions=vector.interventions(1.0))
 
 Within each repeat the three run back to back in a random order; each variant's time is
 divided by the mlx-lm time of the same repeat, and the table shows the median of those ratios
@@ -51,8 +51,8 @@ def main() -> None:
 
     base, tokenizer = mlxterp.load("smollm2-135m")
     model = InterpretableModel(base, tokenizer)
-    vector = model.steering_vector(["I love weddings"], ["I love meetings"], layer=6)
-    steer = vector.interventions(4.0)
+    vector = model.steering_vector(["I love weddings"], ["I love meetings"], layer=8)
+    steer = vector.interventions(1.0)
 
     plain = model.generate(PROMPT, max_tokens=args.tokens)
     # mlx-lm's `generate` returns text; it writes plain's tokens (tests/test_generation.py), so
