@@ -114,7 +114,9 @@ def test_cli_generate_streams_text_and_steers(wrapped, vector, tmp_path, capsys)
     expected = wrapped.generate("Today I went to the", max_tokens=12,
                                 interventions=vector.interventions(4.0, layer=4)).text
     assert steered.strip() == expected.strip()
-    assert main(["generate", "Hi", "--steer", str(path), "--model", "gemma3-270m"]) == 2
-    assert "was made on 'smollm2-135m'" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")  # (another model's file: see above)
+    assert main(["generate", "Hi", "--steer", str(tmp_path / "junk.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("mlxterp generate: error: cannot read a steering vector")
     assert main(["generate", "Hi", "--alpha", "2"]) == 2
     assert "of --steer FILE to add" in capsys.readouterr().err
