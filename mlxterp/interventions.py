@@ -5,7 +5,8 @@ binds its arguments when it is made, so an intervention built in a loop and run 
 uses the value of its own iteration (a bare `lambda x: clean_act` would read the variable when
 it runs, not when it was made). Each checks its arguments when it is made, and the activation
 when it runs: a bad one is an `InterventionError` saying which. Each returns an array of the
-activation's shape and dtype.
+activation's shape and dtype. One that needs to know which token positions its activation holds
+(as `at_positions` does during generation) subclasses `PositionAware`.
 
 Example:
     >>> from mlxterp import interventions as iv
@@ -22,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
-from mlxterp.tracing.trace import Intervention
+from mlxterp.tracing.trace import Intervention, PositionAware, call_intervention
 
 Positions = int | Sequence[int]
 Value = mx.array | np.ndarray | float
@@ -224,20 +225,29 @@ def compose(*interventions: Intervention) -> Intervention:
         raise InterventionError("compose needs at least one intervention.")
     for fn in interventions:
         _callable(fn, "compose")
+    return _Composed(interventions)
 
-    def composed(x: mx.array) -> mx.array:
-        for fn in interventions:
-            x = fn(x)
+
+class _Composed(PositionAware):
+    """Interventions in order; a position-aware one among them is told where the activation starts."""
+
+    def __init__(self, interventions: tuple[Intervention, ...]):
+        self.interventions = interventions
+
+    def __call__(self, x: mx.array, start: int | None = None) -> mx.array:
+        for fn in self.interventions:
+            x = call_intervention(fn, x, start)
         return x
-
-    return composed
 
 
 def at_positions(positions: Positions, intervention: Intervention, axis: int = 1) -> Intervention:
-    """Apply `intervention` only at the given token positions (negative counts from the end).
+    """Apply `intervention` only at the given token positions.
 
     The rest of the activation is left as it was. Positions index `axis`, the sequence axis of
-    (batch, seq, ...) activations.
+    (batch, seq, ...) activations. In a trace, negative positions count from the end. When the
+    model runs with installed interventions (`model.intervening`, `model.generate`), positions
+    are absolute: position p is token p of the whole sequence, prompt and generated tokens alike,
+    whichever forward pass processes it; a forward pass that holds none of them is unchanged.
 
     Example:
         >>> iv.at_positions(-1, iv.replace_with(clean_mlp))   # patch the last token only
@@ -254,22 +264,46 @@ def at_positions(positions: Positions, intervention: Intervention, axis: int = 1
     if not wanted:
         raise InterventionError("at_positions needs at least one position; none were given.")
     _callable(intervention, "at_positions")
-    axis = _int(axis, "at_positions", "axis")
+    return _AtPositions(wanted, intervention, _int(axis, "at_positions", "axis"))
 
-    def patch(x: mx.array) -> mx.array:
+
+class _AtPositions(PositionAware):
+    """`intervention` applied at some token positions of the sequence axis only."""
+
+    def __init__(self, positions: list[int], intervention: Intervention, axis: int):
+        self.positions, self.intervention, self.axis = positions, intervention, axis
+
+    def _local(self, length: int, start: int | None) -> list[int]:
+        """The wanted positions as indices into an activation of `length` positions."""
+        if start is None:  # the activation is the whole sequence
+            bad = [p for p in self.positions if not -length <= p < length]
+            if bad:
+                raise InterventionError(
+                    f"positions {bad} are out of range for a sequence of {length} tokens "
+                    f"(valid: {-length} to {length - 1})."
+                )
+            return [p % length for p in self.positions]
+        negative = [p for p in self.positions if p < 0]
+        if negative:
+            raise InterventionError(
+                f"at_positions: negative positions {negative} count from the end of the sequence, "
+                "which has no fixed end while the model generates (it grows by one token per "
+                "forward pass); give absolute positions, counted from the prompt's first token (0)."
+            )
+        return [p - start for p in self.positions if start <= p < start + length]
+
+    def __call__(self, x: mx.array, start: int | None = None) -> mx.array:
         x = _activation(x, "at_positions")
+        axis = self.axis
         if not -x.ndim <= axis < x.ndim:
             raise InterventionError(
                 f"at_positions: axis {axis} does not exist in an activation of shape {tuple(x.shape)}."
             )
         length = x.shape[axis]
-        bad = [p for p in wanted if not -length <= p < length]
-        if bad:
-            raise InterventionError(
-                f"positions {bad} are out of range for a sequence of {length} tokens "
-                f"(valid: {-length} to {length - 1})."
-            )
-        changed = intervention(x)
+        local = self._local(length, start)
+        if not local:
+            return x
+        changed = call_intervention(self.intervention, x, start)
         if not isinstance(changed, mx.array) or changed.shape != x.shape:
             got = tuple(changed.shape) if isinstance(changed, mx.array) else type(changed).__name__
             raise InterventionError(
@@ -277,9 +311,7 @@ def at_positions(positions: Positions, intervention: Intervention, axis: int = 1
                 f"the activation's shape {tuple(x.shape)}."
             )
         selected = mx.zeros(length, dtype=mx.bool_)
-        selected[mx.array([p % length for p in wanted])] = True
+        selected[mx.array(local)] = True
         shape = [1] * x.ndim
         shape[axis] = length
         return _same_dtype(mx.where(selected.reshape(shape), changed, x), x)
-
-    return patch

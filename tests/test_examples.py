@@ -137,3 +137,14 @@ def test_lenses_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
     for (head, score), (head_claimed, score_claimed) in zip(
             heads.top("induction", 2), claimed(code, 'heads.top("induction", 2)'), strict=True):
         assert head == head_claimed and score == pytest.approx(score_claimed, abs=0.005)
+
+
+def test_steering_doc_code_runs(tmp_path, monkeypatch):
+    """docs/steering.md's first block: plain generation, a steered and an ablated one that
+    differ from it, and the saved vector read back."""
+    _, scope = run_first_block(ROOT / "docs" / "steering.md", tmp_path, monkeypatch)
+    plain, steered, ablated = scope["plain"], scope["steered"], scope["ablated"]
+    assert len(plain.prompt_tokens) == 6 and len(plain.tokens) == 16
+    assert steered.tokens != plain.tokens and ablated.tokens != plain.tokens
+    assert scope["same"].layer == 8 and scope["same"].width == 576
+    assert mx.array_equal(scope["same"].vector, scope["wedding"].vector)

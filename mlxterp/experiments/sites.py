@@ -64,15 +64,20 @@ def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[La
     return checked, labels
 
 
-def component_key(model, layer: int, component: str) -> str:
-    """The activation key of `component` in block `layer` (`input` is the block's input)."""
-    block = model.tree.blocks[layer]
+def block_component_key(block: str, component: str) -> str:
+    """The activation key of `component` in the block named `block` (`input` is its input,
+    `output` its output), whether or not that module exists."""
     if component == "input":
         return f"{block}:input"
     if component == "output":
         return block
-    key = f"{block}.{component}"
-    if key not in model.tree.modules:
+    return f"{block}.{component}"
+
+
+def component_key(model, layer: int, component: str) -> str:
+    """The activation key of `component` in block `layer` (`input` is the block's input)."""
+    key = block_component_key(model.tree.blocks[layer], component)
+    if component not in ("input", "output") and key not in model.tree.modules:
         children = _sub_modules(model, layer)
         raise SiteError(
             f"block {layer} has no component {component!r}. Valid components: 'input', 'output' "
@@ -127,6 +132,19 @@ def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
 def is_index(value: object) -> bool:
     """A whole number given as an int (a bool or a float is not an index)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_layer(model, layer: object) -> int:
+    """`layer` as an index into the model's blocks (negative counts from the end), or an error
+    giving the valid range.
+
+    Example:
+        >>> check_layer(model, -1)
+        29
+    """
+    if not is_index(layer):
+        raise InputTypeError(f"layer={layer!r}: give a block index, a whole number such as 6.")
+    return _checked_indices([layer], len(model.tree.blocks), "layer")[0]
 
 
 def _checked_indices(values: Sequence[int] | None, count: int, what: str) -> list[int]:

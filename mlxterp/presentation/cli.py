@@ -1,5 +1,6 @@
 """The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
-`mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp doctor`, `mlxterp demo`."""
+`mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp generate`, `mlxterp doctor`,
+`mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -224,6 +225,25 @@ def train_lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Print the text the model writes after PROMPT as it is generated, steered by a saved
+    vector if --steer is given."""
+    from mlxterp.experiments.steering import SteeringVector
+
+    if not args.steer and (args.layer is not None or args.alpha is not None):
+        raise MlxterpError("--layer and --alpha say where and how much of --steer FILE to add; give it.")
+    model = _model(args.model)
+    interventions = None
+    if args.steer:
+        alpha = 1.0 if args.alpha is None else args.alpha
+        interventions = SteeringVector.load(args.steer, model).interventions(alpha, layer=args.layer)
+    for piece in model.generate(args.prompt, max_tokens=args.max_tokens, interventions=interventions,
+                                temperature=args.temperature, seed=args.seed, stream=True):
+        print(piece.text, end="", flush=True)
+    print()
+    return 0
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -297,6 +317,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, default=5e-4, help="peak rate, decaying to 0")
     train.add_argument("--held-out", type=int, default=8, help="held-out windows to report KL on")
     train.add_argument("--save", help="file to write (default: the cache, where `lens --tuned` looks)")
+    gen = commands.add_parser("generate", help="generate text, optionally steered by a saved vector")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
+    gen.add_argument("--steer", metavar="FILE", help="a steering vector saved with SteeringVector.save")
+    gen.add_argument("--layer", type=int, help="--steer: add it after this block (default: its own)")
+    gen.add_argument("--alpha", type=float, help="--steer: the vector's coefficient (default 1)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    gen.add_argument("--seed", type=int, help="seed of the sampling")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -309,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
-                    "heads": heads, "train-lens": train_lens, "doctor": doctor, "demo": demo}
+                    "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
+                    "demo": demo}
         return commands[args.command](args)
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)

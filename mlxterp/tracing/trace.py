@@ -7,6 +7,7 @@ them (or anything that depends on them).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,11 +47,92 @@ class NotRecordedError(MlxterpError, KeyError):
         return str(self.args[0])
 
 
+class PositionAware(ABC):
+    """An intervention that needs to know which token positions its activation holds.
+
+    `start` is None when the activation holds the whole sequence (a trace: one forward pass),
+    else the absolute position of its first token in a sequence that may go on (the model
+    running with `InterpretableModel.intervening`, as in generation: the prompt first, then one
+    token per call).
+
+    Example:
+        >>> class FirstToken(PositionAware):
+        ...     def __call__(self, x, start=None):
+        ...         return x * 0 if start in (None, 0) else x
+    """
+
+    @abstractmethod
+    def __call__(self, x: mx.array, start: int | None = None) -> mx.array: ...
+
+
+def call_intervention(fn: Intervention, x, start: int | None = None):
+    """`fn(x)`, telling a position-aware intervention where `x` starts in the sequence.
+
+    Example:
+        >>> call_intervention(iv.at_positions(3, iv.zero_out), x, start=2)  # x[:, 1] is token 3
+    """
+    return fn(x, start) if isinstance(fn, PositionAware) else fn(x)
+
+
 @dataclass
 class _Planned:
     site: Site
     fn: Intervention
     ran: int = 0
+
+
+class Interventions:
+    """The interventions of a run, `{key: fn}`, checked once, by the module they change.
+
+    One set serves whatever intercepts the calls: a `Trace` (one forward pass) or
+    `Intervening` (any calls, such as generation's). Both apply it with `apply` inside
+    `call_patched`.
+
+    Example:
+        >>> plan = Interventions(model.tree, {"layers.3.mlp": iv.zero_out})
+        >>> plan.modules
+        {'model.model.layers.3.mlp'}
+    """
+
+    def __init__(self, tree: ModuleTree, interventions: Mapping[str, Intervention] | None):
+        if interventions is None:
+            interventions = {}
+        if not isinstance(interventions, Mapping):
+            raise InputTypeError(
+                f"interventions must be a dict {{key: fn}}; got {type(interventions).__name__}. "
+                "E.g. interventions={'layers.3.mlp': iv.zero_out}."
+            )
+        self.planned = [_Planned(tree.site(key), _check_callable(key, fn))
+                        for key, fn in interventions.items()]
+        self._by_module: dict[str, list[_Planned]] = {}
+        for plan in self.planned:
+            self._by_module.setdefault(plan.site.module, []).append(plan)
+
+    @property
+    def modules(self) -> set[str]:
+        """Full names of the modules that have an intervention."""
+        return set(self._by_module)
+
+    def at_call(self, name: str, call: int) -> list[_Planned]:
+        """The interventions on call `call` (from 0) of the module `name`, in order."""
+        return [p for p in self._by_module.get(name, ()) if p.site.call in (None, call)]
+
+    def apply(self, plans: list[_Planned], x, is_input: bool, start: int | None = None):
+        """`x` passed through those of `plans` that change an input (or an output)."""
+        for plan in plans:
+            if plan.site.is_input == is_input:
+                x = _apply(plan, x, start)
+        return x
+
+    def check_ran(self, calls: Mapping[str, int], where: str) -> None:
+        """A NotReachedError for an intervention that never ran: it would silently change nothing."""
+        for plan in self.planned:
+            if plan.ran == 0:
+                raise NotReachedError(
+                    f"the intervention on {plan.site.key!r} never ran: the module was called "
+                    f"{calls.get(plan.site.module, 0)} time(s) in {where}."
+                    + (" A module's calls are numbered from #0." if plan.site.call else "")
+                )
 
 
 class Activations(Mapping):
@@ -118,18 +200,7 @@ class Trace:
     ):
         self._model, self._tree, self._inputs = model, tree, inputs
         self._on_enter, self._on_exit = on_enter, on_exit
-        if interventions is None:
-            interventions = {}
-        if not isinstance(interventions, Mapping):
-            raise InputTypeError(
-                f"interventions must be a dict {{key: fn}}; got {type(interventions).__name__}. "
-                "E.g. interventions={'layers.3.mlp': iv.zero_out}."
-            )
-        self._planned = [_Planned(tree.site(key), _check_callable(key, fn))
-                         for key, fn in interventions.items()]
-        self._plans: dict[str, list[_Planned]] = {}  # module name -> its interventions
-        for plan in self._planned:
-            self._plans.setdefault(plan.site.module, []).append(plan)
+        self._interventions = Interventions(tree, interventions)
         self._capture = None if capture is None else {
             tree.canonical_key(key) for key in _capture_keys(capture)
         }
@@ -151,7 +222,7 @@ class Trace:
         else:
             modules = {self._tree.site(key).module for key in self._capture
                        if key != OUTPUT_KEY and not key.endswith(PATTERN)}
-        modules |= {plan.site.module for plan in self._planned}
+        modules |= self._interventions.modules
         for layout in self._attention.values():
             modules |= {layout.module, layout.rope, layout.values, layout.mixed.removesuffix(":input")}
         return sorted(modules)
@@ -163,12 +234,10 @@ class Trace:
         call = self._calls[name]
         self._calls[name] += 1
         key = name if call == 0 else f"{name}#{call}"
-        plans = [p for p in self._plans.get(name, ()) if p.site.call in (None, call)]
+        plans = self._interventions.at_call(name, call)
 
         def patch(x, is_input: bool):
-            for plan in plans:
-                if plan.site.is_input == is_input:
-                    x = _apply(plan, x)
+            x = self._interventions.apply(plans, x, is_input)
             stored = f"{key}:input" if is_input else key
             if self._wants(stored):
                 self._store[stored] = x
@@ -203,7 +272,7 @@ class Trace:
         try:
             with intercepted(self._tree, self._probed_modules(), self._handle_call):
                 output = self._model(self._inputs)
-            self._check_interventions_ran()
+            self._interventions.check_ran(self._calls, "this forward pass")
             self._check_attention()
         except BaseException:
             self._close()
@@ -218,16 +287,6 @@ class Trace:
         self._open, self._done = False, True
         self._store.clear()  # also empties any Activations view kept past the block
         self._on_exit()
-
-    def _check_interventions_ran(self) -> None:
-        for plan in self._planned:
-            if plan.ran == 0:
-                calls = self._calls[plan.site.module]
-                raise NotReachedError(
-                    f"the intervention on {plan.site.key!r} never ran: the module was called "
-                    f"{calls} time(s) in this forward pass."
-                    + (" A module's calls are numbered from #0." if plan.site.call else "")
-                )
 
     def _check_attention(self) -> None:
         """Every recorded pattern must reproduce its module's output (see `tracing.attention`)."""
@@ -301,9 +360,9 @@ def _check_callable(key: str, fn: object) -> Intervention:
     return fn
 
 
-def _apply(plan: _Planned, x):
+def _apply(plan: _Planned, x, start: int | None):
     """Run one intervention, checking that it kept the activation's shape and dtype."""
-    y = plan.fn(x)
+    y = call_intervention(plan.fn, x, start)
     plan.ran += 1
     if isinstance(x, mx.array):
         if not isinstance(y, mx.array):
