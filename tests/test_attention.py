@@ -12,8 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tiny_model
+from mlx_lm.models import llama
 
 from mlxterp import InterpretableModel
+from mlxterp import interventions as iv
 from mlxterp.errors import InputTypeError
 from mlxterp.tracing.attention import AttentionCaptureError, attention_layouts
 from mlxterp.tracing.trace import NotRecordedError
@@ -91,13 +93,45 @@ def test_a_family_without_rope_is_refused():
         model.trace([[1, 2, 3]], capture_attention=True)
 
 
-def test_a_family_with_another_formula_is_refused():
-    """Gemma 2 has every attribute mlxterp reads but soft-caps its scores: the check of pattern
-    @ V against the model's own output catches it, instead of returning wrong probabilities."""
+def test_soft_capped_scores_are_refused():
     model = InterpretableModel(tiny_model("gemma2"))
-    with pytest.raises(AttentionCaptureError, match=r"layers.0.self_attn do not reproduce.*soft-caps"):
+    with pytest.raises(AttentionCaptureError, match=r"layers.0.self_attn soft-caps its attention scores"):
+        model.trace([[1, 2, 3, 4, 5]], capture_attention=True)
+
+
+class Bidirectional(llama.Attention):
+    """Attention that ignores the block's causal mask: every query sees every key."""
+
+    def __call__(self, x, mask=None, cache=None):
+        return super().__call__(x, None, cache)
+
+
+def test_another_formula_is_caught_by_the_check():
+    """A model whose attention is not what mlxterp rebuilds (here: bidirectional, while the
+    block passes "causal") fails the check of pattern @ V against its own output."""
+    base = tiny_model("llama")
+    for block in base.model.layers:
+        block.self_attn.__class__ = Bidirectional
+    model = InterpretableModel(base)
+    with pytest.raises(AttentionCaptureError, match=r"layers.0.self_attn do not reproduce its output"):
         with model.trace([[1, 2, 3, 4, 5]], capture_attention=True):
             pass
+
+
+def test_half_precision_and_a_head_ablation():
+    """bfloat16 rounds the model's own attention (relative error about 1e-2 on SmolLM2): the
+    check allows 16 epsilons of the dtype. Ablating a head at o_proj's input changes the output,
+    not the probabilities, and is no reason to refuse them."""
+    base = tiny_model("llama")
+    base.set_dtype(mx.bfloat16)
+    model = InterpretableModel(base)
+    tokens = [[1, 7, 3, 9, 12, 4]]
+    with model.trace(tokens, capture_attention=True) as trace:
+        plain = trace.activations["layers.1.self_attn:pattern"]
+    ablate = {"layers.1.self_attn.o_proj:input": iv.zero_out}
+    with model.trace(tokens, capture_attention=True, interventions=ablate) as trace:
+        assert mx.array_equal(trace.activations["layers.1.self_attn:pattern"], plain)
+        assert plain.dtype == mx.float32
 
 
 def test_a_failed_capture_leaves_the_model_as_it_was(tiny_smol):

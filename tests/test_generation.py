@@ -158,10 +158,14 @@ def test_a_prompt_length_value_fails_clearly_and_leaves_the_model_clean(wrapped)
         model.generate(PROMPT, max_tokens=5, interventions={"layers.6": iv.replace_with(whole_prompt)})
     assert "(1, 5, 576)" in str(err.value)
     assert_model_untouched(model.model, before)
-    # the working form: one position's value at that absolute position
-    out = model.generate(PROMPT, max_tokens=5, interventions={
+    # the working form: one position's value at that absolute position; its own value changes
+    # nothing, another position's value changes the text
+    own = model.generate(PROMPT, max_tokens=5, interventions={
         "layers.6": iv.at_positions(4, iv.replace_with(whole_prompt[:, 4:5]))})
-    assert out.text == model.generate(PROMPT, max_tokens=5).text  # the value it already had
+    other = model.generate(PROMPT, max_tokens=5, interventions={
+        "layers.6": iv.at_positions(4, iv.replace_with(whole_prompt[:, 1:2]))})
+    plain = model.generate(PROMPT, max_tokens=5).text
+    assert own.text == plain and other.text != plain
 
 
 def test_negative_positions_are_refused_in_generation(tiny_smol):

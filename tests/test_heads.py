@@ -8,6 +8,7 @@ import pytest
 
 from mlxterp.errors import InputTypeError
 from mlxterp.experiments.heads import KINDS, HeadScores, scores_of, targets
+from mlxterp.tracing.inputs import InputError
 
 #            BOS  r = (5, 6, 7)   r again
 TOKENS = np.array([[0, 5, 6, 7, 5, 6, 7]])
@@ -67,3 +68,5 @@ def test_result_round_trip_and_errors(smollm2_heads, tiny_smol):
         smollm2_heads.top("copying")
     with pytest.raises(InputTypeError, match="length must be an int of at least 2"):
         tiny_smol.detect_heads(length=1)
+    with pytest.raises(InputError, match="no query with a duplicate or induction target"):
+        tiny_smol.detect_heads(tokens="The quick brown fox jumps over a lazy dog")

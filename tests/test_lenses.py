@@ -14,6 +14,7 @@ import pytest
 from conftest import tiny_model
 
 from mlxterp import InterpretableModel
+from mlxterp.errors import InputTypeError
 from mlxterp.experiments.lenses import LensError, LensResult, Unembedding, largest
 from mlxterp.experiments.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
 from mlxterp.tracing.inputs import InputError
@@ -103,6 +104,8 @@ def test_result_round_trip_and_table(tiny_smol):
 
 
 def test_bad_input(tiny_smol):
+    with pytest.raises(InputTypeError, match="unembed must be a function"):
+        tiny_smol.logit_lens("Hello world", unembed=3)
     with pytest.raises(InputError, match=r"target ' the city' is 2 tokens"):
         tiny_smol.logit_lens("Hello world", target=" the city")
     with pytest.raises(LensError, match="layer 2 is out of range: there are 2"):
@@ -137,18 +140,30 @@ def test_a_head_that_cannot_be_found_and_one_given():
 
 # -- the tuned lens -------------------------------------------------------------------------------
 
-def test_an_untrained_tuned_lens_is_the_logit_lens(tiny_smol, tmp_path):
+def test_an_untrained_tuned_lens_is_the_logit_lens(tiny_smol):
     lens = train_tuned_lens(tiny_smol, ["Hello world. " * 40], steps=1, learning_rate=0.0, progress=False)
     tuned = tiny_smol.logit_lens("Hello world, again", lens=lens)
     plain = tiny_smol.logit_lens("Hello world, again")
     assert tuned.lens == "tuned" and plain.lens == "logit"
     np.testing.assert_array_equal(tuned.top_ids, plain.top_ids)
     np.testing.assert_allclose(tuned.kl, plain.kl, atol=1e-6)
+
+
+def test_save_and_load(tiny_smol, tmp_path):
+    lens = train_tuned_lens(tiny_smol, ["Hello world. " * 40], steps=1, learning_rate=0.0, progress=False)
+    for i, translator in enumerate(lens.translators):  # distinct weights: a swap would show
+        translator.weight = mx.random.normal(translator.weight.shape, key=mx.random.key(i))
+        translator.bias = mx.random.normal(translator.bias.shape, key=mx.random.key(100 + i))
     path = lens.save(tmp_path / "lens.safetensors")
     loaded = TunedLens.load(path)
     assert loaded.model_sha256 == lens.model_sha256 and loaded.trained_on["steps"] == 1
-    assert all(mx.array_equal(a, b) for a, b in zip(
-        [t.weight for t in loaded.translators], [t.weight for t in lens.translators], strict=True))
+    for a, b in zip(loaded.translators, lens.translators, strict=True):
+        assert mx.array_equal(a.weight, b.weight) and mx.array_equal(a.bias, b.bias)
+    residual = mx.random.normal((2, 32))
+    assert mx.array_equal(loaded.translate(0, residual), lens.translate(0, residual))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(LensError, match="cannot read a tuned lens"):
+        TunedLens.load(path)
 
 
 def test_training_lowers_the_kl(tiny_smol):

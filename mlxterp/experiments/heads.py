@@ -32,13 +32,17 @@ from mlxterp.errors import InputTypeError
 from mlxterp.experiments.patching import provenance
 from mlxterp.experiments.results import read_json, write_json
 from mlxterp.tracing.attention import attention_layouts
-from mlxterp.tracing.inputs import Inputs
+from mlxterp.tracing.inputs import InputError, Inputs
 
 KINDS = ("previous", "duplicate", "induction")
 
 
 def targets(tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """For token rows (batch, seq): each kind's marked keys, boolean (batch, query, key)."""
+    """For token rows (batch, seq): each kind's marked keys, boolean (batch, query, key).
+
+    Example:
+        >>> targets(np.array([[0, 5, 6, 5]]))["induction"][0, 3].nonzero()   # key 2 (the 6)
+    """
     length = tokens.shape[1]
     query, key = np.arange(length)[:, None], np.arange(length)[None]
     earlier = key < query
@@ -55,10 +59,15 @@ def targets(tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 def scores_of(pattern: np.ndarray, marked: np.ndarray) -> np.ndarray:
     """Per head (heads,): mean over (batch, query) rows with any marked key of the attention
-    mass on them; `pattern` (batch, heads, query, key), `marked` (batch, query, key)."""
+    mass on them; `pattern` (batch, heads, query, key), `marked` (batch, query, key), with at
+    least one marked key.
+
+    Example:
+        >>> scores_of(pattern, targets(tokens)["previous"])
+    """
     rows = marked.any(-1)  # (batch, query)
     mass = (pattern * marked[:, None]).sum(-1)  # (batch, heads, query)
-    return (mass * rows[:, None]).sum((0, 2)) / max(rows.sum(), 1)
+    return (mass * rows[:, None]).sum((0, 2)) / rows.sum()
 
 
 def repeated_random_tokens(model, length: int = 25, batch: int = 4, seed: int = 0) -> np.ndarray:
@@ -114,10 +123,16 @@ class HeadScores:
              for (layer, head), value in np.ndenumerate(grid)])
 
     def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
+        """The scores as JSON (written to `path` when given); `from_json` reads them back.
+
+        Example:
+            >>> scores.to_json("heads.json")
+        """
         return write_json(self, path, overwrite)
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> HeadScores:
+        """Read scores written by `to_json` (JSON text or a file path)."""
         return read_json(cls, text_or_path)
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
@@ -139,9 +154,9 @@ def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: i
         >>> detect_heads(model).top("induction")
     """
     if tokens is None:
-        for name, value in (("length", length), ("batch", batch)):
-            if not isinstance(value, int) or value < 2:
-                raise InputTypeError(f"{name} must be an int of at least 2; got {value!r}.")
+        for name, value, least in (("length", length, 2), ("batch", batch, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InputTypeError(f"{name} must be an int of at least {least}; got {value!r}.")
         rows = repeated_random_tokens(model, length, batch, seed)
         text = f"{batch} rows of {length} random tokens repeated once (seed {seed})"
     else:
@@ -152,6 +167,13 @@ def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: i
         patterns = [trace.activations[layout.key] for layout in layouts]
         mx.eval(patterns)
     marked = targets(rows)
+    missing = [kind for kind in KINDS if not marked[kind].any()]
+    if missing:
+        raise InputError(
+            f"the text has no query with a {' or '.join(missing)} target (no token repeats an "
+            "earlier one), so those heads cannot be scored; give text that repeats some tokens, "
+            "or leave tokens=None for random tokens repeated once."
+        )
     scores = np.array([[scores_of(np.array(pattern), marked[kind]) for pattern in patterns]
                        for kind in KINDS])
     return HeadScores(list(KINDS), scores, rows.tolist(), text, provenance(model.model))

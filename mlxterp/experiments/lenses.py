@@ -64,6 +64,7 @@ class Unembedding:
     unembedding: str
     tied: bool  # the unembedding is the input embedding's `as_linear`
     softcap: float | None  # logits = softcap * tanh(logits / softcap), when the model caps them
+    width: int  # of the residual stream it reads
     _modules: tuple[nn.Module | None, nn.Module] = field(repr=False, compare=False)
 
     def __call__(self, residual: mx.array) -> mx.array:
@@ -75,6 +76,12 @@ class Unembedding:
         return logits
 
     def describe(self) -> dict:
+        """What the head is, for a result's record.
+
+        Example:
+            >>> Unembedding.of(model).describe()["unembedding"]
+            'model.model.embed_tokens'
+        """
         return {"norm": self.norm, "unembedding": self.unembedding, "tied": self.tied,
                 "softcap": self.softcap}
 
@@ -103,6 +110,7 @@ class Unembedding:
                     f"({', '.join(outside)}) is the one module that takes the last block's output. "
                     "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
                 )
+            width = recorded[last].shape[-1]
             is_norm = recorded[first].shape == recorded[f"{first}:input"].shape
             norm, unembedding = (first, taking(recorded[first])) if is_norm else (None, first)
         tied = unembedding is None
@@ -117,7 +125,7 @@ class Unembedding:
                 )
             unembedding = embeddings[0]
         softcap = getattr(getattr(tree.modules[ROOT], "args", None), "final_logit_softcapping", None)
-        return cls(norm, unembedding, tied, softcap,
+        return cls(norm, unembedding, tied, softcap, width,
                    (tree.modules.get(norm), tree.modules[unembedding]))
 
 
@@ -182,6 +190,11 @@ class LensResult:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> LensResult:
+        """Read a result written by `to_json` (JSON text or a file path).
+
+        Example:
+            >>> LensResult.from_json("mlxterp-out/logit-lens-smollm2-135m.json").kl[:, -1]
+        """
         return read_json(cls, text_or_path)
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
@@ -238,13 +251,16 @@ def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
     target_id = None if target is None else token_id(model, target, "target")
     if lens is not None:
         lens.check_model(model)
+    if unembed is not None and not callable(unembed):
+        raise InputTypeError(f"unembed must be a function residual -> logits; got {type(unembed).__name__}.")
     head = unembed if unembed is not None else Unembedding.of(model)
     last = n_layers - 1
     blocks = model.tree.blocks
     with model.trace(tokens, capture=[*(blocks[i] for i in sorted({*layers, last})), "output"]) as trace:
         residuals = {i: trace.activations[blocks[i]][0] for i in {*layers, last}}
-        final = trace.output[0].astype(mx.float32)
+        final = trace.output[0]
     _check_head(head, residuals[last], final)
+    final = final.astype(mx.float32)
     final = final[mx.array(positions)]
     final_log_probs = final - mx.logsumexp(final, axis=-1, keepdims=True)
     final_probs = mx.exp(final_log_probs)
@@ -264,15 +280,28 @@ def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
     )
 
 
+def kl_to_final(final_probs: mx.array, final_log_probs: mx.array, log_probs: mx.array) -> mx.array:
+    """KL(final || lens) over the last axis, from log-probabilities: not from two large sums
+    that cancel (4e-7 nats where the lens is the model, against 8e-5 for
+    sum(p * (log p - logits)) + logsumexp(logits) in float32).
+
+    Example:
+        >>> kl_to_final(mx.exp(final), final, lens)   # final, lens: log-softmax outputs
+    """
+    return (final_probs * (final_log_probs - log_probs)).sum(-1)
+
+
 def _check_head(head, residual: mx.array, logits: mx.array) -> None:
     """The head applied to the last block's output must give the model's own logits."""
+    # In half precision the model's head rounds as its dtype does, in another batch layout.
+    allowed = max(HEAD_TOLERANCE, 16 * mx.finfo(logits.dtype).eps) * max(1.0, mx.abs(logits).max().item())
+    logits = logits.astype(mx.float32)
     error = mx.abs(head(residual).astype(mx.float32) - logits).max().item()
-    scale = max(1.0, mx.abs(logits).max().item())
-    if not error <= HEAD_TOLERANCE * scale:  # also refuses NaN
+    if not error <= allowed:  # also refuses NaN
         found = head.describe() if isinstance(head, Unembedding) else "the unembed function given"
         raise LensError(
             f"the head ({found}) does not reproduce the model's logits from the last block's "
-            f"output: they differ by {error:.3g} (allowed {HEAD_TOLERANCE * scale:.2g}). The model "
+            f"output: they differ by {error:.3g} (allowed {allowed:.2g}). The model "
             "does more after its last block; pass unembed=lambda h: <what it does to h>."
         )
 
@@ -285,10 +314,7 @@ def _lens_cells(head, lens: TunedLens | None, residuals: dict, layers: list[int]
         rows = mx.stack([lens.translate(layer, row) for layer, row in zip(layers, rows, strict=True)])
     logits = head(rows).astype(mx.float32)
     normaliser = mx.logsumexp(logits, axis=-1)  # the one exp pass over the vocabulary
-    log_probs = logits - normaliser[..., None]
-    # From log-probabilities, not from two large sums that cancel: 4e-7 nats where the lens is
-    # the model, against 8e-5 for sum(p * (log p - logits)) + logsumexp(logits) in float32.
-    kl = (final_probs * (final_log_probs - log_probs)).sum(-1)
+    kl = kl_to_final(final_probs, final_log_probs, logits - normaliser[..., None])
     top_ids = largest(logits, min(top, logits.shape[-1]))
     top_logits = mx.take_along_axis(logits, top_ids, axis=-1)
     order = mx.argsort(-top_logits, axis=-1)  # argpartition leaves the top unsorted

@@ -27,6 +27,7 @@ from mlxterp.errors import InputTypeError, MlxterpError
 from mlxterp.experiments.sites import block_component_key, check_component, check_layer, is_index
 from mlxterp.interventions import add_vector
 from mlxterp.models.identity import model_name, weights_sha256
+from mlxterp.paths import output_path
 from mlxterp.tracing.trace import Intervention
 
 FORMAT = "mlxterp-steering-vector/1"  # in the safetensors metadata
@@ -36,7 +37,7 @@ class SteeringVectorError(MlxterpError, ValueError):
     """A steering vector that does not fit: wrong shape or dtype, another model, a bad layer."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds an mx.array, which has no truth value to compare by
 class SteeringVector:
     """A direction in one activation of one model, to add while it runs.
 
@@ -105,13 +106,14 @@ class SteeringVector:
             raise InputTypeError(f"alpha must be a finite number; got {type(alpha).__name__} {alpha!r}.")
         return {self.key(layer): add_vector(alpha * self.vector)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the vector and where it came from to a safetensors file.
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the vector and where it came from to a .safetensors file (an existing one only
+        with `overwrite=True`).
 
         Example:
             >>> v.save("weddings.safetensors")
         """
-        path = Path(path)
+        path = output_path(path, {".safetensors"}, overwrite)
         metadata = {"format": FORMAT, "layer": str(self.layer), "component": self.component,
                     "blocks": self.blocks, "n_layers": str(self.n_layers), "model": self.model,
                     "model_sha256": self.model_sha256, "pairs": str(self.pairs),

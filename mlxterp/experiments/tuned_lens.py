@@ -30,7 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlxterp.errors import InputTypeError
-from mlxterp.experiments.lenses import LensError, Unembedding
+from mlxterp.experiments.lenses import LensError, Unembedding, kl_to_final
 from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.models.load import cache_dir
 from mlxterp.paths import output_path
@@ -73,7 +73,11 @@ class TunedLens(nn.Module):
             )
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the translators and their model's identity to a .safetensors file."""
+        """Write the translators and their model's identity to a .safetensors file.
+
+        Example:
+            >>> lens.save("smollm2-lens.safetensors")
+        """
         path = output_path(path, {".safetensors"}, overwrite)
         metadata = {"n_layers": str(self.n_layers), "width": str(self.width), "model": self.model,
                     "model_sha256": self.model_sha256, "trained_on": json.dumps(self.trained_on)}
@@ -99,14 +103,24 @@ class TunedLens(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> TunedLens:
-        """Read a lens written by `save`."""
-        weights, metadata = mx.load(str(path), return_metadata=True)
+        """Read a lens written by `save`.
+
+        Example:
+            >>> model.logit_lens(prompt, lens=TunedLens.load("smollm2-lens.safetensors"))
+        """
+        try:
+            weights, metadata = mx.load(str(path), return_metadata=True)
+        except (RuntimeError, ValueError) as err:  # mx.load: a missing, unreadable or truncated file
+            raise LensError(f"cannot read a tuned lens from {path}: {err}") from err
         missing = {"n_layers", "width", "model", "model_sha256"} - set(metadata)
         if missing:
             raise LensError(f"{path} is not a tuned lens written by mlxterp: no {sorted(missing)} in it.")
         lens = cls(int(metadata["n_layers"]), int(metadata["width"]), metadata["model"],
                    metadata["model_sha256"])
-        lens.load_weights(list(weights.items()))
+        try:
+            lens.load_weights(list(weights.items()))
+        except ValueError as err:  # arrays missing, extra or of other shapes than the metadata says
+            raise LensError(f"{path} does not hold the translators its metadata describes: {err}") from err
         lens.trained_on = json.loads(metadata.get("trained_on", "{}"))
         return lens
 
@@ -124,7 +138,12 @@ def python_reference_text(held_out_every: int = 4) -> tuple[list[str], list[str]
 
 def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
     """The texts tokenised one after another and cut into windows (n, length) of token ids,
-    each starting with the tokenizer's BOS token when it has one."""
+    each starting with the tokenizer's BOS token when it has one.
+
+    Example:
+        >>> token_windows(model, python_reference_text()[1], 64).shape
+        (267, 64)
+    """
     if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
         raise InputTypeError("texts must be a non-empty list of strings.")
     bos = getattr(model.tokenizer, "bos_token_id", None)
@@ -139,7 +158,11 @@ def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
 
 def lens_kl(model, lens: TunedLens | None, head: Unembedding, tokens: mx.array) -> mx.array:
     """KL(final || lens) in nats per (layer, window, position) for windows of tokens; the
-    logit lens when `lens` is None."""
+    logit lens when `lens` is None.
+
+    Example:
+        >>> lens_kl(model, lens, Unembedding.of(model), windows)[:, :, 1:].mean()
+    """
     blocks = model.tree.blocks
     with model.trace(tokens, capture=[*blocks, "output"]) as trace:
         residuals = [mx.stop_gradient(trace.activations[block]) for block in blocks]
@@ -150,8 +173,8 @@ def lens_kl(model, lens: TunedLens | None, head: Unembedding, tokens: mx.array) 
     for layer, residual in enumerate(residuals[:-1]):
         translated = residual if lens is None else lens.translate(layer, residual)
         logits = head(translated).astype(mx.float32)
-        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        kls.append((final_probs * (final_log_probs - log_probs)).sum(-1))
+        kls.append(kl_to_final(final_probs, final_log_probs,
+                               logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
     return mx.stack(kls)
 
 
@@ -185,8 +208,7 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
             raise InputTypeError(f"{name} must be a positive int; got {value!r}.")
     windows = token_windows(model, texts, length)
     head = Unembedding.of(model)
-    lens = TunedLens(len(model.tree.blocks), model.tree.modules[head.norm].weight.shape[-1],
-                     model_name(model.model), weights_sha256(model.model))
+    lens = TunedLens(len(model.tree.blocks), head.width, model_name(model.model), weights_sha256(model.model))
     # Adam moves every translator at the same rate, good layers too; decaying the rate to zero
     # lets the late layers, already close to the final logits, settle instead of being shaken.
     optimizer = optim.Adam(learning_rate=optim.linear_schedule(learning_rate, 0.0, steps))

@@ -34,10 +34,18 @@ from mlxterp.tracing.names import PATTERN, ModuleTree
 CHILDREN = ("rope", "v_proj", "o_proj")
 ATTRIBUTES = ("scale", "n_heads", "n_kv_heads")
 # |pattern @ V - attention output| / max(1, |output|) above which the rebuilt probabilities are
-# not the model's: 0 on the CPU, where MLX's attention computes the same float32 products; a
-# fused GPU kernel rounds differently, by far less; a formula that differs (a soft cap, a
-# missing mask) is off by 1e-2 or more.
+# not the model's: 0 on the CPU in float32, where MLX's attention computes the same products; a
+# fused GPU kernel rounds differently, by far less than 1e-4. In bfloat16 or float16 the model's
+# own attention rounds q, k and V: measured 0.014 on SmolLM2 in bfloat16, so the bound there is
+# 16 machine epsilons of the dtype (0.0625 for bfloat16). A formula that differs is off by more:
+# mlxterp also refuses soft-capped scores by the module's own setting (`attn_logit_softcapping`),
+# since a mild cap hides inside half-precision rounding.
 MIXING_TOLERANCE = 1e-4
+
+
+def mixing_tolerance(dtype: mx.Dtype) -> float:
+    """The bound on `AttentionLayout.mixing_error` for a model computing in `dtype`."""
+    return max(MIXING_TOLERANCE, 16 * mx.finfo(dtype).eps)
 
 
 class AttentionCaptureError(MlxterpError, ValueError):
@@ -162,6 +170,12 @@ def attention_layouts(tree: ModuleTree) -> list[AttentionLayout]:
                 f"mlx-lm's attention has; the block's children are {children}."
             )
         module = tree.modules[found[0]]
+        if getattr(module, "attn_logit_softcapping", None):
+            raise AttentionCaptureError(
+                f"{found[0]} soft-caps its attention scores (attn_logit_softcapping = "
+                f"{module.attn_logit_softcapping}, as Gemma 2 does); mlxterp rebuilds "
+                "softmax(scale * q @ k^T + mask) only, so it reports no probabilities for it."
+            )
         layouts.append(AttentionLayout(found[0], float(module.scale), int(module.n_heads),
                                        int(module.n_kv_heads)))
     return layouts

@@ -98,9 +98,10 @@ class Intervening:
         plans = self.interventions.at_call(name, call)
         if not plans:
             return module(*args, **kwargs)
-        start, length = self._start, self.tokens_seen - self._start
-
         def patch(x, is_input: bool):
+            # Read when the activation arrives: a module that encloses the blocks' owner is
+            # called before that owner starts the forward pass and counts its tokens.
+            start, length = self._start, self.tokens_seen - self._start
             try:
                 return self.interventions.apply(plans, x, is_input, start)
             except (MlxterpError, ValueError) as err:  # add which call it was; the cause stays chained

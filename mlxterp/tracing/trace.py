@@ -17,10 +17,10 @@ import mlx.nn as nn
 
 from mlxterp.errors import InputTypeError, MlxterpError
 from mlxterp.tracing.attention import (
-    MIXING_TOLERANCE,
     AttentionCaptureError,
     AttentionLayout,
     attention_layouts,
+    mixing_tolerance,
 )
 from mlxterp.tracing.intercept import call_patched, intercepted
 from mlxterp.tracing.names import (
@@ -208,7 +208,7 @@ class Trace:
         # During a call of an attention module: what its rope returned (queries, keys), its
         # v_proj returned and its o_proj was given, by key; after it, each layer's check.
         self._watched: dict[str, list[mx.array]] = {}
-        self._mixing_errors: list[tuple[str, mx.array]] = []
+        self._mixing_errors: list[tuple[str, mx.array, float]] = []  # (module, error, bound)
         self._store: dict[str, object] = {}
         self._calls: Counter[str] = Counter()
         self._open = False
@@ -237,13 +237,16 @@ class Trace:
         plans = self._interventions.at_call(name, call)
 
         def patch(x, is_input: bool):
+            # What the attention computed: o_proj's input before an intervention (a head
+            # ablation) changes it; the rope's and v_proj's outputs as the attention used them.
+            if is_input:
+                self._watch(f"{name}:input", x)
             x = self._interventions.apply(plans, x, is_input)
+            if not is_input:
+                self._watch(name, x)
             stored = f"{key}:input" if is_input else key
             if self._wants(stored):
                 self._store[stored] = x
-            watched = self._watched.get(f"{name}:input" if is_input else name)
-            if watched is not None:  # every call, whatever its number
-                watched.append(x)
             return x
 
         layout = self._attention.get(name)
@@ -261,8 +264,14 @@ class Trace:
             )
         pattern = layout.pattern(*rotated, mask)
         self._store[key + PATTERN] = pattern
-        self._mixing_errors.append((name, layout.mixing_error(pattern, values[0], mixed[0])))
+        self._mixing_errors.append((name, layout.mixing_error(pattern, values[0], mixed[0]),
+                                    mixing_tolerance(mixed[0].dtype)))
         return output
+
+    def _watch(self, key: str, x) -> None:
+        watched = self._watched.get(key)
+        if watched is not None:  # every call, whatever its number
+            watched.append(x)
 
     def __enter__(self) -> Trace:
         if self._done:
@@ -292,15 +301,15 @@ class Trace:
         """Every recorded pattern must reproduce its module's output (see `tracing.attention`)."""
         if not self._mixing_errors:
             return
-        errors = mx.stack([error for _, error in self._mixing_errors]).tolist()  # one evaluation
-        worst = max(range(len(errors)), key=lambda i: errors[i])
-        if not errors[worst] <= MIXING_TOLERANCE:  # also refuses NaN
-            raise AttentionCaptureError(
-                f"the attention probabilities rebuilt for {self._mixing_errors[worst][0]} do not "
-                f"reproduce its output (relative error {errors[worst]:.2g}): this family's "
-                "attention is not softmax(scale * q @ k^T + mask) (Gemma 2, for one, soft-caps "
-                "its scores), so mlxterp does not report probabilities for it."
-            )
+        errors = mx.stack([error for _, error, _ in self._mixing_errors]).tolist()  # one evaluation
+        for (name, _, tolerance), error in zip(self._mixing_errors, errors, strict=True):
+            if not error <= tolerance:  # also refuses NaN
+                raise AttentionCaptureError(
+                    f"the attention probabilities rebuilt for {name} do not reproduce its output "
+                    f"(relative error {error:.2g}, allowed {tolerance:.2g}): this family's attention "
+                    "is not softmax(scale * q @ k^T + mask), so mlxterp does not report "
+                    "probabilities for it."
+                )
 
     # -- reading -------------------------------------------------------------------------------
 
