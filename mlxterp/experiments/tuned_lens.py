@@ -128,7 +128,14 @@ class TunedLens(nn.Module):
 def python_reference_text(held_out_every: int = 4) -> tuple[list[str], list[str]]:
     """(training, held-out) texts: the Python language reference's topics, which ship with
     CPython (`pydoc_data.topics`), every `held_out_every`-th topic (alphabetically) held out."""
-    from pydoc_data.topics import topics
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # some Linux distributions package the stdlib's docs separately
+        raise LensError(
+            "this Python has no pydoc_data (the language reference's text), the corpus "
+            "`train-lens` uses; install your distribution's full standard library, or train with "
+            "train_tuned_lens(model, your_texts)."
+        ) from err
 
     names = sorted(topics)
     held_out = [topics[name] for i, name in enumerate(names) if i % held_out_every == held_out_every - 1]
