@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,11 @@ def _show_or_save(fig, path: Path | None, stem: str):
         return fig
     if path is None:
         path = numbered(Path.cwd(), stem.replace("/", "_").replace(" ", "_"), ".png")
-    fig.savefig(path, dpi=130)
+    with warnings.catch_warnings():
+        # A token in a script the font lacks (a lens cell in Chinese) is drawn as a box; one
+        # warning per glyph would bury what the script prints.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+        fig.savefig(path, dpi=130)
     print(f"plot saved to {path}")
     return fig
 
