@@ -18,10 +18,8 @@ early at an end-of-sequence token, so its time is per token. Goal: at most 1.1x.
 import argparse
 import importlib
 import os
-import random
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,6 +31,7 @@ except ImportError:
     pass
 
 from mlx_lm.generate import generate as mlx_lm_generate  # noqa: E402
+from timing import interleaved  # noqa: E402  (bench/timing.py, beside this script)
 
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
@@ -69,18 +68,10 @@ def main() -> None:
         "steered": lambda: len(model.generate(PROMPT, max_tokens=args.tokens, interventions=steer).tokens),
     }
 
-    for run in variants.values():  # warm-up: compile kernels, fill caches
-        run()
     ratios = {name: [] for name in variants}
     rates = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        order = list(variants)
-        random.shuffle(order)
-        per_token = {}
-        for name in order:
-            start = time.perf_counter()
-            tokens = variants[name]()
-            per_token[name] = (time.perf_counter() - start) / tokens
+    for timed in interleaved(variants, args.repeats):
+        per_token = {name: seconds / tokens for name, (seconds, tokens) in timed.items()}
         for name in variants:
             ratios[name].append(per_token[name] / per_token["mlx-lm"])
             rates[name].append(1 / per_token[name])

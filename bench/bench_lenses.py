@@ -20,10 +20,8 @@ Goals (issue 10): lens <= 2x, attention capture <= 1.3x one forward.
 import argparse
 import importlib
 import os
-import random
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -34,6 +32,7 @@ except ImportError:
     pass
 
 import mlx.core as mx  # noqa: E402
+from timing import interleaved  # noqa: E402  (bench/timing.py, beside this script)
 
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
@@ -71,21 +70,12 @@ def main() -> None:
         "unembedding": unembedding,
         "attention": attention,
     }
-    for run in variants.values():  # warm up
-        run()
     ratios = {name: [] for name in variants if name != "forward"}
     forward_times = []
-    for _ in range(args.repeats):
-        order = list(variants)
-        random.shuffle(order)
-        times = {}
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            times[name] = time.perf_counter() - start
-        forward_times.append(times["forward"])
+    for timed in interleaved(variants, args.repeats):
+        forward_times.append(timed["forward"][0])
         for name in ratios:
-            ratios[name].append(times[name] / times["forward"])
+            ratios[name].append(timed[name][0] / timed["forward"][0])
 
     print(f"SmolLM2-135M float32, {ids.shape[1]}-token prompt, BLAS {blas_status().kind}, "
           f"{args.repeats} repeats (median)")

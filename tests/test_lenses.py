@@ -18,6 +18,7 @@ from mlxterp.errors import InputTypeError
 from mlxterp.experiments.lenses import LensError, LensResult, Unembedding, largest
 from mlxterp.experiments.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
 from mlxterp.tracing.inputs import InputError
+from mlxterp.tracing.names import SiteError
 
 PROMPT = "The Eiffel Tower is located in the city of"
 # KL at the last block, where the lens is the model: float32 rounding of log-softmax over
@@ -108,9 +109,9 @@ def test_bad_input(tiny_smol):
         tiny_smol.logit_lens("Hello world", unembed=3)
     with pytest.raises(InputError, match=r"target ' the city' is 2 tokens"):
         tiny_smol.logit_lens("Hello world", target=" the city")
-    with pytest.raises(LensError, match="layer 2 is out of range: there are 2"):
+    with pytest.raises(SiteError, match=r"layer \[2\] out of range: valid layers are 0 to 1"):
         tiny_smol.logit_lens("Hello world", layers=[2])
-    with pytest.raises(LensError, match="position -9 is out of range"):
+    with pytest.raises(SiteError, match=r"position \[-9\] out of range"):
         tiny_smol.logit_lens("Hello world", positions=[-9])
 
 

@@ -2,7 +2,7 @@
 
 The residual stream after block l goes through the model's own head, its final norm and
 unembedding (tied or not, with any logit soft cap), as if it were the last block's output.
-`Unembedding` finds that head by watching one forward pass of two tokens: the module that takes
+`Unembedding` finds that head by watching a forward pass (the lens's own): the module that takes
 the last block's output is the final norm, the module that takes the norm's output is the
 unembedding (none: the embedding is tied and its `as_linear` unembeds). Every lens run checks the head it
 found against the model: at the last block the lens must give the model's own logits.
@@ -30,7 +30,7 @@ from mlxterp.errors import InputTypeError, MlxterpError
 from mlxterp.experiments.metrics import LOGIT_NOISE
 from mlxterp.experiments.patching import provenance, token_id
 from mlxterp.experiments.results import read_json, write_json
-from mlxterp.experiments.sites import is_index
+from mlxterp.experiments.sites import checked_indices, is_index
 from mlxterp.tracing.inputs import Inputs
 from mlxterp.tracing.names import ROOT
 
@@ -47,7 +47,7 @@ HEAD_TOLERANCE = 10 * LOGIT_NOISE
 
 
 class LensError(MlxterpError, ValueError):
-    """A lens that cannot be made or applied: no head found, a layer or position out of range."""
+    """A lens that cannot be made or applied: no head found, a tuned lens of another model."""
 
 
 @dataclass(frozen=True)
@@ -85,34 +85,47 @@ class Unembedding:
         return {"norm": self.norm, "unembedding": self.unembedding, "tied": self.tied,
                 "softcap": self.softcap}
 
-    @classmethod
-    def of(cls, model) -> Unembedding:
-        """Find the head of a wrapped model by tracing two tokens: the module that takes the
-        last block's output is the final norm if it keeps its shape (else it unembeds); the
-        module that takes the norm's output unembeds (none: the tied input embedding does)."""
-        tree = model.tree
+    @staticmethod
+    def watched(tree) -> list[str]:
+        """What a trace must record for `found_in`: the last block's output, and the input and
+        output of every module outside the blocks."""
         if not tree.blocks:
             raise LensError("this model has no list of blocks, so no residual stream to read.")
-        outside = [name for name in tree.modules
-                   if name != ROOT and tree.block_of(name) is None and name != tree.blocks_name]
-        last = tree.blocks[-1]
-        with model.trace([[0, 1]], capture=[last, *outside, *(f"{n}:input" for n in outside)]) as trace:
-            recorded = trace.activations
+        outside = _outside_blocks(tree)
+        return [tree.blocks[-1], *outside, *(f"{n}:input" for n in outside)]
 
-            def taking(value) -> str | None:
-                found = [n for n in outside if f"{n}:input" in recorded and recorded[f"{n}:input"] is value]
-                return found[0] if len(found) == 1 else None
+    @classmethod
+    def of(cls, model) -> Unembedding:
+        """Find the head of a wrapped model by tracing two tokens (see `found_in`).
 
-            first = taking(recorded[last])
-            if first is None:
-                raise LensError(
-                    f"cannot find the model's head: none of the modules outside the blocks "
-                    f"({', '.join(outside)}) is the one module that takes the last block's output. "
-                    "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
-                )
-            width = recorded[last].shape[-1]
-            is_norm = recorded[first].shape == recorded[f"{first}:input"].shape
-            norm, unembedding = (first, taking(recorded[first])) if is_norm else (None, first)
+        Example:
+            >>> Unembedding.of(model).norm
+            'model.model.norm'
+        """
+        with model.trace([[0, 1]], capture=cls.watched(model.tree)) as trace:
+            return cls.found_in(model.tree, trace.activations)
+
+    @classmethod
+    def found_in(cls, tree, recorded) -> Unembedding:
+        """The head, from a trace that recorded `watched(tree)`: the module that takes the last
+        block's output is the final norm if it keeps its shape (else it unembeds); the module
+        that takes the norm's output unembeds (none: the tied input embedding does)."""
+        outside = _outside_blocks(tree)
+
+        def taking(value) -> str | None:
+            found = [n for n in outside if f"{n}:input" in recorded and recorded[f"{n}:input"] is value]
+            return found[0] if len(found) == 1 else None
+
+        last = recorded[tree.blocks[-1]]
+        first = taking(last)
+        if first is None:
+            raise LensError(
+                f"cannot find the model's head: none of the modules outside the blocks "
+                f"({', '.join(outside)}) is the one module that takes the last block's output. "
+                "Pass the head yourself: unembed=lambda h: <your final norm and unembedding of h>."
+            )
+        is_norm = recorded[first].shape == recorded[f"{first}:input"].shape
+        norm, unembedding = (first, taking(recorded[first])) if is_norm else (None, first)
         tied = unembedding is None
         if tied:
             embeddings = [n for n in outside
@@ -125,8 +138,14 @@ class Unembedding:
                 )
             unembedding = embeddings[0]
         softcap = getattr(getattr(tree.modules[ROOT], "args", None), "final_logit_softcapping", None)
-        return cls(norm, unembedding, tied, softcap, width,
+        return cls(norm, unembedding, tied, softcap, last.shape[-1],
                    (tree.modules.get(norm), tree.modules[unembedding]))
+
+
+def _outside_blocks(tree) -> list[str]:
+    """Modules that are neither the root nor in (or the list of) the blocks."""
+    return [name for name in tree.modules
+            if name != ROOT and tree.block_of(name) is None and name != tree.blocks_name]
 
 
 @dataclass
@@ -204,24 +223,6 @@ class LensResult:
         return plot_lens(self, path, overwrite=overwrite)
 
 
-def _indices(values, size: int, what: str) -> list[int]:
-    """`values` (None: all) as sorted, distinct indices in 0..size-1; negative ones count back."""
-    if values is None:
-        return list(range(size))
-    if is_index(values):
-        values = [values]
-    if isinstance(values, str) or not isinstance(values, Sequence | range) or not values:
-        raise InputTypeError(f"{what} must be a non-empty list of ints or None (all); got {values!r}.")
-    chosen = []
-    for value in values:
-        if not is_index(value):
-            raise InputTypeError(f"{what} must be ints; got {value!r}.")
-        if not -size <= value < size:
-            raise LensError(f"{what[:-1]} {value} is out of range: there are {size} (0 to {size - 1}).")
-        chosen.append(int(value) % size)
-    return sorted(set(chosen))
-
-
 def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
                positions: Sequence[int] | None = None, top: int = 5, target: str | int | None = None,
                lens: TunedLens | None = None,
@@ -246,22 +247,24 @@ def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
     if tokens.shape[0] != 1:
         raise InputTypeError(f"the lens reads one prompt; got {tokens.shape[0]} rows.")
     n_layers, length = len(model.tree.blocks), tokens.shape[1]
-    layers = _indices(layers, n_layers, "layers")
-    positions = _indices(positions, length, "positions")
+    layers = checked_indices(layers, n_layers, "layer")
+    positions = checked_indices(positions, length, "position")
     target_id = None if target is None else token_id(model, target, "target")
     if lens is not None:
         lens.check_model(model)
     if unembed is not None and not callable(unembed):
         raise InputTypeError(f"unembed must be a function residual -> logits; got {type(unembed).__name__}.")
-    head = unembed if unembed is not None else Unembedding.of(model)
     last = n_layers - 1
     blocks = model.tree.blocks
-    with model.trace(tokens, capture=[*(blocks[i] for i in sorted({*layers, last})), "output"]) as trace:
+    # One forward pass: the residuals, the model's logits and, unless given, its head.
+    capture = [*(blocks[i] for i in sorted({*layers, last})), "output",
+               *(Unembedding.watched(model.tree) if unembed is None else [])]
+    with model.trace(tokens, capture=capture) as trace:
         residuals = {i: trace.activations[blocks[i]][0] for i in {*layers, last}}
         final = trace.output[0]
+        head = unembed if unembed is not None else Unembedding.found_in(model.tree, trace.activations)
     _check_head(head, residuals[last], final)
-    final = final.astype(mx.float32)
-    final = final[mx.array(positions)]
+    final = final.astype(mx.float32)[mx.array(positions)]
     final_log_probs = final - mx.logsumexp(final, axis=-1, keepdims=True)
     final_probs = mx.exp(final_log_probs)
     per_chunk = max(1, CHUNK_ELEMENTS // (final.shape[-1] * len(positions)))

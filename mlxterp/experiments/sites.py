@@ -144,10 +144,10 @@ def check_layer(model, layer: object) -> int:
     """
     if not is_index(layer):
         raise InputTypeError(f"layer={layer!r}: give a block index, a whole number such as 6.")
-    return _checked_indices([layer], len(model.tree.blocks), "layer")[0]
+    return checked_indices([layer], len(model.tree.blocks), "layer")[0]
 
 
-def _checked_indices(values: Sequence[int] | None, count: int, what: str) -> list[int]:
+def checked_indices(values: Sequence[int] | None, count: int, what: str) -> list[int]:
     if values is None:
         return list(range(count))
     if not isinstance(values, Sequence | np.ndarray) or isinstance(values, str) or not all(
@@ -200,13 +200,13 @@ def sweep_sites(
     if n_layers == 0:
         raise SiteError("this model has no list of blocks to sweep over.")
     component = check_component(model, component)
-    layer_list = _checked_indices(layers, n_layers, "layer")
-    position_list = _checked_indices(positions, seq_len, "position") if "position" in over else [None]
+    layer_list = checked_indices(layers, n_layers, "layer")
+    position_list = checked_indices(positions, seq_len, "position") if "position" in over else [None]
     sites, labels = [], []
     for layer in layer_list:
         if "head" in over:
             key, n_heads = _head_layout(model, layer, component)
-            head_list = _checked_indices(heads, n_heads, "head")
+            head_list = checked_indices(heads, n_heads, "head")
         else:
             key, head_list = component_key(model, layer, component), [None]
         where = model.tree.site(key)

@@ -252,12 +252,21 @@ def _layers(text: str) -> list[int]:
             f"{text!r}: give layer numbers separated by commas, e.g. 0,5,12") from None
 
 
+def _command(commands, name: str, help_text: str, out: str | None = "folder for the PNG and JSON"):
+    """A sub-command that loads a model (`--model`) and, unless `out` is None, writes files into
+    a folder (`--out`, described by `out`)."""
+    sub = commands.add_parser(name, help=help_text)
+    sub.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    if out is not None:
+        sub.add_argument("--out", default="mlxterp-out", help=out)
+    return sub
+
+
 def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     """A sub-command that takes a prompt pair and the options of a sweep."""
-    sub = commands.add_parser(name, help=help_text)
+    sub = _command(commands, name, help_text)
     sub.add_argument("clean", help="the clean prompt")
     sub.add_argument("corrupted", help="the corrupted prompt (same number of tokens)")
-    sub.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
     sub.add_argument("--component", default="mlp",
                      help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
     sub.add_argument("--metric", default="kl", help="kl (default here), l2, cosine, mse, logit_diff")
@@ -268,7 +277,6 @@ def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParse
     sub.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
     sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
     sub.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
-    sub.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
     sub.add_argument("--html", action="store_true", help="also write an interactive HTML report")
     return sub
 
@@ -284,42 +292,35 @@ def _parser() -> argparse.ArgumentParser:
     attribute_parser.add_argument("--steps", type=int, default=16, help="ig: steps along the path")
     attribute_parser.add_argument("--verify", type=int, default=0, metavar="K",
                                   help="patch the top K sites exactly and print both columns")
-    fact = commands.add_parser("trace-fact", help="causal tracing: noise the subject, restore each state")
+    fact = _command(commands, "trace-fact", "causal tracing: noise the subject, restore each state",
+                    out="folder for the figure and JSON")
     fact.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
     fact.add_argument("--subject", required=True, help="text of the prompt to noise, e.g. 'The Eiffel Tower'")
     fact.add_argument("--answer", help="the answer token (default: the model's top next token)")
-    fact.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
     fact.add_argument("--window", type=int, default=10, help="layers restored together (mlp, attn)")
     fact.add_argument("--samples", type=int, default=10, help="noise samples")
     fact.add_argument("--noise", type=float, help="noise sd (default: 3x the embeddings' sd)")
     fact.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    fact.add_argument("--out", default="mlxterp-out", help="folder for the figure and JSON")
-    lens_parser = commands.add_parser("lens", help="logit lens: what each layer predicts at each position")
+    lens_parser = _command(commands, "lens", "logit lens: what each layer predicts at each position")
     lens_parser.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
-    lens_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
     lens_parser.add_argument("--target", help="a token to follow, e.g. ' Paris'")
     lens_parser.add_argument("--tuned", nargs="?", const="default", metavar="FILE",
                              help="use a tuned lens: the one `train-lens` made, or FILE")
     lens_parser.add_argument("--top", type=int, default=5, help="top tokens kept per cell")
-    lens_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
-    heads_parser = commands.add_parser("heads", help="previous-token, duplicate and induction heads")
-    heads_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    heads_parser = _command(commands, "heads", "previous-token, duplicate and induction heads")
     heads_parser.add_argument("--length", type=int, default=25, help="random tokens, repeated once")
     heads_parser.add_argument("--batch", type=int, default=4, help="rows of random tokens")
     heads_parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     heads_parser.add_argument("--top", type=int, default=5, help="heads printed per kind")
-    heads_parser.add_argument("--out", default="mlxterp-out", help="folder for the PNG and JSON")
-    train = commands.add_parser("train-lens", help="train a tuned lens on the Python reference text")
-    train.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
+    train = _command(commands, "train-lens", "train a tuned lens on the Python reference text", out=None)
     train.add_argument("--steps", type=int, default=60, help="Adam steps")
     train.add_argument("--batch", type=int, default=2, help="windows per step")
     train.add_argument("--length", type=int, default=64, help="tokens per window")
     train.add_argument("--learning-rate", type=float, default=5e-4, help="peak rate, decaying to 0")
     train.add_argument("--held-out", type=int, default=8, help="held-out windows to report KL on")
     train.add_argument("--save", help="file to write (default: the cache, where `lens --tuned` looks)")
-    gen = commands.add_parser("generate", help="generate text, optionally steered by a saved vector")
+    gen = _command(commands, "generate", "generate text, optionally steered by a saved vector", out=None)
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
     gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
     gen.add_argument("--steer", metavar="FILE", help="a steering vector saved with SteeringVector.save")
     gen.add_argument("--layer", type=int, help="--steer: add it after this block (default: its own)")
@@ -327,9 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     gen.add_argument("--seed", type=int, help="seed of the sampling")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
-    demo_parser = commands.add_parser("demo", help="load a model and print its top next tokens")
+    demo_parser = _command(commands, "demo", "load a model and print its top next tokens", out=None)
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
-    demo_parser.add_argument("--model", default="smollm2-135m", help="bundled name, .gguf or hub id")
     demo_parser.add_argument("--top", type=int, default=5, help="how many tokens to show")
     return parser
 

@@ -13,7 +13,7 @@ not changed: the trace only reads these arrays, so its output stays the untraced
 
 Each pattern is checked against the model's own result in the same trace: pattern @ V (from
 `v_proj`) must equal the attention output (the input of `o_proj`). A family whose attention is
-not this formula (Gemma 2 soft-caps its scores) is refused, not given wrong probabilities.
+not this formula is refused, not given wrong probabilities.
 
 Example:
     >>> with model.trace(prompt, capture_attention=True) as trace:
@@ -58,7 +58,7 @@ class AttentionLayout:
 
     Example:
         >>> attention_layouts(model.tree)[3]
-        AttentionLayout(module='model.model.layers.3.self_attn', rope='...self_attn.rope', ...)
+        AttentionLayout(module='model.model.layers.3.self_attn', scale=0.125, n_heads=9, n_kv_heads=3)
     """
 
     module: str  # the attention module's full name
@@ -80,9 +80,14 @@ class AttentionLayout:
         return f"{self.module}.v_proj"
 
     @property
+    def output(self) -> str:
+        """Its output projection, whose input is the attention's output."""
+        return f"{self.module}.o_proj"
+
+    @property
     def mixed(self) -> str:
         """The key of the attention output before the output projection."""
-        return f"{self.module}.o_proj:input"
+        return f"{self.output}:input"
 
     def mixing_error(self, pattern: mx.array, values: mx.array, mixed: mx.array) -> mx.array:
         """max |pattern @ V - mixed| / max(1, max |mixed|): how far the rebuilt probabilities

@@ -98,6 +98,7 @@ class Intervening:
         plans = self.interventions.at_call(name, call)
         if not plans:
             return module(*args, **kwargs)
+
         def patch(x, is_input: bool):
             # Read when the activation arrives: a module that encloses the blocks' owner is
             # called before that owner starts the forward pass and counts its tokens.

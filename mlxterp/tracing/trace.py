@@ -224,7 +224,7 @@ class Trace:
                        if key != OUTPUT_KEY and not key.endswith(PATTERN)}
         modules |= self._interventions.modules
         for layout in self._attention.values():
-            modules |= {layout.module, layout.rope, layout.values, layout.mixed.removesuffix(":input")}
+            modules |= {layout.module, layout.rope, layout.values, layout.output}
         return sorted(modules)
 
     def _wants(self, key: str) -> bool:
