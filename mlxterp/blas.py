@@ -216,7 +216,8 @@ _warned = False
 def warn_if_slow() -> bool:
     """Warn once per process if mlx runs on its reference BLAS and a fix exists.
 
-    Only on Linux, only when mlx is already imported, not when MLXTERP_NO_BLAS
+    Only on Linux, only when mlx is already imported and computes on the CPU by
+    default (on a GPU the CPU's BLAS hardly matters), not when MLXTERP_NO_BLAS
     is set, and only when an OpenBLAS is on disk or installable with apt-get.
     The ``SlowBlasWarning`` names the exact fix. Returns True if it warned.
     """
@@ -225,6 +226,8 @@ def warn_if_slow() -> bool:
         return False
     if "mlx.core" not in sys.modules:
         return False  # the hook (installed by importing this module) will preload
+    if sys.modules["mlx.core"].default_device().type != sys.modules["mlx.core"].DeviceType.cpu:
+        return False
     status = blas_status()
     if status.optimized is not False:
         return False
@@ -283,15 +286,21 @@ def _fix(available: str | None) -> str:
                 f"'pacman -S openblas') or set {PATH_ENV}={example}"
             )
     if not _pth_installed():
-        steps.append(f"reinstall mlxterp to get its start-up hook: {_reinstall_command()}")
+        reinstall = _reinstall_command()
+        steps.append(f"reinstall mlxterp to get its start-up hook: {reinstall}" if reinstall else
+                     # Not installed by pip (PYTHONPATH, pip --target): no start-up hook can run.
+                     "import mlxterp before mlx in your program (its import hook loads OpenBLAS "
+                     "first)")
     fix = "; then ".join(steps) + "; then restart Python"
     if available:
         fix += f" (or start Python with LD_PRELOAD={available})"
     return fix
 
 
-def _reinstall_command() -> str:
-    """The pip command that (re)installs mlxterp with its .pth hook."""
+def _reinstall_command() -> str | None:
+    """The pip command that (re)installs mlxterp with its .pth hook the way it was installed,
+    or None where pip did not install it (a PYTHONPATH entry or a `pip --target` folder, whose
+    .pth files Python never reads)."""
     pip = f"{sys.executable} -m pip install"
     # Only an installation in a site directory counts (a source tree on
     # sys.path may hold a stray mlxterp.egg-info).
@@ -302,17 +311,22 @@ def _reinstall_command() -> str:
     ]
     if installed:
         direct_url = installed[0].read_text("direct_url.json")
-        if direct_url:
-            info = json.loads(direct_url)
-            if info.get("dir_info", {}).get("editable"):
-                source = urllib.parse.unquote(urllib.parse.urlparse(info["url"]).path)
-                return f"{pip} --no-deps -e {source}"
-        return f"{pip} --force-reinstall --no-deps mlxterp"
-    # Not installed: running from a source tree on sys.path.
+        if not direct_url:  # from a package index
+            return f"{pip} --force-reinstall --no-deps mlxterp"
+        info = json.loads(direct_url)
+        source = info["url"]  # a local wheel, folder or VCS URL: install from it again
+        if "vcs_info" in info:
+            source = f"{info['vcs_info']['vcs']}+{source}"
+        elif source.startswith("file://"):
+            source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
+        if info.get("dir_info", {}).get("editable"):
+            return f"{pip} --no-deps -e {source}"
+        return f"{pip} --force-reinstall --no-deps {source}"
+    # Not installed by pip: a source tree on sys.path can be; a copy without one cannot.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if os.path.exists(os.path.join(root, "pyproject.toml")):
         return f"{pip} -e {root}"
-    return f"{pip} mlxterp"
+    return None
 
 
 def _site_directories() -> list[str]:

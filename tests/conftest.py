@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -124,6 +125,7 @@ def hooked_calls(model: nn.Module, hook: Callable) -> Iterator[None]:
     resolved = {cls: cls.__call__ for cls in classes}
 
     def wrapper(original):
+        @functools.wraps(original)  # keeps the signature, which the engine reads
         def __call__(self, *args, **kwargs):
             name = names.get(id(self))
             if name is None:  # a module of another model

@@ -342,3 +342,59 @@ def test_install_puts_pth_in_site_packages_and_uninstall_removes_it(tmp_path, ed
 
     pip("uninstall", "-y", "mlxterp")
     assert not os.path.exists(pth)
+
+
+@linux_only
+def test_no_warning_when_mlx_computes_on_a_gpu():
+    if OPENBLAS is None and not shutil.which("apt-get"):
+        pytest.skip("no OpenBLAS and no apt-get: no warning expected anyway")
+    # The reference BLAS is bound (the hook did not run first), but the default device is a GPU.
+    prepare = "hook.uninstall()\nimport mlx.core as mx\nmx.default_device = lambda: mx.Device(mx.gpu)"
+    result = last_json(run_python(WARN_SCRIPT.format(prepare=prepare)))
+    assert result["warnings"] == []
+    assert result["fix"]  # the status still says what would fix the CPU's BLAS
+
+
+class _Installed:
+    """An installed distribution as importlib.metadata gives it: a folder and direct_url.json."""
+
+    def __init__(self, folder: str, direct_url: dict | None):
+        self.folder, self.direct_url = folder, direct_url
+
+    def locate_file(self, name):
+        return self.folder
+
+    def read_text(self, name):
+        return None if self.direct_url is None else json.dumps(self.direct_url)
+
+
+@pytest.mark.parametrize("direct_url, expected", [
+    (None, "--force-reinstall --no-deps mlxterp"),
+    ({"url": "file:///tmp/dist/mlxterp-0.1.0-py3-none-any.whl", "archive_info": {}},
+     "--force-reinstall --no-deps /tmp/dist/mlxterp-0.1.0-py3-none-any.whl"),
+    ({"url": "file:///src/mlx%20terp", "dir_info": {"editable": True}}, "--no-deps -e /src/mlx terp"),
+    ({"url": "https://github.com/o/mlxterp", "vcs_info": {"vcs": "git", "commit_id": "abc"}},
+     "--force-reinstall --no-deps git+https://github.com/o/mlxterp"),
+])
+def test_reinstall_command_installs_from_where_mlxterp_came(monkeypatch, tmp_path, direct_url, expected):
+    from mlxterp import blas
+
+    monkeypatch.setattr(blas, "_site_directories", lambda: [str(tmp_path)])
+    monkeypatch.setattr(blas.importlib.metadata, "distributions",
+                        lambda name: [_Installed(str(tmp_path), direct_url)])
+    assert blas._reinstall_command() == f"{sys.executable} -m pip install {expected}"
+
+
+def test_fix_for_a_copy_pip_did_not_install_imports_mlxterp_first(monkeypatch, tmp_path):
+    from mlxterp import blas
+
+    # pip --target or a copied folder: no site directory holds it, and no source tree is above it.
+    monkeypatch.setattr(blas, "_site_directories", lambda: [])
+    monkeypatch.setattr(blas, "__file__", str(tmp_path / "mlxterp" / "blas.py"))
+    monkeypatch.setattr(blas, "_pth_installed", lambda: False)
+    monkeypatch.delenv("MLXTERP_NO_BLAS", raising=False)
+    monkeypatch.delenv("MLXTERP_BLAS", raising=False)
+    assert blas._reinstall_command() is None
+    fix = blas._fix("/usr/lib/libopenblas.so.0")
+    assert "import mlxterp before mlx" in fix and "LD_PRELOAD=/usr/lib/libopenblas.so.0" in fix
+    assert "pip install" not in fix

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
+from mlxterp.experiments.costs import block_costs
 from mlxterp.experiments.metrics import measure
 from mlxterp.experiments.plan import CORRUPTED, Plan, SweepValues
 from mlxterp.experiments.sites import is_index
@@ -37,6 +38,9 @@ from mlxterp.tracing.intercept import call_input, call_parameters, call_patched,
 from mlxterp.tracing.names import NotReachedError, Site, SiteError
 
 DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one forward may hold (an estimate)
+GROW = "grow"  # a site's row joins at its own block, computing only the positions it can change
+FLAT = "flat"  # every row joins at the first block, at full length: fewest calls, one shape
+WHOLE = "whole"  # every row from the tokens: for models that call their blocks out of order
 
 
 class _BlocksOutOfOrder(Exception):
@@ -83,14 +87,15 @@ class _BatchedForward:
     it, on positions start..T-1 only.
     """
 
-    def __init__(self, model, plan: Plan, pair: int, sites: list[Site], grow: bool):
+    def __init__(self, model, plan: Plan, pair: int, sites: list[Site], strategy: str):
+        grow = strategy != WHOLE
         self.model, self.sites, self.position, self.grow = model, sites, plan.position, grow
         self.tokens = plan.tokens(pair)  # (2, T): clean, corrupted
         self.receiver, self.donor = plan.receiver, plan.donor
         position = plan.position
         self.blocks = {name: i for i, name in enumerate(model.tree.blocks)}
         first_block = model.tree.modules[model.tree.blocks[0]] if self.blocks else None
-        reuse_positions = grow and call_parameters(type(first_block))[1:] == ("mask", "cache")
+        reuse_positions = strategy == GROW and call_parameters(type(first_block))[1:] == ("mask", "cache")
         # Before the first position where the runs differ, donor and receiver activations agree,
         # so a patch there changes nothing.
         first_difference = plan.first_difference(pair)
@@ -100,8 +105,11 @@ class _BatchedForward:
         for i, site in enumerate(sites):
             start = max(min(min(part.positions or (0,)) for part in site.parts), first_difference)
             self.start[i] = start if reuse_positions and 0 < start <= position else 0
-        layer_of = ((lambda i: min(model.tree.block_of(part.module) for part in sites[i].parts))
-                    if grow else (lambda i: -1))
+        layer_of = {  # the block at whose input a site's row joins the batch
+            GROW: lambda i: min(model.tree.block_of(part.module) for part in sites[i].parts),
+            FLAT: lambda i: 0,
+            WHOLE: lambda i: -1,
+        }[strategy]
         order = sorted(range(len(sites)), key=lambda i: (self.start[i], layer_of(i)))
         self.members = defaultdict(list)  # start -> site ids, in batch order
         self.entering = defaultdict(list)  # (start, layer) -> site ids appended at that block
@@ -125,6 +133,20 @@ class _BatchedForward:
         self.donor_values: dict[str, mx.array] = {}  # key -> the donor row's activation
         self.active = 0  # the start whose rows the current call computes
         self.hidden: dict[int, mx.array] = {}  # start -> its rows' residual stream
+
+    def block_calls(self) -> list[tuple[int, int]]:
+        """(rows, positions) of every block call this forward makes, for the cost model."""
+        length, layers = self.tokens.shape[1], len(self.blocks)
+        if not self.grow:
+            return [(2 + len(self.sites), length)] * layers
+        calls = []
+        for start in [0, *self.starts]:
+            rows = 2 if start == 0 else 0
+            for layer in range(layers):
+                rows += len(self.entering.get((start, layer), ()))
+                if rows:
+                    calls.append((rows, length - start))
+        return calls
 
     def run(self) -> mx.array:
         """Logits (rows, vocab) at the measured position: clean, corrupted, then `self.index`."""
@@ -259,6 +281,7 @@ def run_engine(
     max_batch: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
+    strategy: str | None = None,
 ) -> SweepValues:
     """Metric values of clean, corrupted and every patched run, many patches per forward.
 
@@ -270,33 +293,59 @@ def run_engine(
     """
     if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
         raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
+    if strategy not in (None, GROW, FLAT):
+        raise SiteError(f"strategy={strategy!r}: give {GROW!r}, {FLAT!r} or None (chosen by cost).")
     sites = list(plan.sites)
     per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, plan.clean.shape[1]) - 2)
-    chunks = [(pair, sites[i:i + per_forward], i)
-              for pair in range(plan.pairs) for i in range(0, len(sites), per_forward)]
-    grow = len(model.tree.blocks) > 0
+    # Chunks within one row of each other: at most two shapes (a GPU backend builds per shape).
+    count = max(1, -(-len(sites) // per_forward))
+    bounds = [len(sites) * k // count for k in range(count + 1)]
+    chunks = [(pair, sites[start:end], start)
+              for pair in range(plan.pairs) for start, end in zip(bounds, bounds[1:], strict=False)]
+    if not model.tree.blocks:
+        strategy = WHOLE
+    elif strategy is None:
+        strategy = cheaper_strategy(model, plan, chunks)
     values = SweepValues.empty(plan.pairs, len(sites))
     for pair, chunk, offset in _progress(chunks, progress):
         try:
-            forward = _BatchedForward(model, plan, pair, chunk, grow)
+            forward = _BatchedForward(model, plan, pair, chunk, strategy)
             logits = forward.run()
         except _BlocksOutOfOrder as err:
             warnings.warn(
                 f"the model does not call its blocks once each in order ({err}), so the engine "
                 "cannot reuse the rows below each patch; running every patched row through the "
                 "whole model instead.", stacklevel=2)
-            grow = False
-            forward = _BatchedForward(model, plan, pair, chunk, grow)
+            strategy = WHOLE
+            forward = _BatchedForward(model, plan, pair, chunk, strategy)
             logits = forward.run()
-        donor = logits[plan.donor]
+        # One measure of every row: each evaluation is a synchronisation point on a GPU.
+        rows = mx.array([0, 1, *(forward.index[i] for i in range(len(chunk)))])
+        measured, noise = measure(plan.metric, logits[rows], logits[plan.donor])
         if offset == 0:
-            values.set_base(pair, *measure(plan.metric, logits[:2], donor))
+            values.set_base(pair, measured[:2], noise[:2])
             values.check_baseline(plan, pair)
-        patched = logits[mx.array([forward.index[i] for i in range(len(chunk))])]
         columns = slice(offset, offset + len(chunk))
-        values.patched[pair, columns], values.patched_noise[pair, columns] = measure(
-            plan.metric, patched, donor)
+        values.patched[pair, columns], values.patched_noise[pair, columns] = measured[2:], noise[2:]
     return values
+
+
+def cheaper_strategy(model, plan: Plan, chunks: list) -> str:
+    """GROW or FLAT, whichever the model's measured block costs predict to be faster for these
+    chunks (`costs.py`); GROW where the blocks cannot be timed alone.
+
+    Example:
+        >>> cheaper_strategy(model, plan, [(0, list(plan.sites), 0)])
+        'grow'
+    """
+    costs = block_costs(model)
+    if costs is None:
+        return GROW
+    predicted = {strategy: costs.predict([call for pair, chunk, _ in chunks
+                                          for call in _BatchedForward(model, plan, pair, chunk,
+                                                                      strategy).block_calls()])
+                 for strategy in (GROW, FLAT)}
+    return min(predicted, key=predicted.get)
 
 
 def second_call(key: str) -> str:

@@ -1,0 +1,97 @@
+"""What one block call costs on this device, measured once per model, and the cheaper strategy.
+
+The engine can run a chunk of patched rows two ways (see engine.py): GROW appends each row at
+its own block and computes only the positions it can change, which saves arithmetic; FLAT puts
+every row in at the first block at full length, which makes the fewest calls in one shape. Which
+is faster is a property of the device, not of the sweep alone:
+
+- on a CPU a block's time grows with rows x positions, so GROW wins (SmolLM2, 14-token pair,
+  30-layer MLP sweep: 9x a forward against 13x flat, measured by bench/bench_strategies.py);
+- on a GPU a small model is bound by kernel launches, so a call costs about the same whatever its
+  rows, and every extra call GROW makes for its suffix rows costs a launch sequence;
+- MLX on CUDA builds a cuDNN attention graph for every new shape in half precision (about 40 ms
+  each on an H200) and keeps a bounded cache of them. GROW's layer x position sweep of a 14-token
+  pair makes 391 shapes, over the cache: every call rebuilt its graph and the sweep took 17 s,
+  where FLAT's one shape took 29 ms.
+
+So a block call of r rows over n positions is modelled as `fixed + per_position * r * n`
+seconds, plus `per_shape` for each distinct shape; the three numbers are measured on the
+model's first block, in its dtype, on the default device, the first time a sweep needs them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlxterp.tracing.intercept import call_parameters
+
+CALIBRATION_POSITIONS = 16
+CALIBRATION_ROWS = 16
+# A shape the engine's own calls do not take (odd rows, one position past the calibration's), so
+# that its first call pays for whatever the backend builds per shape.
+FRESH_SHAPE = (3, CALIBRATION_POSITIONS + 1)
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Seconds of one block call: `fixed + per_position * rows * positions`, and `per_shape` for
+    the first call in a shape.
+
+    Example:
+        >>> costs = block_costs(model)
+        >>> costs.predict([(32, 14)] * 30)   # a flat forward of 32 rows of 14 positions
+    """
+
+    fixed: float
+    per_position: float
+    per_shape: float
+
+    def predict(self, calls: list[tuple[int, int]]) -> float:
+        """Seconds for these (rows, positions) block calls."""
+        return (sum(self.fixed + self.per_position * rows * positions for rows, positions in calls)
+                + self.per_shape * len(set(calls)))
+
+
+_measured: dict[tuple[int, str, str], BlockCosts] = {}
+
+
+def block_costs(model) -> BlockCosts | None:
+    """The costs of `model`'s blocks on the default device, measured once and remembered; None
+    where the blocks are not called as `block(x, mask, cache)` (then they cannot be timed alone)."""
+    block = model.tree.modules[model.tree.blocks[0]]
+    if call_parameters(type(block))[1:] != ("mask", "cache"):
+        return None
+    dtype = next(w.dtype for w in _weights(block))
+    key = (id(block), str(mx.default_device()), str(dtype))
+    if key not in _measured:
+        _measured[key] = _calibrate(block, dtype)
+    return _measured[key]
+
+
+def _weights(block) -> list[mx.array]:
+    return [w for _, w in tree_flatten(block.parameters()) if mx.issubdtype(w.dtype, mx.floating)]
+
+
+def _calibrate(block, dtype) -> BlockCosts:
+    width = next(w.shape[-1] for w in _weights(block) if w.ndim == 2)
+
+    def seconds(rows: int, positions: int) -> float:
+        x = mx.random.normal((rows, positions, width), key=mx.random.key(0)).astype(dtype)
+        mx.eval(x)
+        start = time.perf_counter()
+        mx.eval(block(x, mask="causal", cache=None))
+        return time.perf_counter() - start
+
+    # Warm-up first: a backend's one-time work (loading or compiling kernels) is not per shape.
+    seconds(1, CALIBRATION_POSITIONS), seconds(CALIBRATION_ROWS, CALIBRATION_POSITIONS)
+    one = min(seconds(1, CALIBRATION_POSITIONS) for _ in range(3))
+    many = min(seconds(CALIBRATION_ROWS, CALIBRATION_POSITIONS) for _ in range(3))
+    fresh_first = seconds(*FRESH_SHAPE)
+    fresh_again = min(seconds(*FRESH_SHAPE) for _ in range(2))
+    per_position = max(many - one, 0.0) / ((CALIBRATION_ROWS - 1) * CALIBRATION_POSITIONS)
+    fixed = max(one - per_position * CALIBRATION_POSITIONS, 0.0)
+    return BlockCosts(fixed, per_position, max(fresh_first - fresh_again, 0.0))

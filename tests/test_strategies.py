@@ -1,0 +1,129 @@
+"""The engine's two strategies: both equal the naive procedure, the cost model sees the calls
+the engine really makes, and it picks FLAT where calls or shapes are dear (a GPU) and GROW where
+arithmetic is (a CPU)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import hooked_calls, tiny_model
+from test_patching import NAMES, assert_same_values
+
+from mlxterp import InterpretableModel
+from mlxterp.experiments import engine
+from mlxterp.experiments.costs import BlockCosts, block_costs
+from mlxterp.experiments.engine import FLAT, GROW, run_engine, run_naive
+from mlxterp.experiments.metrics import METRICS
+from mlxterp.experiments.patching import prepare_sweep
+from mlxterp.experiments.plan import Plan
+from mlxterp.experiments.sites import sweep_sites
+from mlxterp.tracing import SiteError
+
+# Measured with costs.block_costs: SmolLM2 float32 on this project's 2-core CPU, and (fixed and
+# per-shape) the same model on an H200 in bfloat16 (bench/bench_strategies.py, docs/performance.md).
+CPU_LIKE = BlockCosts(fixed=1.5e-3, per_position=7.8e-5, per_shape=3e-4)
+GPU_LIKE = BlockCosts(fixed=2e-4, per_position=2e-8, per_shape=0.04)
+
+
+@pytest.mark.parametrize("sweep", [dict(component="mlp", over="layer", metric="kl"),
+                                   dict(component="input", over=("layer", "position"), layers=[0, 14, 29],
+                                        metric="kl"),
+                                   dict(component="self_attn", over=("layer", "head"), layers=[16, 23],
+                                        metric="logit_diff", answer=" Mary", wrong_answer=" John")])
+def test_flat_equals_naive(wrapped, sweep):
+    plan = prepare_sweep(wrapped, *NAMES, **sweep).plan
+    flat, naive = run_engine(wrapped, plan, strategy=FLAT), run_naive(wrapped, plan)
+    assert_same_values(flat, naive)
+    assert np.abs(naive.patched - naive.corrupted[:, None]).max() > 0.01 * abs(naive.gap("denoise")[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "gptj"])
+def test_both_strategies_equal_naive_across_families(family):
+    model = InterpretableModel(tiny_model(family, seed=3))
+    clean = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    corrupted = mx.array([[5, 6, 30, 8, 9, 10, 11, 12, 13, 14]])
+    sites, _ = sweep_sites(model, "input", ("layer", "position"), 10, positions=[0, 3, 5, 9])
+    plan = Plan(clean, corrupted, tuple(sites), METRICS["kl"], "denoise", 9)
+    naive = run_naive(model, plan)
+    for strategy in (GROW, FLAT):
+        assert_same_values(run_engine(model, plan, max_batch=5, strategy=strategy), naive)
+
+
+def block_input_shapes(model: InterpretableModel, run) -> list[tuple[int, int]]:
+    """(rows, positions) of every call of the model's blocks while `run()` runs."""
+    blocks, shapes = set(model.tree.blocks), []
+
+    def record(name, call, args, kwargs):
+        if name in blocks:
+            x = args[0] if args else next(iter(kwargs.values()))
+            shapes.append(tuple(x.shape[:2]))
+        return call(*args, **kwargs)
+
+    with hooked_calls(model.model, record):
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("strategy", [GROW, FLAT])
+def test_the_cost_model_sees_the_calls_the_engine_makes(strategy):
+    model = InterpretableModel(tiny_model("llama", seed=1, num_hidden_layers=4))
+    clean = mx.array([[5, 6, 7, 8, 9, 10, 11, 12]])
+    corrupted = mx.array([[5, 6, 30, 8, 9, 10, 11, 12]])
+    sites, _ = sweep_sites(model, "input", ("layer", "position"), 8)
+    plan = Plan(clean, corrupted, tuple(sites), METRICS["kl"], "denoise", 7)
+    forward = engine._BatchedForward(model, plan, 0, list(sites), strategy)
+    made = block_input_shapes(model, lambda: mx.eval(forward.run()))
+    assert sorted(made) == sorted(forward.block_calls())
+
+
+def test_flat_builds_at_most_two_shapes_whatever_the_sweep():
+    """The cause of the 17 s bfloat16 sweep on CUDA: GROW's layer x position sweep of a 14-token
+    pair made 391 distinct attention shapes, more than MLX's cache of cuDNN graphs holds, so every
+    call rebuilt one (bench/bench_strategies.py). FLAT makes one shape per chunk size, and chunks
+    are made equal, so at most two."""
+    model = InterpretableModel(tiny_model("llama", seed=1, num_hidden_layers=6))
+    clean = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+    corrupted = mx.array([[5, 6, 30, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+    sites, _ = sweep_sites(model, "input", ("layer", "position"), 14)  # 84 sites
+    plan = Plan(clean, corrupted, tuple(sites), METRICS["kl"], "denoise", 13)
+    for max_batch in (None, 10, 25):
+        flat = block_input_shapes(model, lambda m=max_batch: run_engine(model, plan, m, strategy=FLAT))
+        assert len(set(flat)) <= 2
+    grow = block_input_shapes(model, lambda: run_engine(model, plan, strategy=GROW))
+    assert len(set(grow)) > 30  # what the choice of strategy must weigh
+
+
+def test_predict_counts_calls_and_shapes():
+    costs = BlockCosts(fixed=1.0, per_position=0.5, per_shape=10.0)
+    assert costs.predict([(2, 3), (2, 3), (1, 4)]) == 3 * 1.0 + 0.5 * (6 + 6 + 4) + 2 * 10.0
+
+
+@pytest.mark.parametrize("costs, expected", [(CPU_LIKE, GROW), (GPU_LIKE, FLAT)])
+def test_the_cheaper_strategy_follows_the_device(wrapped, monkeypatch, costs, expected):
+    monkeypatch.setattr(engine, "block_costs", lambda model: costs)
+    for sweep in (dict(component="mlp", over="layer"), dict(component="input", over=("layer", "position"))):
+        plan = prepare_sweep(wrapped, *NAMES, metric="kl", **sweep).plan
+        assert engine.cheaper_strategy(wrapped, plan, [(0, list(plan.sites), 0)]) == expected
+
+
+def test_measured_costs_are_positive_and_remembered(wrapped):
+    costs = block_costs(wrapped)
+    assert costs.fixed > 0 and costs.per_position > 0 and costs.per_shape >= 0
+    assert block_costs(wrapped) is costs  # measured once per model, device and dtype
+    # On this CPU a block's time grows with its rows: 16 rows of 16 positions cost more than one.
+    assert costs.per_position * 16 * 16 > 0.1 * costs.fixed
+
+
+def test_blocks_that_cannot_be_timed_alone_grow():
+    model = InterpretableModel(tiny_model("ministral3"))  # block(h, attn_scale, mask, cache)
+    assert block_costs(model) is None
+    sites, _ = sweep_sites(model, "input", ("layer",), 4)
+    plan = Plan(mx.array([[5, 6, 7, 8]]), mx.array([[5, 9, 7, 8]]), tuple(sites), METRICS["kl"], "denoise", 3)
+    assert engine.cheaper_strategy(model, plan, [(0, list(sites), 0)]) == GROW
+
+
+def test_an_unknown_strategy_is_refused(wrapped):
+    plan = prepare_sweep(wrapped, *NAMES, metric="kl").plan
+    with pytest.raises(SiteError, match="strategy='fast'"):
+        run_engine(wrapped, plan, strategy="fast")
