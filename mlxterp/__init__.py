@@ -8,6 +8,8 @@ Example:
 
 import os
 
+__version__ = "0.1.0"
+
 # First, before anything imports mlx: on Linux, arms the OpenBLAS preload (see mlxterp/blas.py).
 from mlxterp import blas as _blas
 

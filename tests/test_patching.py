@@ -319,10 +319,11 @@ def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
 def test_metrics_stay_finite_on_a_262k_vocabulary_in_half_precision(dtype):
     """The guide's L2 overflows and its KL gives NaN only when computed in half precision;
     mlxterp's metrics are float32 whatever the model's dtype (Gemma 3, 262,144 tokens)."""
-    import mlxterp
+    from conftest import bundled
+
     from mlxterp import InterpretableModel
 
-    base, tokenizer = mlxterp.load("gemma3-270m")  # float32 from the cache, then cast
+    base, tokenizer = bundled("gemma3-270m")  # float32 from the cache, then cast
     base.set_dtype(getattr(mx, dtype))
     model = InterpretableModel(base, tokenizer)
     with model.trace(PARIS[0]) as trace:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import mlx.core as mx
 
+import mlxterp
 from mlxterp.errors import InputTypeError
 from mlxterp.experiments.corruption import Ablate, Noise, describe, make_corruption
 from mlxterp.experiments.engine import run_engine, run_naive
@@ -146,7 +146,7 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
 def provenance(module) -> dict:
     """What made a result: the model (name, sha256 of its weights, dtype), mlxterp and MLX."""
     return {"model": model_name(module), "model_sha256": weights_sha256(module),
-            "dtype": model_dtype(module), "mlxterp": version("mlxterp"), "mlx": mx.__version__}
+            "dtype": model_dtype(module), "mlxterp": mlxterp.__version__, "mlx": mx.__version__}
 
 
 def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact") -> PatchingResult:
