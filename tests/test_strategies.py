@@ -127,3 +127,20 @@ def test_an_unknown_strategy_is_refused(wrapped):
     plan = prepare_sweep(wrapped, *NAMES, metric="kl").plan
     with pytest.raises(SiteError, match="strategy='fast'"):
         run_engine(wrapped, plan, strategy="fast")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "0"), ("1", "1")])
+def test_float32_stays_float32_unless_the_user_asks_for_tf32(given, expected):
+    """On an H200 TF32 products made engine and naive values differ 230x past their float32 noise;
+    with MLX_ENABLE_TF32=0 every engine-vs-naive test passed there. A user's own setting stands."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "MLX_ENABLE_TF32"}
+    if given is not None:
+        env["MLX_ENABLE_TF32"] = given
+    script = "import mlx.core, os, mlxterp; print(os.environ['MLX_ENABLE_TF32'])"
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split()[-1] == expected

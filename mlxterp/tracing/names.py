@@ -217,10 +217,10 @@ class ModuleTree:
 
     def block_of(self, module: str) -> int | None:
         """The index of the block that is or holds `module` (a full name), or None."""
-        for index, block in enumerate(self.blocks):
-            if module == block or module.startswith(block + "."):
-                return index
-        return None
+        if self.blocks_name is None or not module.startswith(self.blocks_name + "."):
+            return None
+        index = module[len(self.blocks_name) + 1:].partition(".")[0]
+        return int(index) if index.isdigit() and int(index) < len(self.blocks) else None
 
     def canonical_key(self, key: str) -> str:
         """The key a trace stores an activation under: full name, with `#k` only past call 0."""
