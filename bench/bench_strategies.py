@@ -88,10 +88,9 @@ def main() -> None:
         print(f"{pair}: forward {forward * 1e3:.1f} ms, batch of 32 {batch32 / forward:.2f}x")
         for sweep in args.sweeps:
             plan = prepare_sweep(model, clean, corrupted, metric="kl", **SWEEPS[sweep]).plan
-            chunks = [(0, list(plan.sites), 0)]
-            predicted = {s: costs.predict(_BatchedForward(model, plan, 0, list(plan.sites), s).block_calls())
-                         for s in ("grow", "flat")}
-            print(f"  {sweep}: the engine chooses {cheaper_strategy(model, plan, chunks)}; blocks predicted "
+            forwards = {s: [_BatchedForward(model, plan, 0, list(plan.sites), s)] for s in ("grow", "flat")}
+            predicted = {s: costs.predict(f[0].block_calls()) for s, f in forwards.items()}
+            print(f"  {sweep}: the engine chooses {cheaper_strategy(model, forwards)}; blocks predicted "
                   + ", ".join(f"{s} {t / forward:.1f}x" for s, t in predicted.items()))
             for strategy in ("grow", "flat"):
                 attention_shapes.clear()

@@ -99,12 +99,17 @@ def test_predict_counts_calls_and_shapes():
     assert costs.predict([(2, 3), (2, 3), (1, 4)]) == 3 * 1.0 + 0.5 * (6 + 6 + 4) + 2 * 10.0
 
 
+def both(model, plan) -> dict:
+    """Each strategy's forward of the plan's first pair, all sites in one chunk."""
+    return {s: [engine._BatchedForward(model, plan, 0, list(plan.sites), s)] for s in (GROW, FLAT)}
+
+
 @pytest.mark.parametrize("costs, expected", [(CPU_LIKE, GROW), (GPU_LIKE, FLAT)])
 def test_the_cheaper_strategy_follows_the_device(wrapped, monkeypatch, costs, expected):
     monkeypatch.setattr(engine, "block_costs", lambda model: costs)
     for sweep in (dict(component="mlp", over="layer"), dict(component="input", over=("layer", "position"))):
         plan = prepare_sweep(wrapped, *NAMES, metric="kl", **sweep).plan
-        assert engine.cheaper_strategy(wrapped, plan, [(0, list(plan.sites), 0)]) == expected
+        assert engine.cheaper_strategy(wrapped, both(wrapped, plan)) == expected
 
 
 def test_measured_costs_are_positive_and_remembered(wrapped):
@@ -120,7 +125,7 @@ def test_blocks_that_cannot_be_timed_alone_grow():
     assert block_costs(model) is None
     sites, _ = sweep_sites(model, "input", ("layer",), 4)
     plan = Plan(mx.array([[5, 6, 7, 8]]), mx.array([[5, 9, 7, 8]]), tuple(sites), METRICS["kl"], "denoise", 3)
-    assert engine.cheaper_strategy(model, plan, [(0, list(sites), 0)]) == GROW
+    assert engine.cheaper_strategy(model, both(model, plan)) == GROW
 
 
 def test_an_unknown_strategy_is_refused(wrapped):

@@ -304,12 +304,13 @@ def run_engine(
               for pair in range(plan.pairs) for start, end in zip(bounds, bounds[1:], strict=False)]
     if not model.tree.blocks:
         strategy = WHOLE
-    elif strategy is None:
-        strategy = cheaper_strategy(model, plan, chunks)
+    forwards = {candidate: [_BatchedForward(model, plan, pair, chunk, candidate) for pair, chunk, _ in chunks]
+                for candidate in ((GROW, FLAT) if strategy is None else (strategy,))}
+    strategy = strategy or cheaper_strategy(model, forwards)
     values = SweepValues.empty(plan.pairs, len(sites))
-    for pair, chunk, offset in _progress(chunks, progress):
+    for forward, (pair, chunk, offset) in _progress(list(zip(forwards[strategy], chunks, strict=True)),
+                                                    progress):
         try:
-            forward = _BatchedForward(model, plan, pair, chunk, strategy)
             logits = forward.run()
         except _BlocksOutOfOrder as err:
             warnings.warn(
@@ -330,21 +331,19 @@ def run_engine(
     return values
 
 
-def cheaper_strategy(model, plan: Plan, chunks: list) -> str:
-    """GROW or FLAT, whichever the model's measured block costs predict to be faster for these
-    chunks (`costs.py`); GROW where the blocks cannot be timed alone.
+def cheaper_strategy(model, forwards: dict[str, list[_BatchedForward]]) -> str:
+    """The strategy whose forwards the model's measured block costs (`costs.py`) predict to be
+    fastest; GROW where the blocks cannot be timed alone.
 
     Example:
-        >>> cheaper_strategy(model, plan, [(0, list(plan.sites), 0)])
+        >>> cheaper_strategy(model, {s: [_BatchedForward(model, plan, 0, sites, s)] for s in (GROW, FLAT)})
         'grow'
     """
     costs = block_costs(model)
     if costs is None:
         return GROW
-    predicted = {strategy: costs.predict([call for pair, chunk, _ in chunks
-                                          for call in _BatchedForward(model, plan, pair, chunk,
-                                                                      strategy).block_calls()])
-                 for strategy in (GROW, FLAT)}
+    predicted = {strategy: costs.predict([call for forward in chunks for call in forward.block_calls()])
+                 for strategy, chunks in forwards.items()}
     return min(predicted, key=predicted.get)
 
 
