@@ -22,21 +22,12 @@ import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp.experiments.costs import block_costs
 from mlxterp.experiments.engine import _BatchedForward, cheaper_strategy, run_engine
+from mlxterp.experiments.metrics import measure
 from mlxterp.experiments.patching import prepare_sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_patching import PAIRS, SWEEPS  # noqa: E402
 from random_model import random_model  # noqa: E402
-
-PAIRS = {
-    "6-token": ("Paris is the capital of France", "London is the capital of France"),
-    "14-token": ("When Mary and John went to the store, John gave a drink to",
-                 "When John and Mary went to the store, Mary gave a drink to"),
-}
-SWEEPS = {
-    "mlp x layer": dict(component="mlp", over=("layer",)),
-    "input x layer x position": dict(component="input", over=("layer", "position")),
-    "self_attn x layer x head": dict(component="self_attn", over=("layer", "head")),
-}
 
 attention_shapes: set = set()
 _sdpa = mlx_lm_base.scaled_dot_product_attention
@@ -100,6 +91,16 @@ def main() -> None:
                 print(f"  {sweep:<26} {strategy:<5} {len(plan.sites):>4} sites  first {first / forward:8.1f}x"
                       f"  then {median / forward:7.2f}x  ({median * 1e3:8.1f} ms)  "
                       f"{len(attention_shapes):>4} attention shapes", flush=True)
+                # Where the time goes: the batched forward alone, then measuring its rows.
+                def batched(plan=plan, s=strategy):  # a forward runs once: a new one each time
+                    return _BatchedForward(model, plan, 0, list(plan.sites), s).run()
+
+                _, alone = seconds(batched, args.repeats)
+                logits = batched()
+                _, measuring = seconds(lambda plan=plan, logits=logits: measure(
+                    plan.metric, logits, logits[plan.donor])[0], args.repeats)
+                print(f"  {'':<26} {'':<5} {'':>4}        forward alone {alone / forward:.2f}x, measuring "
+                      f"{measuring / forward:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

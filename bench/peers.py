@@ -26,13 +26,9 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_patching import PAIRS  # noqa: E402
 from random_model import bundled_folder, random_model  # noqa: E402
 
-PAIRS = {
-    "6-token": ("Paris is the capital of France", "London is the capital of France"),
-    "14-token": ("When Mary and John went to the store, John gave a drink to",
-                 "When John and Mary went to the store, Mary gave a drink to"),
-}
 MLP, POSITION = "mlp x layer", "input x layer x position"
 
 

@@ -316,7 +316,8 @@ def _reinstall_command() -> str | None:
         info = json.loads(direct_url)
         source = info["url"]  # a local wheel, folder or VCS URL: install from it again
         if "vcs_info" in info:
-            source = f"{info['vcs_info']['vcs']}+{source}"
+            commit = info["vcs_info"].get("commit_id")
+            source = f"{info['vcs_info']['vcs']}+{source}" + (f"@{commit}" if commit else "")
         elif source.startswith("file://"):
             source = urllib.parse.unquote(urllib.parse.urlparse(source).path)
         if info.get("dir_info", {}).get("editable"):

@@ -374,7 +374,7 @@ class _Installed:
      "--force-reinstall --no-deps /tmp/dist/mlxterp-0.1.0-py3-none-any.whl"),
     ({"url": "file:///src/mlx%20terp", "dir_info": {"editable": True}}, "--no-deps -e /src/mlx terp"),
     ({"url": "https://github.com/o/mlxterp", "vcs_info": {"vcs": "git", "commit_id": "abc"}},
-     "--force-reinstall --no-deps git+https://github.com/o/mlxterp"),
+     "--force-reinstall --no-deps git+https://github.com/o/mlxterp@abc"),
 ])
 def test_reinstall_command_installs_from_where_mlxterp_came(monkeypatch, tmp_path, direct_url, expected):
     from mlxterp import blas

@@ -5,6 +5,7 @@ arithmetic is (a CPU)."""
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import hooked_calls, tiny_model
@@ -20,10 +21,10 @@ from mlxterp.experiments.plan import Plan
 from mlxterp.experiments.sites import sweep_sites
 from mlxterp.tracing import SiteError
 
-# Measured with costs.block_costs: SmolLM2 float32 on this project's 2-core CPU, and (fixed and
-# per-shape) the same model on an H200 in bfloat16 (bench/bench_strategies.py, docs/performance.md).
+# Measured with costs.block_costs: SmolLM2 float32 on this project's 2-core CPU, and its shape in
+# bfloat16 on an H200, where rows cost nothing measurable (bench/results/h200-2026-12-02/).
 CPU_LIKE = BlockCosts(fixed=1.5e-3, per_position=7.8e-5, per_shape=3e-4)
-GPU_LIKE = BlockCosts(fixed=2e-4, per_position=2e-8, per_shape=0.04)
+GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
 
 
 @pytest.mark.parametrize("sweep", [dict(component="mlp", over="layer", metric="kl"),
@@ -112,12 +113,24 @@ def test_the_cheaper_strategy_follows_the_device(wrapped, monkeypatch, costs, ex
         assert engine.cheaper_strategy(wrapped, both(wrapped, plan)) == expected
 
 
-def test_measured_costs_are_positive_and_remembered(wrapped):
-    costs = block_costs(wrapped)
-    assert costs.fixed > 0 and costs.per_position > 0 and costs.per_shape >= 0
-    assert block_costs(wrapped) is costs  # measured once per model, device and dtype
-    # On this CPU a block's time grows with its rows: 16 rows of 16 positions cost more than one.
+def test_measured_costs_on_a_cpu_grow_with_rows_and_are_remembered(wrapped):
+    default = mx.default_device()
+    mx.set_default_device(mx.cpu)  # on Apple silicon the default is the GPU
+    try:
+        costs = block_costs(wrapped)
+        assert block_costs(wrapped) is costs  # measured once per block, device and dtype
+    finally:
+        mx.set_default_device(default)
+    assert costs.fixed >= 0 and costs.per_shape >= 0
+    # A CPU's block time grows with its rows: 16 rows of 16 positions cost well over one row's.
     assert costs.per_position * 16 * 16 > 0.1 * costs.fixed
+
+
+def test_costs_of_a_quantized_model_are_measured_at_its_width():
+    model = tiny_model("llama", seed=4)
+    nn.quantize(model, group_size=32, bits=4)
+    costs = block_costs(InterpretableModel(model))
+    assert costs.per_position >= 0 and costs.fixed >= 0
 
 
 def test_blocks_that_cannot_be_timed_alone_grow():
@@ -149,3 +162,28 @@ def test_float32_stays_float32_unless_the_user_asks_for_tf32(given, expected):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             check=True)
     assert result.stdout.split()[-1] == expected
+
+
+class _LayersReversed(nn.Module):
+    """A language model that runs its blocks last to first: the engine cannot grow rows."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        h = self.inner.model.embed_tokens(tokens)
+        for layer in reversed(self.inner.model.layers):
+            h = layer(h, "causal", None)
+        return self.inner.lm_head(self.inner.model.norm(h))
+
+
+def test_blocks_out_of_order_fall_back_once_for_every_chunk():
+    model = InterpretableModel(_LayersReversed(tiny_model("llama", seed=2)))
+    clean, corrupted = mx.array([[5, 6, 7, 8, 9]]), mx.array([[5, 6, 30, 8, 9]])
+    sites, _ = sweep_sites(model, "input", ("layer", "position"), 5, positions=[2, 4])
+    plan = Plan(clean, corrupted, tuple(sites), METRICS["kl"], "denoise", 4)
+    with pytest.warns(UserWarning, match="does not call its blocks once each in order") as caught:
+        values = run_engine(model, plan, max_batch=2)  # three chunks
+    assert len([w for w in caught if "in order" in str(w.message)]) == 1
+    assert_same_values(values, run_naive(model, plan))

@@ -1,4 +1,5 @@
-"""What one block call costs on this device, measured once per model, and the cheaper strategy.
+"""What one block call costs on this device, measured once per model: what the engine's choice
+of strategy (`engine.cheaper_strategy`) predicts with.
 
 The engine can run a chunk of patched rows two ways (see engine.py): GROW appends each row at
 its own block and computes only the positions it can change, which saves arithmetic; FLAT puts
@@ -9,7 +10,7 @@ is faster is a property of the device, not of the sweep alone:
   30-layer MLP sweep: 9x a forward against 13x flat, measured by bench/bench_strategies.py);
 - on a GPU a small model is bound by kernel launches, so a call costs about the same whatever its
   rows, and every extra call GROW makes for its suffix rows costs a launch sequence;
-- MLX on CUDA builds a cuDNN attention graph for every new shape in half precision (about 40 ms
+- MLX on CUDA builds a cuDNN attention graph for every new shape in half precision (40-78 ms
   each on an H200) and keeps a bounded cache of them. GROW's layer x position sweep of a 14-token
   pair makes 391 shapes, over the cache: every call rebuilt its graph and the sweep took 17 s,
   where FLAT's one shape took 29 ms.
@@ -21,19 +22,20 @@ model's first block, in its dtype, on the default device, the first time a sweep
 
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlxterp.tracing.intercept import call_parameters
 
 CALIBRATION_POSITIONS = 16
 CALIBRATION_ROWS = 16
-# A shape the engine's own calls do not take (odd rows, one position past the calibration's), so
-# that its first call pays for whatever the backend builds per shape.
-FRESH_SHAPE = (3, CALIBRATION_POSITIONS + 1)
+# Each calibration's first call is in a shape of its own (3 rows, 17, 18, ... positions), so that
+# it pays for whatever the backend builds per shape even when an earlier calibration ran.
+_fresh_positions = itertools.count(CALIBRATION_POSITIONS + 1)
 
 
 @dataclass(frozen=True)
@@ -60,25 +62,30 @@ _measured: dict[tuple[int, str, str], BlockCosts] = {}
 
 
 def block_costs(model) -> BlockCosts | None:
-    """The costs of `model`'s blocks on the default device, measured once and remembered; None
-    where the blocks are not called as `block(x, mask, cache)` (then they cannot be timed alone)."""
-    block = model.tree.modules[model.tree.blocks[0]]
+    """The costs of `model`'s blocks on the default device, measured once per block, device and
+    dtype and remembered; None where the blocks are not called as `block(x, mask, cache)` (then
+    they cannot be timed alone).
+
+    Example:
+        >>> block_costs(model).fixed   # seconds of a block call's fixed part
+        0.0015
+    """
+    name = model.tree.blocks[0]
+    block = model.tree.modules[name]
     if call_parameters(type(block))[1:] != ("mask", "cache"):
         return None
-    dtype = next(w.dtype for w in _weights(block))
-    key = (id(block), str(mx.default_device()), str(dtype))
+    # A real block input (one token) gives the width and dtype, whatever the weights' layout
+    # (a quantized block's matrices are packed integers and scales).
+    with model.trace(mx.array([[0]]), capture=[f"{name}:input"]) as trace:
+        sample = trace.activations[f"{name}:input"]
+    key = (id(block), str(mx.default_device()), str(sample.dtype))
     if key not in _measured:
-        _measured[key] = _calibrate(block, dtype)
+        _measured[key] = _calibrate(block, sample.shape[-1], sample.dtype)
+        weakref.finalize(block, _measured.pop, key, None)  # an id is reused once its block is gone
     return _measured[key]
 
 
-def _weights(block) -> list[mx.array]:
-    return [w for _, w in tree_flatten(block.parameters()) if mx.issubdtype(w.dtype, mx.floating)]
-
-
-def _calibrate(block, dtype) -> BlockCosts:
-    width = next(w.shape[-1] for w in _weights(block) if w.ndim == 2)
-
+def _calibrate(block, width: int, dtype: mx.Dtype) -> BlockCosts:
     def seconds(rows: int, positions: int) -> float:
         x = mx.random.normal((rows, positions, width), key=mx.random.key(0)).astype(dtype)
         mx.eval(x)
@@ -90,8 +97,9 @@ def _calibrate(block, dtype) -> BlockCosts:
     seconds(1, CALIBRATION_POSITIONS), seconds(CALIBRATION_ROWS, CALIBRATION_POSITIONS)
     one = min(seconds(1, CALIBRATION_POSITIONS) for _ in range(3))
     many = min(seconds(CALIBRATION_ROWS, CALIBRATION_POSITIONS) for _ in range(3))
-    fresh_first = seconds(*FRESH_SHAPE)
-    fresh_again = min(seconds(*FRESH_SHAPE) for _ in range(2))
+    fresh = (3, next(_fresh_positions))
+    fresh_first = seconds(*fresh)
+    fresh_again = min(seconds(*fresh) for _ in range(2))
     per_position = max(many - one, 0.0) / ((CALIBRATION_ROWS - 1) * CALIBRATION_POSITIONS)
     fixed = max(one - per_position * CALIBRATION_POSITIONS, 0.0)
     return BlockCosts(fixed, per_position, max(fresh_first - fresh_again, 0.0))

@@ -90,6 +90,7 @@ class _BatchedForward:
     def __init__(self, model, plan: Plan, pair: int, sites: list[Site], strategy: str):
         grow = strategy != WHOLE
         self.model, self.sites, self.position, self.grow = model, sites, plan.position, grow
+        self.strategy = strategy
         self.tokens = plan.tokens(pair)  # (2, T): clean, corrupted
         self.receiver, self.donor = plan.receiver, plan.donor
         position = plan.position
@@ -286,7 +287,9 @@ def run_engine(
     """Metric values of clean, corrupted and every patched run, many patches per forward.
 
     Each forward holds one pair's clean and corrupted rows and at most `max_batch` patched rows
-    (default: as many as an estimate of `memory_budget` bytes of activations allows).
+    (default: as many as an estimate of `memory_budget` bytes of activations allows). `strategy`
+    lays the rows out as GROW or FLAT; by default the one the model's measured block costs
+    predict to be faster on this device (`cheaper_strategy`). Both give the naive values.
 
     Example:
         >>> run_engine(model, plan, max_batch=8).recovery(plan.direction)
@@ -304,12 +307,15 @@ def run_engine(
               for pair in range(plan.pairs) for start, end in zip(bounds, bounds[1:], strict=False)]
     if not model.tree.blocks:
         strategy = WHOLE
-    forwards = {candidate: [_BatchedForward(model, plan, pair, chunk, candidate) for pair, chunk, _ in chunks]
-                for candidate in ((GROW, FLAT) if strategy is None else (strategy,))}
-    strategy = strategy or cheaper_strategy(model, forwards)
+    planned = {candidate: [_BatchedForward(model, plan, pair, chunk, candidate) for pair, chunk, _ in chunks]
+               for candidate in ((GROW, FLAT) if strategy is None else (strategy,))}
+    strategy = strategy or cheaper_strategy(model, planned)
+    forwards = planned[strategy]
     values = SweepValues.empty(plan.pairs, len(sites))
-    for forward, (pair, chunk, offset) in _progress(list(zip(forwards[strategy], chunks, strict=True)),
-                                                    progress):
+    for k, (pair, chunk, offset) in enumerate(_progress(chunks, progress)):
+        forward, forwards[k] = forwards[k], None  # a chunk's activations go with its forward
+        if strategy == WHOLE and forward.strategy != WHOLE:  # an earlier chunk fell back
+            forward = _BatchedForward(model, plan, pair, chunk, WHOLE)
         try:
             logits = forward.run()
         except _BlocksOutOfOrder as err:

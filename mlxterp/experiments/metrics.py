@@ -64,23 +64,10 @@ def _cosine(logits: mx.array, reference: mx.array) -> mx.array:
     return mx.sum(mx.square(_unit(logits) - _unit(reference)), axis=-1) / 2
 
 
-LOG2_E = 1.4426950408889634
-
-
-def logsumexp(x: mx.array) -> mx.array:
-    """log(sum(exp(x))) over the last axis, kept. The same to float32 rounding as
-    `mx.logsumexp` (measured against float64 over 32 x 49,152 logits), written with
-    `mx.power(2, .)`, which MLX's CPU back end evaluates 1.7-2x faster than its `exp`: a sweep's
-    metric and noise spend most of their time here."""
-    top = mx.max(x, axis=-1, keepdims=True)
-    top = mx.where(mx.isinf(top), 0.0, top)  # a row of -inf stays -inf, not nan
-    return top + mx.log(mx.sum(mx.power(2.0, (x - top) * LOG2_E), axis=-1, keepdims=True))
-
-
 def _kl(logits: mx.array, reference: mx.array) -> mx.array:
     """KL(reference || logits): how much each row's distribution departs from the reference."""
-    log_reference = reference - logsumexp(reference)
-    log_rows = logits - logsumexp(logits)
+    log_reference = reference - mx.logsumexp(reference, axis=-1, keepdims=True)
+    log_rows = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     # Tokens the reference gives probability 0 (logit -inf) contribute nothing, not 0 * nan.
     terms = mx.exp(log_reference) * (log_reference - log_rows)
     return mx.sum(mx.where(log_reference > -mx.inf, terms, 0.0), axis=-1)
@@ -116,7 +103,7 @@ def probability(answer: int) -> Metric:
         >>> probability(7042).fn(logits, reference)   # P(" Paris")
     """
     def score(logits: mx.array, reference: mx.array) -> mx.array:
-        return mx.exp(logits[:, answer] - logsumexp(logits)[:, 0])
+        return mx.exp(logits[:, answer] - mx.logsumexp(logits, axis=-1))
 
     return Metric("prob", score, is_distance=False)
 
