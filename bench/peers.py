@@ -4,8 +4,10 @@ library's own plain forward (KL at the last position; median of repeats after a 
 
 On the lent GPU machine (scripts/gpu_prepare.sh says how the wheels and the model folder travel):
     python3 bench/peers.py --device gpu --model .gpu/model --dtype bfloat16
-On a CPU, in an environment that also has torch, transformer_lens and nnsight:
-    python bench/peers.py --device cpu --dtype float32
+On a CPU, each library in its own process and with its own BLAS (an OpenBLAS preloaded for MLX
+slows torch's matrix products 4x here), in an environment that has torch and the peers:
+    .venv/bin/python bench/peers.py --device cpu --only mlxterp
+    python bench/peers.py --device cpu --only nnsight transformer_lens
 
 The model is SmolLM2-135M's shape (30 layers, d 576, 9 heads / 3 key-value heads, vocabulary
 49,152) with random weights and the real tokenizer, in every library: time does not depend on

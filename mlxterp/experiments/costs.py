@@ -7,13 +7,13 @@ every row in at the first block at full length, which makes the fewest calls in 
 is faster is a property of the device, not of the sweep alone:
 
 - on a CPU a block's time grows with rows x positions, so GROW wins (SmolLM2, 14-token pair,
-  30-layer MLP sweep: 9x a forward against 13x flat, measured by bench/bench_strategies.py);
+  30-layer MLP sweep: 7.2x a forward against 10.4x flat; bench/results/cpu-strategies-*.txt);
 - on a GPU a small model is bound by kernel launches, so a call costs about the same whatever its
   rows, and every extra call GROW makes for its suffix rows costs a launch sequence;
 - MLX on CUDA builds a cuDNN attention graph for every new shape in half precision (40-78 ms
   each on an H200) and keeps a bounded cache of them. GROW's layer x position sweep of a 14-token
   pair makes 391 shapes, over the cache: every call rebuilt its graph and the sweep took 17 s,
-  where FLAT's one shape took 29 ms.
+  where FLAT's one shape took 29 ms (bench/results/h200-2026-12-02/).
 
 So a block call of r rows over n positions is modelled as `fixed + per_position * r * n`
 seconds, plus `per_shape` for each distinct shape; the three numbers are measured on the
