@@ -28,6 +28,7 @@ import weakref
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlxterp.tracing.intercept import call_parameters
 
@@ -58,7 +59,7 @@ class BlockCosts:
                 + self.per_shape * len(set(calls)))
 
 
-_measured: dict[tuple[int, str, str], BlockCosts] = {}
+_measured: dict[tuple, BlockCosts] = {}  # (block id, device, its parameters' dtypes) -> costs
 
 
 def block_costs(model) -> BlockCosts | None:
@@ -74,12 +75,13 @@ def block_costs(model) -> BlockCosts | None:
     block = model.tree.modules[name]
     if call_parameters(type(block))[1:] != ("mask", "cache"):
         return None
-    # A real block input (one token) gives the width and dtype, whatever the weights' layout
-    # (a quantized block's matrices are packed integers and scales).
-    with model.trace(mx.array([[0]]), capture=[f"{name}:input"]) as trace:
-        sample = trace.activations[f"{name}:input"]
-    key = (id(block), str(mx.default_device()), str(sample.dtype))
+    dtypes = sorted({str(w.dtype) for _, w in tree_flatten(block.parameters())})
+    key = (id(block), str(mx.default_device()), *dtypes)
     if key not in _measured:
+        # A real block input (one token) gives the width and dtype, whatever the weights' layout
+        # (a quantized block's matrices are packed integers and scales).
+        with model.trace(mx.array([[0]]), capture=[f"{name}:input"]) as trace:
+            sample = trace.activations[f"{name}:input"]
         _measured[key] = _calibrate(block, sample.shape[-1], sample.dtype)
         weakref.finalize(block, _measured.pop, key, None)  # an id is reused once its block is gone
     return _measured[key]

@@ -23,7 +23,7 @@ from mlxterp.experiments.metrics import ANSWER_METRICS, MetricFn, get_metric
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import Labels, check_sites, is_index, sweep_sites
-from mlxterp.models.identity import model_dtype, model_name, weights_sha256
+from mlxterp.models.identity import fingerprint, model_name
 from mlxterp.tracing.inputs import InputError, check_text, equal_length_rows
 from mlxterp.tracing.names import Site, SiteError, SiteGroup
 
@@ -145,8 +145,9 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
 
 def provenance(module) -> dict:
     """What made a result: the model (name, sha256 of its weights, dtype), mlxterp and MLX."""
-    return {"model": model_name(module), "model_sha256": weights_sha256(module),
-            "dtype": model_dtype(module), "mlxterp": mlxterp.__version__, "mlx": mx.__version__}
+    sha256, dtype = fingerprint(module)
+    return {"model": model_name(module), "model_sha256": sha256, "dtype": dtype,
+            "mlxterp": mlxterp.__version__, "mlx": mx.__version__}
 
 
 def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact") -> PatchingResult:
