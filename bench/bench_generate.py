@@ -16,7 +16,6 @@ early at an end-of-sequence token, so its time is per token. Goal: at most 1.1x.
 """
 
 import argparse
-import importlib
 import os
 import statistics
 import sys
@@ -24,16 +23,14 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# What mlxterp_blas.pth does at interpreter start (see bench_tracing.py). Must come before mlx.
-try:
-    importlib.import_module("_mlxterp_blas_hook")
-except ImportError:
-    pass
+# mlxterp first: importing it arms its OpenBLAS preload before anything loads mlx (what
+# mlxterp_blas.pth does at interpreter start when mlxterp is installed; see mlxterp/blas.py).
+import mlxterp  # noqa: E402
 
+# isort: split
 from mlx_lm.generate import generate as mlx_lm_generate  # noqa: E402
 from timing import interleaved  # noqa: E402  (bench/timing.py, beside this script)
 
-import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.blas import blas_status  # noqa: E402
 

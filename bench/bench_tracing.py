@@ -21,7 +21,6 @@ Goals: no trace <= 1.02x, one-module capture <= 1.05x, full capture <= 1.3x.
 """
 
 import argparse
-import importlib
 import os
 import random
 import statistics
@@ -31,16 +30,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# What mlxterp_blas.pth does at interpreter start: preload OpenBLAS before mlx is loaded (a
-# no-op if the .pth already ran or LD_PRELOAD did it). Must come before `import mlx`.
-try:
-    importlib.import_module("_mlxterp_blas_hook")
-except ImportError:
-    pass
+# mlxterp first: importing it arms its OpenBLAS preload before anything loads mlx (what
+# mlxterp_blas.pth does at interpreter start when mlxterp is installed; see mlxterp/blas.py).
+import mlxterp  # noqa: E402
 
+# isort: split
 import mlx.core as mx  # noqa: E402
 
-import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.blas import blas_status  # noqa: E402
 
