@@ -73,7 +73,7 @@ def block_costs(model) -> BlockCosts | None:
     """
     name = model.tree.blocks[0]
     block = model.tree.modules[name]
-    if call_parameters(type(block))[1:] != ("mask", "cache"):
+    if not called_with_cache(block):
         return None
     dtypes = sorted({str(w.dtype) for _, w in tree_flatten(block.parameters())})
     key = (id(block), str(mx.default_device()), *dtypes)
@@ -85,6 +85,12 @@ def block_costs(model) -> BlockCosts | None:
         _measured[key] = _calibrate(block, sample.shape[-1], sample.dtype)
         weakref.finalize(block, _measured.pop, key, None)  # an id is reused once its block is gone
     return _measured[key]
+
+
+def called_with_cache(block) -> bool:
+    """Whether a block is called as `block(x, mask, cache)`: mlx-lm's attention-cache protocol,
+    which lets it be timed alone and lets the engine's rows compute a suffix of positions."""
+    return call_parameters(type(block))[1:] == ("mask", "cache")
 
 
 def _calibrate(block, width: int, dtype: mx.Dtype) -> BlockCosts:

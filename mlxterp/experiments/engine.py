@@ -30,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import MlxterpError
-from mlxterp.experiments.costs import block_costs
+from mlxterp.experiments.costs import block_costs, called_with_cache
 from mlxterp.experiments.metrics import measure
 from mlxterp.experiments.plan import CORRUPTED, Plan, SweepValues
 from mlxterp.experiments.sites import is_index
@@ -88,15 +88,13 @@ class _BatchedForward:
     """
 
     def __init__(self, model, plan: Plan, pair: int, sites: list[Site], strategy: str):
-        grow = strategy != WHOLE
-        self.model, self.sites, self.position, self.grow = model, sites, plan.position, grow
-        self.strategy = strategy
+        self.model, self.sites, self.position, self.strategy = model, sites, plan.position, strategy
         self.tokens = plan.tokens(pair)  # (2, T): clean, corrupted
         self.receiver, self.donor = plan.receiver, plan.donor
         position = plan.position
         self.blocks = {name: i for i, name in enumerate(model.tree.blocks)}
         first_block = model.tree.modules[model.tree.blocks[0]] if self.blocks else None
-        reuse_positions = strategy == GROW and call_parameters(type(first_block))[1:] == ("mask", "cache")
+        reuse_positions = strategy == GROW and called_with_cache(first_block)
         # Before the first position where the runs differ, donor and receiver activations agree,
         # so a patch there changes nothing.
         first_difference = plan.first_difference(pair)
@@ -134,6 +132,11 @@ class _BatchedForward:
         self.donor_values: dict[str, mx.array] = {}  # key -> the donor row's activation
         self.active = 0  # the start whose rows the current call computes
         self.hidden: dict[int, mx.array] = {}  # start -> its rows' residual stream
+
+    @property
+    def grow(self) -> bool:
+        """Whether rows join the batch at the blocks (GROW, FLAT), not all at the tokens (WHOLE)."""
+        return self.strategy != WHOLE
 
     def block_calls(self) -> list[tuple[int, int]]:
         """(rows, positions) of every block call this forward makes, for the cost model."""
