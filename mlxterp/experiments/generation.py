@@ -76,9 +76,10 @@ def generate(model, prompt: str | Sequence[int], max_tokens: int = 256,
     steps = _installed_steps(model, tokens, max_tokens, intervening, temperature, seed)
     if stream:
         return steps
-    responses = list(steps)
-    finish_reason = responses[-1].finish_reason
-    generated = [r.token for r in responses]
+    generated, finish_reason = [], None
+    for response in steps:  # keep the tokens only: each response holds the vocabulary's logprobs
+        generated.append(response.token)
+        finish_reason = response.finish_reason
     if finish_reason == "stop":  # the last response carries the end-of-sequence token
         generated = generated[:-1]
     # The tokens decoded together: mlx-lm's streamed pieces drop the first token's leading space.

@@ -239,10 +239,10 @@ class Trace:
         def patch(x, is_input: bool):
             # What the attention computed: o_proj's input before an intervention (a head
             # ablation) changes it; the rope's and v_proj's outputs as the attention used them.
-            if is_input:
+            if is_input and self._watched:
                 self._watch(f"{name}:input", x)
             x = self._interventions.apply(plans, x, is_input)
-            if not is_input:
+            if not is_input and self._watched:
                 self._watch(name, x)
             stored = f"{key}:input" if is_input else key
             if self._wants(stored):
