@@ -23,7 +23,7 @@ from mlxterp import InterpretableModel
 from mlxterp.experiments.costs import block_costs
 from mlxterp.experiments.engine import _BatchedForward, cheaper_strategy, run_engine
 from mlxterp.experiments.metrics import measure
-from mlxterp.experiments.patching import prepare_sweep
+from mlxterp.experiments.patching import prepare_sweeps
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_patching import PAIRS, SWEEPS  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
         _, batch32 = seconds(lambda ids=ids: base(mx.repeat(ids, 32, axis=0)), 10)
         print(f"{pair}: forward {forward * 1e3:.1f} ms, batch of 32 {batch32 / forward:.2f}x")
         for sweep in args.sweeps:
-            plan = prepare_sweep(model, clean, corrupted, metric="kl", **SWEEPS[sweep]).plan
+            plan = prepare_sweeps(model, clean, corrupted, metric="kl", **SWEEPS[sweep])[0].plan
             forwards = {s: [_BatchedForward(model, plan, 0, list(plan.sites), s)] for s in ("grow", "flat")}
             predicted = {s: costs.predict(f[0].block_calls()) for s, f in forwards.items()}
             print(f"  {sweep}: the engine chooses {cheaper_strategy(model, forwards)}; blocks predicted "

@@ -177,16 +177,17 @@ class InterpretableModel:
         return patching.activation_patching(self, clean_text, corrupted_text, component, layers, metric,
                                    plot, **options)
 
-    def patching_sweep(self, clean, corrupted, **options):
+    def patching_sweep(self, clean=None, corrupted=None, **options):
         """A `PatchingResult`; see `mlxterp.experiments.patching.patching_sweep`.
 
         Example:
             >>> model.patching_sweep(clean, corrupted, component="input", over=("layer", "position"))
+            >>> model.patching_sweep(pairs=ioi_pairs(64), metric="logit_diff")
         """
         _check_options(options, patching.patching_sweep)
         return patching.patching_sweep(self, clean, corrupted, **options)
 
-    def attribution_patching(self, clean, corrupted, **options):
+    def attribution_patching(self, clean=None, corrupted=None, **options):
         """A `PatchingResult` of estimates from gradients; see
         `mlxterp.experiments.attribution.attribution_patching`.
 

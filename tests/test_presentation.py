@@ -34,7 +34,10 @@ def inside_canvas(fig, text) -> bool:
 
 def test_results_carry_their_provenance_and_round_trip_exactly(heads, tmp_path):
     saved = json.loads(heads.to_json())
-    assert saved["format"] == 2
+    assert saved["format"] == 3
+    assert saved["answers"] == [[heads.answers[0][0], heads.answers[0][1]]]  # per pair
+    assert saved["answer_tokens"] == [[" Mary", " John"]]
+    assert saved["resources"]["ranks"] == 1 and saved["resources"]["peak_memory_bytes"] > 0
     assert saved["provenance"]["model"] == "smollm2-135m"
     assert len(saved["provenance"]["model_sha256"]) == 64 and saved["provenance"]["dtype"] == "float32"
     assert {"mlxterp", "mlx"} <= set(saved["provenance"])
@@ -64,12 +67,15 @@ def test_older_and_newer_formats(heads):
     for key in ("format", "provenance", "corrupted_tokens", "metric_values", "noise", "method",
                 "locations"):
         old.pop(key)
+    old["answers"], old["answer_tokens"] = old["answers"][0], old["answer_tokens"][0]  # for all pairs
+    old.pop("resources")
     read = PatchingResult.from_json(json.dumps(old))  # format 1: read, with what it has
     np.testing.assert_array_equal(read.recovery, heads.recovery)
     assert read.provenance == {} and read.method == "exact"
+    assert read.answers == heads.answers and read.answer_tokens == heads.answer_tokens
     newer = json.loads(heads.to_json())
-    newer["format"] = 3
-    with pytest.raises(ResultFormatError, match="format 3, written by mlxterp"):
+    newer["format"] = 4
+    with pytest.raises(ResultFormatError, match="format 4, written by mlxterp"):
         PatchingResult.from_json(json.dumps(newer))
 
 

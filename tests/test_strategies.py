@@ -16,7 +16,7 @@ from mlxterp.experiments import engine
 from mlxterp.experiments.costs import BlockCosts, block_costs
 from mlxterp.experiments.engine import FLAT, GROW, run_engine, run_naive
 from mlxterp.experiments.metrics import METRICS
-from mlxterp.experiments.patching import prepare_sweep
+from mlxterp.experiments.patching import prepare_sweeps
 from mlxterp.experiments.plan import Plan
 from mlxterp.experiments.sites import sweep_sites
 from mlxterp.tracing import SiteError
@@ -33,7 +33,7 @@ GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
                                    dict(component="self_attn", over=("layer", "head"), layers=[16, 23],
                                         metric="logit_diff", answer=" Mary", wrong_answer=" John")])
 def test_flat_equals_naive(wrapped, sweep):
-    plan = prepare_sweep(wrapped, *NAMES, **sweep).plan
+    plan = prepare_sweeps(wrapped, *NAMES, **sweep)[0].plan
     flat, naive = run_engine(wrapped, plan, strategy=FLAT), run_naive(wrapped, plan)
     assert_same_values(flat, naive)
     assert np.abs(naive.patched - naive.corrupted[:, None]).max() > 0.01 * abs(naive.gap("denoise")[0])
@@ -109,7 +109,7 @@ def both(model, plan) -> dict:
 def test_the_cheaper_strategy_follows_the_device(wrapped, monkeypatch, costs, expected):
     monkeypatch.setattr(engine, "block_costs", lambda model: costs)
     for sweep in (dict(component="mlp", over="layer"), dict(component="input", over=("layer", "position"))):
-        plan = prepare_sweep(wrapped, *NAMES, metric="kl", **sweep).plan
+        plan = prepare_sweeps(wrapped, *NAMES, metric="kl", **sweep)[0].plan
         assert engine.cheaper_strategy(wrapped, both(wrapped, plan)) == expected
 
 
@@ -142,7 +142,7 @@ def test_blocks_that_cannot_be_timed_alone_grow():
 
 
 def test_an_unknown_strategy_is_refused(wrapped):
-    plan = prepare_sweep(wrapped, *NAMES, metric="kl").plan
+    plan = prepare_sweeps(wrapped, *NAMES, metric="kl")[0].plan
     with pytest.raises(SiteError, match="strategy='fast'"):
         run_engine(wrapped, plan, strategy="fast")
 

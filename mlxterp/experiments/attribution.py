@@ -15,14 +15,16 @@ The runner takes the same `Plan` as the exact engine and returns the same `Sweep
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.experiments.datasets import PromptPair
 from mlxterp.experiments.engine import second_call, site_activations, then
 from mlxterp.experiments.metrics import MetricError, MetricFn, evaluate, measure
-from mlxterp.experiments.patching import patching_sweep, prepare_sweep, site_at, sweep_result
+from mlxterp.experiments.patching import patching_sweep, prepare_sweeps, run_sweeps, site_at, sweep_result
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
 from mlxterp.experiments.sites import is_index
@@ -94,7 +96,7 @@ def _gradient_pass(model, plan: Plan, pair: int, tokens: mx.array, donor_logits:
         with model.trace(tokens, interventions=interventions, capture=keys) as trace:
             logits = trace.output[:, plan.position]
             acts = site_activations(trace, keys)
-        return mx.sum(evaluate(plan.metric, logits, donor_logits)), (logits, acts)
+        return mx.sum(evaluate(plan.metric_of(pair), logits, donor_logits)), (logits, acts)
 
     rows = tokens.shape[0]
     zeros = {key: mx.zeros((rows, *like[key].shape[1:]), dtype=like[key].dtype) for key in keys}
@@ -139,7 +141,7 @@ def run_gradient(model, plan: Plan, method: str = "atp", steps: int = 16) -> Swe
             gradients, _, _ = _gradient_pass(model, plan, pair, mx.repeat(receiver_tokens, steps, axis=0),
                                              donor_logits, keys, donor, (start_key, start))
         base = [donor_logits, receiver_logits] if plan.donor == 0 else [receiver_logits, donor_logits]
-        values.set_base(pair, *measure(plan.metric, mx.stack(base), donor_logits))
+        values.set_base(pair, *measure(plan.metric_of(pair), mx.stack(base), donor_logits))
         values.check_baseline(plan, pair)
         differences = {key: np.array((donor[key] - receiver[key]).astype(mx.float32)) for key in keys}
         receiver_values = (values.clean, values.corrupted)[plan.receiver]
@@ -151,8 +153,8 @@ def run_gradient(model, plan: Plan, method: str = "atp", steps: int = 16) -> Swe
 
 def attribution_patching(
     model,
-    clean: str | Sequence[str],
-    corrupted: str | Sequence[str],
+    clean: str | Sequence[str] | None = None,
+    corrupted: str | Sequence[str] | None = None,
     component: str = "mlp",
     over: Sequence[str] = ("layer",),
     metric: str | MetricFn = "kl",
@@ -166,12 +168,15 @@ def attribution_patching(
     wrong_answer: str | int | None = None,
     position: int = -1,
     direction: str = "denoise",
+    pairs: str | Path | Sequence[PromptPair] | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> PatchingResult:
     """Estimate the recovery of every site of a patching sweep from gradients.
 
-    Takes the arguments of `patching_sweep` (the same sites, metrics, pairs and directions) and
-    returns the same `PatchingResult`, with `method` "atp" or "ig" recorded: an estimate, to be
-    checked with the exact engine where it matters (`mlxterp attribute --verify K`).
+    Takes the arguments of `patching_sweep` (the same sites, metrics, pairs or dataset,
+    directions and process group) and returns the same `PatchingResult`, with `method` "atp" or
+    "ig" recorded: an estimate, to be checked with the exact engine where it matters
+    (`mlxterp attribute --verify K`).
 
     Example:
         >>> est = attribution_patching(model, clean, corrupted, component="input",
@@ -179,22 +184,24 @@ def attribution_patching(
         ...                            answer=" Mary", wrong_answer=" John")
         >>> est.top(5)
     """
-    sweep = prepare_sweep(model, clean, corrupted, component, over, layers, positions, heads, sites,
-                          metric, answer, wrong_answer, position, direction)
-    values = run_gradient(model, sweep.plan, method=method, steps=steps)
-    return sweep_result(model, sweep, values, method=method)
+    sweeps = prepare_sweeps(model, clean, corrupted, pairs, answer, wrong_answer, component=component,
+                            over=over, layers=layers, positions=positions, heads=heads, sites=sites,
+                            metric=metric, position=position, direction=direction)
+    values, resources = run_sweeps(sweeps, lambda plan: run_gradient(model, plan, method=method, steps=steps),
+                                   group)
+    return sweep_result(model, sweeps, values, method=method, resources=resources)
 
 
 def verify_top(model, estimate: PatchingResult, k: int, metric: str | MetricFn | None = None,
-               max_batch: int | None = None) -> PatchingResult:
+               max_batch: int | None = None, group: mx.distributed.Group | None = None) -> PatchingResult:
     """The exact recoveries of the `k` sites an estimate ranks highest, in that order, patched
-    by the engine on the estimate's own prompts, metric, direction and measured position.
+    by the engine on the estimate's own prompt pairs, metric, direction and measured position.
 
     `metric` is needed only for a callable metric (a result records only its name).
 
     Example:
         >>> exact = verify_top(model, estimate, 10)
-        >>> list(zip(estimate.top(10), exact.recovery[0]))
+        >>> list(zip(estimate.top(10), exact.mean))
     """
     if not is_index(k) or k < 1:
         raise InputTypeError(f"k={k!r}: give how many sites to verify, at least 1.")
@@ -203,7 +210,6 @@ def verify_top(model, estimate: PatchingResult, k: int, metric: str | MetricFn |
                            "run the estimate again to verify it.")
     order = np.argsort(-estimate.mean, kind="stable")[:k]
     sites = [site_at(estimate.locations[i]) for i in order]
-    answers = dict(zip(("answer", "wrong_answer"), estimate.answers, strict=True)) if estimate.answers else {}
-    return patching_sweep(model, estimate.clean, estimate.corrupted, sites=sites,
-                          metric=metric or estimate.metric, position=estimate.position,
-                          direction=estimate.direction, max_batch=max_batch, progress=False, **answers)
+    return patching_sweep(model, pairs=estimate.prompt_pairs(), sites=sites, metric=metric or estimate.metric,
+                          position=estimate.position, direction=estimate.direction, max_batch=max_batch,
+                          progress=False, group=group)

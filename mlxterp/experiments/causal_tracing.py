@@ -111,8 +111,8 @@ def causal_trace(
     component = kind if kind == "hidden" else f"{kind} (window {window})"
     corrupted = describe(corruption, model.to_str_tokens(tokens[0].tolist()))
     sweep = Sweep(plan, labels, [prompt] * samples, [corrupted] * samples, component,
-                  ("layer", "position"), [answer_id])
-    return sweep_result(model, sweep, values)
+                  ("layer", "position"), [[answer_id, None]] * samples)
+    return sweep_result(model, [sweep], values)
 
 
 def _answer(model, tokens: mx.array, answer: str | int | None) -> int:

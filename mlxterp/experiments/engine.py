@@ -331,7 +331,7 @@ def run_engine(
             logits = forward.run()
         # One measure of every row: each evaluation is a synchronisation point on a GPU.
         rows = mx.array([0, 1, *(forward.index[i] for i in range(len(chunk)))])
-        measured, noise = measure(plan.metric, logits[rows], logits[plan.donor])
+        measured, noise = measure(plan.metric_of(pair), logits[rows], logits[plan.donor])
         if offset == 0:
             values.set_base(pair, measured[:2], noise[:2])
             values.check_baseline(plan, pair)
@@ -400,7 +400,7 @@ def run_naive(model, plan: Plan) -> SweepValues:
             with model.trace(tokens, interventions=plan.interventions(pair, run)) as trace:
                 acts.append(site_activations(trace, keys))
                 logits.append(trace.output[0, plan.position])
-        values.set_base(pair, *measure(plan.metric, mx.stack(logits), logits[plan.donor]))
+        values.set_base(pair, *measure(plan.metric_of(pair), mx.stack(logits), logits[plan.donor]))
         values.check_baseline(plan, pair)
         receiver_tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]
         for i, site in enumerate(plan.sites):
@@ -410,7 +410,7 @@ def run_naive(model, plan: Plan) -> SweepValues:
                              interventions=then(plan.interventions(pair, plan.receiver), patch)) as trace:
                 patched = trace.output[0, plan.position]
             (values.patched[pair, i],), (values.patched_noise[pair, i],) = measure(
-                plan.metric, patched[None], logits[plan.donor])
+                plan.metric_of(pair), patched[None], logits[plan.donor])
     return values
 
 

@@ -10,18 +10,23 @@ Example:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 import mlxterp
 from mlxterp.errors import InputTypeError
 from mlxterp.experiments.corruption import Ablate, Noise, describe, make_corruption
+from mlxterp.experiments.datasets import PromptPair, load_pairs
 from mlxterp.experiments.engine import run_engine, run_naive
-from mlxterp.experiments.metrics import ANSWER_METRICS, MetricFn, get_metric
+from mlxterp.experiments.metrics import ANSWER_METRICS, Metric, MetricFn, get_metric
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
+from mlxterp.experiments.sharding import run_sharded
 from mlxterp.experiments.sites import Labels, check_sites, is_index, sweep_sites
 from mlxterp.models.identity import fingerprint, model_name
 from mlxterp.tracing.inputs import InputError, check_text, equal_length_rows
@@ -102,7 +107,8 @@ def token_id(model, token: str | int, what: str) -> int:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A plan, and what a result says about it beyond the runner's numbers."""
+    """A plan (of prompt pairs of one token length), and what a result says about it beyond the
+    runner's numbers."""
 
     plan: Plan
     labels: list[Labels]  # of each site, e.g. {"layer": 3, "position": 5}
@@ -110,13 +116,25 @@ class Sweep:
     corrupted: list[str]
     component: str
     over: tuple[str, ...]
-    answers: list
+    answers: list[list]  # per pair, [answer, wrong_answer] ids of the metrics that take them; else []
+
+
+def _metric(model, metric, answers: list[tuple]) -> tuple[Metric, tuple[Metric, ...], list[list]]:
+    """(the metric, one metric per pair where the pairs' answers differ, each pair's answer ids)."""
+    ids = [[None if a is None else token_id(model, a, "answer"),
+            None if w is None else token_id(model, w, "wrong_answer")] for a, w in answers]
+    if metric not in ANSWER_METRICS:
+        return get_metric(metric, *ids[0]), (), []  # refuses answers for a metric that takes none
+    chosen = [get_metric(metric, *pair) for pair in ids]
+    return chosen[0], tuple(chosen) if len({tuple(pair) for pair in ids}) > 1 else (), ids
 
 
 def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), layers=None,
-                  positions=None, heads=None, sites=None, metric="l2", answer=None,
-                  wrong_answer=None, position=-1, direction="denoise") -> Sweep:
-    """Check a sweep's arguments and make its plan; `patching_sweep` documents them.
+                  positions=None, heads=None, sites=None, metric="l2", answers=((None, None),),
+                  position=-1, direction="denoise", numbers: tuple[int, ...] = ()) -> Sweep:
+    """Check a sweep's arguments and make its plan, for prompt pairs of one token length;
+    `patching_sweep` documents them. `answers` holds one (answer, wrong_answer) for all pairs,
+    or one per pair; `numbers`, each pair's number among all pairs (default: 0, 1, ...).
 
     Every experiment over prompt pairs starts here, so all of them accept and refuse the same.
     """
@@ -129,18 +147,59 @@ def prepare_sweep(model, clean, corrupted, component="mlp", over=("layer",), lay
         corrupted_ids = clean_ids
     else:
         clean_list, corrupted_list, clean_ids, corrupted_ids = _prompt_tokens(model, clean, corrupted)
-    answers = [None if answer is None else token_id(model, answer, "answer"),
-               None if wrong_answer is None else token_id(model, wrong_answer, "wrong_answer")]
-    chosen = get_metric(metric, *answers)
+    count = clean_ids.shape[0]
+    chosen, per_pair, answer_ids = _metric(model, metric, list(answers) * (count if len(answers) == 1 else 1))
     if sites is not None:
         sites, labels = check_sites(model, sites)
         component, over = "sites", tuple(dict.fromkeys(axis for label in labels for axis in label))
     else:
         sites, labels = sweep_sites(model, component, over, clean_ids.shape[1], layers, positions, heads)
         over = (over,) if isinstance(over, str) else tuple(over)
-    plan = Plan(clean_ids, corrupted_ids, tuple(sites), chosen, direction, position, corruption)
-    return Sweep(plan, labels, clean_list, corrupted_list, component, over,
-                 answers if metric in ANSWER_METRICS else [])
+    plan = Plan(clean_ids, corrupted_ids, tuple(sites), chosen, direction, position, corruption, per_pair,
+                numbers)
+    return Sweep(plan, labels, clean_list, corrupted_list, component, over, answer_ids)
+
+
+def prepare_sweeps(model, clean=None, corrupted=None, pairs=None, answer=None, wrong_answer=None,
+                   **options) -> list[Sweep]:
+    """The sweeps of prompts (`clean`, `corrupted`) or of a dataset (`pairs`): one per token
+    length, since pairs are never padded. `options` are `prepare_sweep`'s."""
+    if pairs is None:
+        if clean is None or corrupted is None:
+            raise InputError("give a clean and a corrupted prompt (or lists of them), or pairs= (a "
+                             "list of PromptPair or a .csv / .jsonl file).")
+        return [prepare_sweep(model, clean, corrupted, answers=[(answer, wrong_answer)], **options)]
+    if clean is not None or corrupted is not None:
+        raise InputError("give clean and corrupted prompts, or pairs=, not both.")
+    dataset = load_pairs(pairs)
+    if answer is not None or wrong_answer is not None:
+        if any(p.answer or p.wrong_answer for p in dataset):
+            raise InputError("the pairs have their own answer columns; leave out answer= and wrong_answer=.")
+        dataset = [replace(p, answer=answer, wrong_answer=wrong_answer) for p in dataset]
+    if options.get("metric") not in ANSWER_METRICS:  # a KL sweep of pairs that have answers
+        dataset = [replace(p, answer=None, wrong_answer=None) for p in dataset]
+    by_length = defaultdict(list)
+    for i, pair in enumerate(dataset):
+        by_length[len(model.encode(check_text(pair.clean)))].append(i)
+    sweeps = [prepare_sweep(model, [dataset[i].clean for i in group], [dataset[i].corrupted for i in group],
+                            answers=[(dataset[i].answer, dataset[i].wrong_answer) for i in group],
+                            numbers=tuple(group), **options)
+              for _, group in sorted(by_length.items())]
+    if any(sweep.labels != sweeps[0].labels for sweep in sweeps):
+        raise SiteError(f"pairs of {sorted(by_length)} tokens have different sites (positions differ "
+                        "by length); sweep positions over pairs of one length, or sweep layers/heads.")
+    return sweeps
+
+
+def run_sweeps(sweeps: list[Sweep], runner, group: mx.distributed.Group | None = None
+               ) -> tuple[SweepValues, dict]:
+    """The values of every pair of the sweeps, in the pairs' order, each plan run by
+    `runner(plan)` (shared among `group`'s ranks when given), and what the run took."""
+    parts, resources = run_sharded(runner, [sweep.plan for sweep in sweeps], group)
+    values = SweepValues.empty(sum(s.plan.pairs for s in sweeps), len(sweeps[0].plan.sites))
+    for sweep, part in zip(sweeps, parts, strict=True):
+        values.place(list(sweep.plan.numbers), slice(None), part)
+    return values, resources
 
 
 def provenance(module) -> dict:
@@ -150,26 +209,43 @@ def provenance(module) -> dict:
             "mlxterp": mlxterp.__version__, "mlx": mx.__version__}
 
 
-def sweep_result(model, sweep: Sweep, values: SweepValues, method: str = "exact") -> PatchingResult:
-    """The `PatchingResult` of a sweep's values."""
-    plan, direction = sweep.plan, sweep.plan.direction
+def _measured_position(sweeps: list[Sweep]) -> int:
+    """The measured position, as one number for pairs of every length: counted from the start
+    where it is the same for all, else from the end."""
+    positions = {sweep.plan.position for sweep in sweeps}
+    return positions.pop() if len(positions) == 1 else sweeps[0].plan.position - sweeps[0].plan.clean.shape[1]
+
+
+def sweep_result(model, sweeps: list[Sweep], values: SweepValues, method: str = "exact",
+                 resources: dict | None = None) -> PatchingResult:
+    """The `PatchingResult` of the sweeps' values (in the order of all pairs)."""
+    first = sweeps[0]
+    plan, direction = first.plan, first.plan.direction
+    order = np.argsort([i for sweep in sweeps for i in sweep.plan.numbers], kind="stable")
+
+    def in_order(per_sweep) -> list:
+        items = [item for sweep in sweeps for item in per_sweep(sweep)]
+        return [items[i] for i in order]
+
     # The baseline is reported as a positive gap for distances: d(receiver, donor).
     gap = values.gap(direction)  # above the noise floor: the runners check each pair first
+    answers = in_order(lambda sweep: sweep.answers) if first.answers else []
     return PatchingResult(
         recovery=values.recovery(direction),
-        sites=[dict(label) for label in sweep.labels],
-        over=sweep.over,
-        component=sweep.component, metric=plan.metric.name, direction=direction,
+        sites=[dict(label) for label in first.labels],
+        over=first.over,
+        component=first.component, metric=plan.metric.name, direction=direction,
         baseline=-gap if plan.metric.is_distance else gap,
-        clean=sweep.clean, corrupted=sweep.corrupted,
-        tokens=[model.to_str_tokens(row) for row in plan.clean.tolist()],
-        corrupted_tokens=[model.to_str_tokens(row) for row in plan.corrupted.tolist()],
+        clean=in_order(lambda sweep: sweep.clean), corrupted=in_order(lambda sweep: sweep.corrupted),
+        tokens=in_order(lambda sweep: map(model.to_str_tokens, sweep.plan.clean.tolist())),
+        corrupted_tokens=in_order(lambda sweep: map(model.to_str_tokens, sweep.plan.corrupted.tolist())),
         provenance=provenance(model.model),
-        is_distance=plan.metric.is_distance, position=plan.position, answers=sweep.answers,
-        answer_tokens=[model.decode([a]) for a in sweep.answers if a is not None],
+        is_distance=plan.metric.is_distance, position=_measured_position(sweeps), answers=answers,
+        answer_tokens=[[None if a is None else model.decode([a]) for a in pair] for pair in answers],
         metric_values=values, noise=values.recovery_noise(direction), method=method,
         locations=[location(s) for s in plan.sites],
         corruption={} if plan.corruption is None else plan.corruption.description,
+        resources=resources or {},
     )
 
 
@@ -191,8 +267,8 @@ def site_at(location: dict) -> Site | SiteGroup:
 
 def patching_sweep(
     model,
-    clean: str | Sequence[str],
-    corrupted: str | Sequence[str] | Noise | Ablate,
+    clean: str | Sequence[str] | None = None,
+    corrupted: str | Sequence[str] | Noise | Ablate | None = None,
     component: str = "mlp",
     over: Sequence[str] = ("layer",),
     layers: Sequence[int] | None = None,
@@ -207,6 +283,8 @@ def patching_sweep(
     naive: bool = False,
     max_batch: int | None = None,
     progress: bool | None = None,
+    pairs: str | Path | Sequence[PromptPair] | None = None,
+    group: mx.distributed.Group | None = None,
 ) -> PatchingResult:
     """Patch every site of a sweep and measure how much of the clean behaviour each recovers.
 
@@ -231,25 +309,38 @@ def patching_sweep(
         position: the token position whose logits are measured (default: the last).
         direction: 'denoise' (clean activations into the corrupted run) or 'noise'.
         naive: run the reference procedure (one forward per site) instead of the engine.
-        max_batch: patched rows per forward (default: from an estimate of a 2 GiB activation
-            budget).
+        max_batch: patched rows per forward (default: as many as fit a 2 GiB activation budget).
+        pairs: a dataset instead of `clean` and `corrupted`: `PromptPair`s (e.g. from
+            `ioi_pairs`), dicts, or a .csv / .jsonl file with the columns clean, corrupted and
+            optionally answer, wrong_answer (each pair's own answers). Pairs of different token
+            lengths run in separate batches, never padded.
+        group: an `mx.distributed` group (`mx.distributed.init()` under `mlx.launch`): its ranks
+            share the pairs (and sites) and every rank returns the whole result.
 
     Example:
         >>> r = patching_sweep(model, clean, corrupted, component="self_attn",
         ...                    over=("layer", "head"), metric="logit_diff",
         ...                    answer=" Mary", wrong_answer=" John")
+        >>> r = patching_sweep(model, pairs=ioi_pairs(64), metric="logit_diff")
+        >>> r.mean, r.standard_error
     """
     if not isinstance(naive, bool):
         raise InputTypeError(f"naive={naive!r}: give True or False.")
     if progress is not None and not isinstance(progress, bool):
         raise InputTypeError(f"progress={progress!r}: give True, False or None (automatic).")
-    sweep = prepare_sweep(model, clean, corrupted, component, over, layers, positions, heads, sites,
-                          metric, answer, wrong_answer, position, direction)
-    if naive:
-        values = run_naive(model, sweep.plan)
-    else:
-        values = run_engine(model, sweep.plan, max_batch=max_batch, progress=progress)
-    return sweep_result(model, sweep, values)
+    sweeps = prepare_sweeps(model, clean, corrupted, pairs, answer, wrong_answer, component=component,
+                            over=over, layers=layers, positions=positions, heads=heads, sites=sites,
+                            metric=metric, position=position, direction=direction)
+    if group is not None and group.rank() != 0:
+        progress = False  # rank 0 shows it
+
+    def runner(plan: Plan) -> SweepValues:
+        if naive:
+            return run_naive(model, plan)
+        return run_engine(model, plan, max_batch=max_batch, progress=progress)
+
+    values, resources = run_sweeps(sweeps, runner, group)
+    return sweep_result(model, sweeps, values, resources=resources)
 
 
 def activation_patching(

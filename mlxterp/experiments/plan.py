@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -56,6 +56,12 @@ class Plan:
     direction: str = "denoise"
     position: int = -1
     corruption: Corruption | None = None  # None: the corrupted run is the corrupted prompt
+    # One metric per pair where they differ (a logit difference over pairs with their own answer
+    # tokens); `metric` then names their kind. Empty: `metric` measures every pair.
+    pair_metrics: tuple[Metric, ...] = ()
+    # Each pair's number among all pairs of the experiment, for messages and for putting values
+    # together (a dataset's pairs are split by length and among ranks). Default: 0, 1, ...
+    numbers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
@@ -70,13 +76,22 @@ class Plan:
             raise SiteError("the plan has no sites to patch.")
         object.__setattr__(self, "position", int(self.position) % seq_len)
         object.__setattr__(self, "sites", tuple(self.sites))
+        object.__setattr__(self, "pair_metrics", tuple(self.pair_metrics))
+        object.__setattr__(self, "numbers", tuple(self.numbers) or tuple(range(self.pairs)))
+        if len(self.numbers) != self.pairs:
+            raise SiteError(f"numbers: give one number per pair ({self.pairs}), not {len(self.numbers)}.")
+        kind = (self.metric.name, self.metric.is_distance)
+        if self.pair_metrics and (len(self.pair_metrics) != self.pairs
+                                  or any((m.name, m.is_distance) != kind for m in self.pair_metrics)):
+            raise SiteError(f"pair_metrics: give one {self.metric.name} metric per pair ({self.pairs}).")
         same = np.all(np.array(self.clean) == np.array(self.corrupted), axis=1)
         if self.corruption is not None:
             self._check_corruption(same)
         elif same.any():
             raise BaselineError(
-                f"pair {int(np.argmax(same))}: the clean and corrupted prompts are the same tokens, "
-                "so there is nothing to recover. Corrupt the prompt (e.g. swap the subject or a name)."
+                f"pair {self.numbers[int(np.argmax(same))]}: the clean and corrupted prompts are the same "
+                "tokens, so there is nothing to recover. Corrupt the prompt (e.g. swap the subject or "
+                "a name)."
             )
 
     def _check_corruption(self, same: np.ndarray) -> None:
@@ -106,6 +121,21 @@ class Plan:
     def receiver(self) -> int:
         """Which run of a pair receives the patches."""
         return 1 - self.donor
+
+    def metric_of(self, pair: int) -> Metric:
+        """The metric that measures pair `pair`."""
+        return self.pair_metrics[pair] if self.pair_metrics else self.metric
+
+    def subset(self, pairs: list[int], sites: slice = slice(None)) -> Plan:
+        """The same experiment on some of the pairs and a slice of the sites (a shard of it)."""
+        rows = mx.array(pairs)
+        corruption = self.corruption
+        if corruption is not None:
+            corruption = replace(corruption, values=corruption.values[rows])
+        return replace(self, clean=self.clean[rows], corrupted=self.corrupted[rows],
+                       sites=self.sites[sites], corruption=corruption,
+                       pair_metrics=tuple(self.pair_metrics[p] for p in pairs) if self.pair_metrics else (),
+                       numbers=tuple(self.numbers[p] for p in pairs))
 
     def first_difference(self, pair: int) -> int:
         """The first position where the pair's clean and corrupted runs can differ."""
@@ -143,6 +173,22 @@ class SweepValues:
     def empty(cls, pairs: int, sites: int) -> SweepValues:
         shapes = [pairs, pairs, (pairs, sites)] * 2  # values, then their noise
         return cls(*(np.zeros(shape) for shape in shapes))
+
+    def place(self, pairs: list[int], sites: slice, part: SweepValues) -> None:
+        """Store `part`, the values of `pairs` at a slice of the sites, where they belong."""
+        rows = np.array(pairs)
+        columns = np.arange(self.patched.shape[1])[sites]
+        for name, array in vars(self).items():
+            if array.ndim == 1:
+                array[rows] = getattr(part, name)
+            else:
+                array[rows[:, None], columns] = getattr(part, name)
+
+    def subset(self, pairs: list[int], sites: slice = slice(None)) -> SweepValues:
+        """The values of `pairs` at a slice of the sites."""
+        rows = np.array(pairs)
+        return SweepValues(**{name: array[rows] if array.ndim == 1 else array[rows][:, sites]
+                              for name, array in vars(self).items()})
 
     def set_base(self, pair: int, values: np.ndarray, noise: np.ndarray) -> None:
         """Store the clean and corrupted rows' (values, noise), in that order."""
@@ -182,12 +228,12 @@ class SweepValues:
         if abs(gap) <= noise:
             raise BaselineError(
                 f"clean and corrupted prompts give the same {name} to within float32 noise (pair "
-                f"{pair}: clean {self.clean[pair]:.6g}, corrupted {self.corrupted[pair]:.6g}, noise "
-                f"{noise:.2g}): there is nothing to recover. Choose prompts whose outputs differ at "
-                "the measured position, or another metric."
+                f"{plan.numbers[pair]}: clean {self.clean[pair]:.6g}, corrupted "
+                f"{self.corrupted[pair]:.6g}, noise {noise:.2g}): there is nothing to recover. Choose "
+                "prompts whose outputs differ at the measured position, or another metric."
             )
         if 100 * noise / abs(gap) > NOISY_BASELINE_PP:
             warnings.warn(
-                f"pair {pair}: the {name} baseline {abs(gap):.3g} is small; float32 noise "
+                f"pair {plan.numbers[pair]}: the {name} baseline {abs(gap):.3g} is small; float32 noise "
                 f"({noise:.2g}) makes each recovery uncertain by about {100 * noise / abs(gap):.1f} "
                 "percentage points.", NoisyBaselineWarning, stacklevel=4)

@@ -20,7 +20,9 @@ from mlxterp.errors import MlxterpError
 from mlxterp.experiments.plan import SweepValues
 from mlxterp.paths import output_path
 
-FORMAT = 2  # of the JSON; 1 (mlxterp 0.1 before provenance) is read too
+# Of the JSON. 3: answers per pair, and resources; 2 (answers for all pairs) and 1 (mlxterp 0.1,
+# before provenance) are read too.
+FORMAT = 3
 
 
 class ResultFormatError(MlxterpError, ValueError):
@@ -49,8 +51,9 @@ class PatchingResult:
     tokens: list[list[str]] = field(default_factory=list)  # clean tokens, per pair
     is_distance: bool = True  # False for scores such as logit_diff
     position: int = -1  # the measured position
-    answers: list = field(default_factory=list)  # [answer, wrong_answer] ids (logit_diff, prob)
-    answer_tokens: list = field(default_factory=list)  # the answers as text
+    # per pair, [answer, wrong_answer] ids of the metrics that take them (logit_diff; prob: [id, None])
+    answers: list = field(default_factory=list)
+    answer_tokens: list = field(default_factory=list)  # the same as text
     metric_values: SweepValues | None = None
     # (pairs, sites): percentage points by which float32 noise can move each recovery
     noise: np.ndarray | None = None
@@ -63,6 +66,9 @@ class PatchingResult:
     # how the corrupted run was made when not by a prompt: {"kind": "noise", "scale", "seed",
     # "positions", "module"} (causal tracing) or {"kind": "zero" | "mean", ...}
     corruption: dict = field(default_factory=dict)
+    # what the run took: {"ranks", "peak_memory_bytes" (mx.get_peak_memory, the largest of any
+    # rank), "seconds"}
+    resources: dict = field(default_factory=dict)
 
     @property
     def mean(self) -> np.ndarray:
@@ -84,6 +90,29 @@ class PatchingResult:
         """Standard error of the mean recovery over pairs, one value per site (0 for one pair)."""
         pairs = self.recovery.shape[0]
         return self.recovery.std(axis=0, ddof=1) / np.sqrt(pairs) if pairs > 1 else np.zeros(len(self.sites))
+
+    def interval(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
+        """(2, sites): a bootstrap percentile interval of the mean recovery over pairs (pairs
+        resampled with replacement); for one pair, the mean itself.
+
+        Example:
+            >>> low, high = result.interval(0.95)
+        """
+        if not 0 < confidence < 1:
+            raise MlxterpError(f"confidence={confidence!r}: give a fraction between 0 and 1, e.g. 0.95.")
+        pairs = self.recovery.shape[0]
+        draws = np.random.default_rng(seed).integers(0, pairs, size=(resamples, pairs))
+        means = self.recovery[draws].mean(axis=1)  # (resamples, sites)
+        tail = (1 - confidence) / 2 * 100
+        return np.percentile(means, [tail, 100 - tail], axis=0)
+
+    def prompt_pairs(self) -> list:
+        """The pairs this result was measured on, as `PromptPair`s (with their answer ids)."""
+        from mlxterp.experiments.datasets import PromptPair
+
+        answers = self.answers or [[None, None]] * len(self.clean)
+        return [PromptPair(clean, corrupted, *pair_answers) for clean, corrupted, pair_answers
+                in zip(self.clean, self.corrupted, answers, strict=True)]
 
     def to_dict(self) -> dict:
         """`{layer: recovery}` for a layer sweep; `{(layer, head, ...): recovery}` otherwise."""
@@ -112,6 +141,8 @@ class PatchingResult:
     def __repr__(self) -> str:
         pairs = self.recovery.shape[0]
         top = ", ".join(f"{label} {value:.1f}%" for label, value in self.top(5))
+        if pairs > 1:
+            top += " (mean over pairs)"
         model = self.provenance.get("model", "unknown model")
         return (f"PatchingResult({self.component} over {' x '.join(self.over)}, {self.metric}, "
                 f"{self.direction}, {self.method}; {len(self.sites)} sites, {pairs} "
@@ -160,6 +191,9 @@ class PatchingResult:
             >>> PatchingResult.from_json("out/patch-smollm2-135m-mlp-layer-kl.json").top(3)
         """
         result = read_json(cls, text_or_path)
+        if result.answers and not isinstance(result.answers[0], list):  # format 2: one for all pairs
+            result.answers = [result.answers] * len(result.clean)
+            result.answer_tokens = [result.answer_tokens] * len(result.clean)
         if result.metric_values is not None:
             result.metric_values = SweepValues(**{k: np.array(v, dtype=np.float64)
                                                   for k, v in result.metric_values.items()})

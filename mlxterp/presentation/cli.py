@@ -150,7 +150,7 @@ def trace_fact(args: argparse.Namespace) -> int:
     values, corruption = first.metric_values, first.corruption
     subject = [first.tokens[0][p] for p in corruption["positions"]]
     print(f"prompt:  {args.prompt!r}\nsubject: {args.subject!r}, tokens {corruption['positions']} {subject}")
-    print(f"P({first.answer_tokens[0]!r}): clean {values.clean.mean():.3f}, corrupted "
+    print(f"P({first.answer_tokens[0][0]!r}): clean {values.clean.mean():.3f}, corrupted "
           f"{values.corrupted.mean():.3f} (mean of {args.samples} samples, noise sd "
           f"{corruption['scale']:.3g})")
     for result in results:

@@ -233,7 +233,7 @@ def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: 
     layers, positions = first.axis_values("layer"), first.axis_values("position")
     subject = set(first.corruption.get("positions", []))
     rows = [f"{first.tokens[0][p]!r}{' *' if p in subject else ''}" for p in positions]
-    answer = first.answer_tokens[0] if first.answer_tokens else "the answer"
+    answer = first.answer_tokens[0][0] if first.answer_tokens else "the answer"
     panels = []
     for result in results:
         effect = result.effect.mean(axis=0)
