@@ -1,6 +1,6 @@
 """The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
-`mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp generate`, `mlxterp doctor`,
-`mlxterp demo`."""
+`mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp generate`, `mlxterp ioi-pairs`,
+`mlxterp doctor`, `mlxterp demo`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 
 from mlxterp.errors import MlxterpError
+from mlxterp.experiments.sharding import RankFailedError
 from mlxterp.presentation import tables
 
 
@@ -63,10 +64,27 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _sweep_options(args: argparse.Namespace) -> dict:
-    """The options `patching_sweep` and `attribution_patching` share, from the command line."""
-    return dict(component=args.component, over=tuple(axis.strip() for axis in args.over.split(",")),
+    """The options `patching_sweep` and `attribution_patching` share, from the command line:
+    the prompts or the pairs, and the process group when run under `mlx.launch`."""
+    if (args.pairs is None) == (args.clean is None or args.corrupted is None):
+        raise MlxterpError("give CLEAN and CORRUPTED prompts, or --pairs FILE (.csv or .jsonl), not both.")
+    return dict(clean=args.clean, corrupted=args.corrupted, pairs=args.pairs, group=_group(),
+                component=args.component, over=tuple(axis.strip() for axis in args.over.split(",")),
                 layers=args.layers, metric=args.metric, answer=args.answer,
                 wrong_answer=args.wrong_answer, direction=args.direction)
+
+
+def _group():
+    """The `mx.distributed` group of the processes `mlx.launch` started, or None when alone."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def _is_first_rank(group) -> bool:
+    """Whether this process prints and writes: the only one, or rank 0 of a group."""
+    return group is None or group.rank() == 0
 
 
 def _model_label(result) -> str:
@@ -101,11 +119,12 @@ def _model(name: str):
 
 def patch(args: argparse.Namespace) -> int:
     """Sweep patches of CLEAN into CORRUPTED; print the ranking, write the plot and the JSON."""
-    result = _model(args.model).patching_sweep(args.clean, args.corrupted, progress=None,
-                                               **_sweep_options(args))
-    print(tables.summary(result))
-    print(tables.ranking(result, args.top))
-    _save(result, args.out, _sweep_name("patch", result), args.html)
+    options = _sweep_options(args)
+    result = _model(args.model).patching_sweep(progress=None, **options)
+    if _is_first_rank(options["group"]):
+        print(tables.summary(result))
+        print(tables.ranking(result, args.top))
+        _save(result, args.out, _sweep_name("patch", result), args.html)
     return 0
 
 
@@ -115,14 +134,13 @@ def attribute(args: argparse.Namespace) -> int:
     from mlxterp.experiments.attribution import verify_top
 
     model = _model(args.model)
-    result = model.attribution_patching(args.clean, args.corrupted, method=args.method,
-                                        steps=args.steps, **_sweep_options(args))
-    print(tables.summary(result))
-    if args.verify:
-        print(tables.verified(result, verify_top(model, result, args.verify)))
-    else:
-        print(tables.ranking(result, args.top))
-    _save(result, args.out, _sweep_name("attribute", result), args.html)
+    options = _sweep_options(args)
+    result = model.attribution_patching(method=args.method, steps=args.steps, **options)
+    exact = verify_top(model, result, args.verify, group=options["group"]) if args.verify else None
+    if _is_first_rank(options["group"]):
+        print(tables.summary(result))
+        print(tables.verified(result, exact) if exact else tables.ranking(result, args.top))
+        _save(result, args.out, _sweep_name("attribute", result), args.html)
     return 0
 
 
@@ -244,6 +262,16 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def ioi(args: argparse.Namespace) -> int:
+    """Write N indirect-object-identification prompt pairs to FILE, for `patch --pairs FILE`."""
+    from mlxterp.experiments.datasets import ioi_pairs, save_pairs
+
+    path = save_pairs(ioi_pairs(args.n, seed=args.seed, corruption=args.corruption), args.file,
+                      overwrite=args.overwrite)
+    print(f"{args.n} IOI pairs saved to {path}")
+    return 0
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -263,10 +291,14 @@ def _command(commands, name: str, help_text: str, out: str | None = "folder for 
 
 
 def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A sub-command that takes a prompt pair and the options of a sweep."""
+    """A sub-command that takes a prompt pair (or a file of them) and the options of a sweep;
+    under `mlx.launch` its processes share the work and rank 0 prints and writes."""
     sub = _command(commands, name, help_text)
-    sub.add_argument("clean", help="the clean prompt")
-    sub.add_argument("corrupted", help="the corrupted prompt (same number of tokens)")
+    sub.add_argument("clean", nargs="?", help="the clean prompt")
+    sub.add_argument("corrupted", nargs="?", help="the corrupted prompt (same number of tokens)")
+    sub.add_argument("--pairs", metavar="FILE",
+                     help="prompt pairs instead: a .csv or .jsonl file with the columns clean, corrupted "
+                          "and optionally answer, wrong_answer")
     sub.add_argument("--component", default="mlp",
                      help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
     sub.add_argument("--metric", default="kl", help="kl (default here), l2, cosine, mse, logit_diff")
@@ -327,6 +359,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--alpha", type=float, help="--steer: the vector's coefficient (default 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     gen.add_argument("--seed", type=int, help="seed of the sampling")
+    ioi_parser = commands.add_parser("ioi-pairs", help="write IOI prompt pairs to a .jsonl or .csv file")
+    ioi_parser.add_argument("n", type=int, help="how many pairs")
+    ioi_parser.add_argument("file", help="the file to write (.jsonl or .csv)")
+    ioi_parser.add_argument("--seed", type=int, default=0, help="seed of the names, places and objects")
+    ioi_parser.add_argument("--corruption", default="swap", choices=["swap", "abc"],
+                            help="swap: the two names exchanged; abc: three other names")
+    ioi_parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = _command(commands, "demo", "load a model and print its top next tokens", out=None)
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
@@ -339,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
                     "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
-                    "demo": demo}
+                    "demo": demo, "ioi-pairs": ioi}
         return commands[args.command](args)
+    except RankFailedError:  # another rank's error, which that rank prints
+        return 2
     except MlxterpError as err:  # our own errors already say what to do: no traceback
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -50,8 +50,10 @@ def title(result) -> str:
     how = "Patching" if result.method == "exact" else f"{METHOD_NAMES[result.method].capitalize()} estimate:"
     how = how.replace("(atp)", "(AtP)").replace("(ig)", "(IG)")
     pairs = len(result.clean)
+    spread = ("error bars: standard error" if len(result.over) == 1 or result.component == "sites"
+              else f"standard error of a cell up to {np.nanmax(result.standard_error):.1f} points")
     prompts = (f"{result.clean[0]!r} -> {result.corrupted[0]!r}" if pairs == 1
-               else f"mean of {pairs} prompt pairs (error bars: standard error)")
+               else f"mean of {pairs} prompt pairs ({spread})")
     model = result.provenance.get("model", "")
     return (f"{how} {result.component} over {' x '.join(result.over)}, {result.metric}, "
             f"{result.direction}{', ' + model if model else ''}: {prompts}")

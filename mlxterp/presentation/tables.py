@@ -45,8 +45,10 @@ def summary(result) -> str:
         f"corrupted: {result.corrupted[0]!r}",
         f"patching {result.component} over {' x '.join(result.over)} ({result.direction}), "
         f"{len(result.sites)} sites",
-        f"baseline {result.metric}: {what} = "
-        + ", ".join(f"{b:.4g}" for b in result.baseline),
+        f"baseline {result.metric}: {what} = " + (
+            ", ".join(f"{b:.4g}" for b in result.baseline) if pairs <= 8 else
+            f"mean {result.baseline.mean():.4g}, from {result.baseline.min():.4g} to "
+            f"{result.baseline.max():.4g} over {pairs} pairs"),
     ]
     if result.method != "exact":
         lines.append(f"method: {METHOD_NAMES[result.method]} (estimates; --verify K patches the top "
@@ -57,11 +59,20 @@ def summary(result) -> str:
 
 
 def ranking(result, top: int = 10) -> str:
-    """The `top` sites by mean recovery, as an aligned table."""
+    """The `top` sites by mean recovery, as an aligned table; over several pairs with the
+    standard error of each mean and a 95 % bootstrap interval."""
     rows = result.top(top)
     width = max(len(label) for label, _ in rows)
-    lines = [f"{'rank':>4}  {'site':<{width}}  recovery"]
-    lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%" for rank, (label, value) in enumerate(rows, 1)]
+    if len(result.clean) == 1:
+        lines = [f"{'rank':>4}  {'site':<{width}}  recovery"]
+        lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%"
+                  for rank, (label, value) in enumerate(rows, 1)]
+        return "\n".join(lines)
+    order = np.argsort(-result.mean, kind="stable")[:top]
+    error, (low, high) = result.standard_error, result.interval(0.95)
+    lines = [f"{'rank':>4}  {'site':<{width}}  mean recovery   s.e.   95% interval"]
+    lines += [f"{rank:>4}  {label:<{width}}  {value:12.1f}%  {error[i]:5.1f}  [{low[i]:6.1f}, {high[i]:6.1f}]"
+              for rank, ((label, value), i) in enumerate(zip(rows, order, strict=True), 1)]
     return "\n".join(lines)
 
 
