@@ -28,6 +28,7 @@ from collections import defaultdict
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlxterp.errors import MlxterpError
 from mlxterp.experiments.costs import block_costs, called_with_cache
@@ -271,12 +272,32 @@ class _BatchedForward:
         return mx.where(mx.array(rows) & mx.array(columns), donor, x)
 
 
-def _bytes_per_row(model, seq_len: int) -> int:
-    """A rough estimate of the activations one row of one forward holds at once (float32)."""
-    block = model.tree.blocks[0] + "."
-    widths = [m.weight.shape[0] for name, m in model.tree.modules.items()
-              if name.startswith(block) and hasattr(m, "weight") and m.weight.ndim == 2]
-    return 4 * seq_len * (8 * max(widths, default=4096) + 16 * sum(widths) // max(len(widths), 1))
+def bytes_per_row(model, seq_len: int) -> int:
+    """An upper estimate of the memory one row of a batched forward adds at the sweep's peak.
+
+    Three terms, fitted to the peak memory measured on SmolLM2 at 6, 14, 128 and 512 tokens
+    (`bench/bench_memory.py`; the estimate is 1.14-1.16x the measured per-row peak there):
+    measuring the row (the metric and its four noise evaluations, over float32 logits: 16 x
+    vocabulary x 4 bytes), the block's activations (tokens x the activation dtype's size x half
+    the summed output widths of the block's matrices), and attention scores (tokens^2 x heads x
+    2.5 x 4 bytes, materialized where attention is not fused, as on the CPU).
+
+    Example:
+        >>> bytes_per_row(model, 512) / 2**20   # SmolLM2-135M float32
+        30.8
+    """
+    block = model.tree.modules[model.tree.blocks[0]] if model.tree.blocks else model.model
+    modules = [module for _, module in block.named_modules()]
+    widths = [m.weight.shape[0] for m in modules if isinstance(getattr(m, "weight", None), mx.array)
+              and m.weight.ndim == 2]
+    floats = [w.dtype.size for _, w in tree_flatten(block.parameters())
+              if mx.issubdtype(w.dtype, mx.floating)]
+    heads = max((m.n_heads for m in modules if isinstance(getattr(m, "n_heads", None), int)),
+                default=max(widths, default=4096) // 64)
+    measuring = 16 * model.vocab_size * 4
+    activations = seq_len * max(floats, default=4) * sum(widths) // 2
+    scores = seq_len * seq_len * heads * 10
+    return measuring + activations + scores
 
 
 def run_engine(
@@ -299,10 +320,12 @@ def run_engine(
     """
     if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
         raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
+    if not is_index(memory_budget) or memory_budget < 1:
+        raise SiteError(f"memory_budget={memory_budget!r}: give a number of bytes, e.g. 2 << 30 for 2 GiB.")
     if strategy not in (None, GROW, FLAT):
         raise SiteError(f"strategy={strategy!r}: give {GROW!r}, {FLAT!r} or None (chosen by cost).")
     sites = list(plan.sites)
-    per_forward = max_batch or max(1, memory_budget // _bytes_per_row(model, plan.clean.shape[1]) - 2)
+    per_forward = max_batch or max(1, memory_budget // bytes_per_row(model, plan.clean.shape[1]) - 2)
     # Chunks within one row of each other: at most two shapes (a GPU backend builds per shape).
     count = max(1, -(-len(sites) // per_forward))
     bounds = [len(sites) * k // count for k in range(count + 1)]

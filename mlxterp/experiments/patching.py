@@ -22,7 +22,7 @@ import mlxterp
 from mlxterp.errors import InputTypeError
 from mlxterp.experiments.corruption import Ablate, Noise, describe, make_corruption
 from mlxterp.experiments.datasets import PromptPair, load_pairs
-from mlxterp.experiments.engine import run_engine, run_naive
+from mlxterp.experiments.engine import DEFAULT_MEMORY_BUDGET, run_engine, run_naive
 from mlxterp.experiments.metrics import ANSWER_METRICS, Metric, MetricFn, get_metric
 from mlxterp.experiments.plan import Plan, SweepValues
 from mlxterp.experiments.results import PatchingResult
@@ -282,6 +282,7 @@ def patching_sweep(
     direction: str = "denoise",
     naive: bool = False,
     max_batch: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
     progress: bool | None = None,
     pairs: str | Path | Sequence[PromptPair] | None = None,
     group: mx.distributed.Group | None = None,
@@ -309,7 +310,9 @@ def patching_sweep(
         position: the token position whose logits are measured (default: the last).
         direction: 'denoise' (clean activations into the corrupted run) or 'noise'.
         naive: run the reference procedure (one forward per site) instead of the engine.
-        max_batch: patched rows per forward (default: as many as fit a 2 GiB activation budget).
+        max_batch: patched rows per forward (default: as many as `memory_budget` allows).
+        memory_budget: bytes of activations a forward may hold (default 2 GiB), by the
+            estimate `engine.bytes_per_row`; the model's weights come on top.
         pairs: a dataset instead of `clean` and `corrupted`: `PromptPair`s (e.g. from
             `ioi_pairs`), dicts, or a .csv / .jsonl file with the columns clean, corrupted and
             optionally answer, wrong_answer (each pair's own answers). Pairs of different token
@@ -337,7 +340,7 @@ def patching_sweep(
     def runner(plan: Plan) -> SweepValues:
         if naive:
             return run_naive(model, plan)
-        return run_engine(model, plan, max_batch=max_batch, progress=progress)
+        return run_engine(model, plan, max_batch=max_batch, memory_budget=memory_budget, progress=progress)
 
     values, resources = run_sweeps(sweeps, runner, group)
     return sweep_result(model, sweeps, values, resources=resources)
