@@ -14,6 +14,7 @@ from mlxterp.experiments.datasets import (
     IOI_NAMES,
     IOI_OBJECTS,
     IOI_PLACES,
+    IOI_TEMPLATES,
     PromptPair,
     ioi_pairs,
     load_pairs,
@@ -80,6 +81,9 @@ def test_ioi_pairs_are_single_token_swaps_in_both_orders(smollm2, gemma3):
     for _, tokenizer in (smollm2, gemma3):
         for word in IOI_NAMES + IOI_PLACES + IOI_OBJECTS:
             assert len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1, word
+        for pair in ioi_pairs(64, seed=0):  # every template, in both orders
+            assert len(tokenizer.encode(pair.clean)) == len(tokenizer.encode(pair.corrupted)), pair
+    assert all(" {IO}" in t and " {S1}" in t and " {S2}" in t for t in IOI_TEMPLATES)
     abc = ioi_pairs(4, corruption="abc")
     assert all(p.answer.strip() not in p.corrupted for p in abc)
     with pytest.raises(InputTypeError, match="corruption='xyz'"):

@@ -146,15 +146,16 @@ def save_pairs(pairs: Sequence[PromptPair], path: str | Path, overwrite: bool = 
 # Indirect object identification (Wang et al. 2022): the first clause names two people, the
 # second names one of them again (the subject: S1, then S2); the model should complete with the
 # other (the indirect object, IO). Templates of the paper's kind, written here, in the ABBA order;
-# the BABA order swaps the first clause's names. Every name, place and object is one token after a
-# space in SmolLM2's and Gemma 3's tokenizers (tests/test_datasets.py checks).
+# the BABA order swaps the first clause's names. Every name, place and object follows a space and
+# is one token so in SmolLM2's and Gemma 3's tokenizers, so a pair's prompts have one length
+# (tests/test_datasets.py checks).
 IOI_TEMPLATES = (
     "Then, {IO} and {S1} went to the {PLACE}. {S2} gave a {OBJECT} to",
     "When {IO} and {S1} went to the {PLACE}, {S2} gave a {OBJECT} to",
     "After {IO} and {S1} arrived at the {PLACE}, {S2} handed the {OBJECT} to",
     "While {IO} and {S1} were working at the {PLACE}, {S2} passed a {OBJECT} to",
     "Friends {IO} and {S1} found a {OBJECT} at the {PLACE}. {S2} gave it to",
-    "{IO} and {S1} had a long day at the {PLACE}, so {S2} brought a {OBJECT} to",
+    "Later, {IO} and {S1} had a long day at the {PLACE}, so {S2} brought a {OBJECT} to",
 )
 IOI_NAMES = ("Mary", "John", "Alice", "Bob", "Tom", "James", "Sarah", "Anna", "Emma", "David",
              "Michael", "Lisa", "Paul", "Mark", "Kate", "Laura", "Daniel", "Rachel", "Peter", "Jack",
