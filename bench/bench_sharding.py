@@ -5,9 +5,10 @@ layer, logit difference, on the CPU, one BLAS thread per process; each K under
     .venv/bin/python bench/bench_sharding.py --ranks 1 2                  # the bundled SmolLM2
     python3 bench/bench_sharding.py --ranks 1 2 4 8 --random .gpu/model   # random weights, same shape
 
-Each rank loads the model, runs the sweep once to warm up (kernels, block-cost calibration),
-then times `repeats` sweeps (all ranks together); rank 0 prints the median. Speed-up at K ranks
-is the 1-rank time divided by the K-rank time, and efficiency that divided by K.
+Each rank loads the model, warms up on two pairs per rank (kernels, block-cost calibration),
+then times `repeats` sweeps of all pairs (the ranks start together); rank 0 prints the median.
+Speed-up at K ranks is the 1-rank time divided by the K-rank time, and efficiency that divided
+by K.
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ def worker(args: argparse.Namespace) -> None:
     else:
         model = InterpretableModel(*mlxterp.load("smollm2-135m", dtype="float32"))
 
-    def sweep():
-        return model.patching_sweep(pairs=args.pairs, metric="logit_diff", progress=False,
+    def sweep(pairs):
+        return model.patching_sweep(pairs=pairs, metric="logit_diff", progress=False,
                                     group=group if group.size() > 1 else None)
 
-    sweep()
+    from mlxterp.experiments.datasets import load_pairs
+
+    dataset = load_pairs(args.pairs)
+    sweep(dataset[:2 * group.size()])  # warm-up: kernels, the block costs' calibration
     seconds = []
     for _ in range(args.repeats):
         mx.distributed.all_sum(mx.array([0]), group=group).item()  # start together
         start = time.perf_counter()
-        result = sweep()
+        result = sweep(dataset)
         seconds.append(time.perf_counter() - start)
     if group.rank() == 0:
         print(f"RESULT {group.size()} {statistics.median(seconds):.3f} {result.recovery.shape[0]} "
@@ -96,16 +100,17 @@ def main() -> None:
         pairs = save_pairs(ioi_pairs(args.n, seed=0), Path(folder) / "ioi.jsonl")
         print(f"{args.n} IOI pairs, MLP x every layer, logit_diff, CPU, 1 BLAS thread per rank, "
               f"{os.cpu_count()} cores; {'random weights' if args.random else 'SmolLM2-135M float32'}")
-        print(f"{'ranks':>5} {'seconds':>8} {'speed-up':>8} {'efficiency':>10} {'peak MiB':>9}")
-        single = None
-        for ranks in args.ranks:
+        measured = {}
+        for ranks in args.ranks:  # each printed as it comes, in case a later one runs out of time
             seconds, count, peak = run(ranks, args, pairs)
             assert count == args.n
-            if ranks == 1:
-                single = seconds
-            speedup = single / seconds if single else float("nan")
-            print(f"{ranks:>5} {seconds:>8.2f} {speedup:>7.2f}x {speedup / ranks:>10.2f} {peak:>9.0f}",
-                  flush=True)
+            measured[ranks] = seconds, peak
+            print(f"{ranks} ranks: {seconds:.2f} s, peak {peak:.0f} MiB", flush=True)
+        single = measured.get(1, (float("nan"),))[0]
+        print(f"{'ranks':>5} {'seconds':>8} {'speed-up':>8} {'efficiency':>10} {'peak MiB':>9}")
+        for ranks, (seconds, peak) in sorted(measured.items()):
+            speedup = single / seconds
+            print(f"{ranks:>5} {seconds:>8.2f} {speedup:>7.2f}x {speedup / ranks:>10.2f} {peak:>9.0f}")
 
 
 if __name__ == "__main__":
