@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxterp.errors import MlxterpError
+from mlxterp.experiments.datasets import PromptPair
 from mlxterp.experiments.plan import SweepValues
 from mlxterp.paths import output_path
 
@@ -108,8 +109,6 @@ class PatchingResult:
 
     def prompt_pairs(self) -> list:
         """The pairs this result was measured on, as `PromptPair`s (with their answer ids)."""
-        from mlxterp.experiments.datasets import PromptPair
-
         answers = self.answers or [[None, None]] * len(self.clean)
         return [PromptPair(clean, corrupted, *pair_answers) for clean, corrupted, pair_answers
                 in zip(self.clean, self.corrupted, answers, strict=True)]

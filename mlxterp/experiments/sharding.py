@@ -108,10 +108,11 @@ def _gather(group: mx.distributed.Group, values: list[SweepValues], owner: list[
                           + [np.array([peak], dtype=np.float64)])
     words = mx.distributed.all_gather(mx.array(flat.view(np.uint32)), group=group)
     ranks = np.array(words).reshape(group.size(), -1).view(np.float64)  # (ranks, values)
+    sources = [_unflatten(flat, values) for flat in ranks]  # each rank's values, as SweepValues
     gathered = [SweepValues.empty(v.clean.shape[0], v.patched.shape[1]) for v in values]
     for unit, rank in zip(work, owner, strict=True):
-        source = _unflatten(ranks[rank], values)
-        gathered[unit.plan].place([unit.pair], unit.sites, source[unit.plan].subset([unit.pair], unit.sites))
+        source = sources[rank][unit.plan]
+        gathered[unit.plan].place([unit.pair], unit.sites, source.subset([unit.pair], unit.sites))
     return gathered, int(ranks[:, -1].max())
 
 

@@ -61,18 +61,17 @@ def summary(result) -> str:
 def ranking(result, top: int = 10) -> str:
     """The `top` sites by mean recovery, as an aligned table; over several pairs with the
     standard error of each mean and a 95 % bootstrap interval."""
-    rows = result.top(top)
-    width = max(len(label) for label, _ in rows)
+    order = np.argsort(-result.mean, kind="stable")[:top]
+    ranked = [(rank, site_label(result, result.sites[i]), i) for rank, i in enumerate(order, 1)]
+    width = max(len(label) for _, label, _ in ranked)
     if len(result.clean) == 1:
         lines = [f"{'rank':>4}  {'site':<{width}}  recovery"]
-        lines += [f"{rank:>4}  {label:<{width}}  {value:7.1f}%"
-                  for rank, (label, value) in enumerate(rows, 1)]
+        lines += [f"{rank:>4}  {label:<{width}}  {result.mean[i]:7.1f}%" for rank, label, i in ranked]
         return "\n".join(lines)
-    order = np.argsort(-result.mean, kind="stable")[:top]
     error, (low, high) = result.standard_error, result.interval(0.95)
     lines = [f"{'rank':>4}  {'site':<{width}}  mean recovery   s.e.   95% interval"]
-    lines += [f"{rank:>4}  {label:<{width}}  {value:12.1f}%  {error[i]:5.1f}  [{low[i]:6.1f}, {high[i]:6.1f}]"
-              for rank, ((label, value), i) in enumerate(zip(rows, order, strict=True), 1)]
+    lines += [f"{rank:>4}  {label:<{width}}  {result.mean[i]:12.1f}%  {error[i]:5.1f}  "
+              f"[{low[i]:6.1f}, {high[i]:6.1f}]" for rank, label, i in ranked]
     return "\n".join(lines)
 
 
