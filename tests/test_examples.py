@@ -123,7 +123,8 @@ def test_causal_tracing_doc_code_runs(tmp_path, monkeypatch):
     carry the fact (the largest effect restores most of P(' Paris'), 0.70 clean)."""
     _, scope = run_first_block(ROOT / "docs" / "causal-tracing.md", tmp_path, monkeypatch)
     result = scope["result"]
-    assert result.metric == "prob" and result.answer_tokens == [" Paris"]
+    # format 3: the answers of each noise sample (a pair), [answer, wrong_answer]; prob has no wrong one
+    assert result.metric == "prob" and result.answer_tokens == [[" Paris", None]] * len(result.clean)
     assert result.effect.mean(axis=0).max() > 0.3
     assert "'iffel'" in result.top(1)[0][0] and (tmp_path / "eiffel-mlp.png").exists()
 
