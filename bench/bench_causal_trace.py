@@ -20,9 +20,9 @@ import mlx.core as mx
 import numpy as np
 
 import mlxterp
-from mlxterp import InterpretableModel
+from mlxterp import InterpretableModel, Noise
 from mlxterp.blas import blas_status
-from mlxterp.experiments.causal_tracing import KINDS
+from mlxterp.experiments.analyses.causal_tracing import KINDS
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # 10 tokens
 
@@ -49,7 +49,7 @@ def main() -> None:
         results = {}
         for runner in ("engine", "naive"):
             start = time.perf_counter()
-            results[runner] = model.causal_trace(PROMPT, SUBJECT, kind=kind, samples=args.samples,
+            results[runner] = model.causal_trace(PROMPT, Noise(SUBJECT, samples=args.samples), kind=kind,
                                                  naive=runner == "naive")
             seconds = time.perf_counter() - start
             total[runner] += seconds

@@ -37,8 +37,8 @@ from timing import interleaved  # noqa: E402  (bench/timing.py, beside this scri
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.blas import blas_status  # noqa: E402
-from mlxterp.experiments.lenses import Unembedding  # noqa: E402
-from mlxterp.experiments.tuned_lens import python_reference_text, train_tuned_lens  # noqa: E402
+from mlxterp.experiments.analyses.lenses import Unembedding  # noqa: E402
+from mlxterp.experiments.analyses.tuned_lens import python_reference_text, train_tuned_lens  # noqa: E402
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"  # 14 tokens
 GOALS = {"lens": 2.0, "attention": 1.3}

@@ -16,7 +16,7 @@ import mlx.core as mx
 
 import mlxterp
 from mlxterp import InterpretableModel
-from mlxterp.experiments.engine import bytes_per_row
+from mlxterp.experiments.runners.engine import bytes_per_row
 
 MIB = 2**20
 

@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
         return model.patching_sweep(pairs=pairs, metric="logit_diff", progress=False,
                                     group=group if group.size() > 1 else None)
 
-    from mlxterp.experiments.datasets import load_pairs
+    from mlxterp.experiments.data.pairs import load_pairs
 
     dataset = load_pairs(args.pairs)
     sweep(dataset[:2 * group.size()])  # warm-up: kernels, the block costs' calibration
@@ -94,7 +94,7 @@ def main() -> None:
         return worker(args)
 
     sys.path.insert(0, str(HERE.parents[1]))
-    from mlxterp.experiments.datasets import ioi_pairs, save_pairs
+    from mlxterp.experiments.data.pairs import ioi_pairs, save_pairs
 
     with tempfile.TemporaryDirectory() as folder:
         pairs = save_pairs(ioi_pairs(args.n, seed=0), Path(folder) / "ioi.jsonl")

@@ -20,10 +20,11 @@ import mlx_lm.models.base as mlx_lm_base
 
 import mlxterp
 from mlxterp import InterpretableModel
-from mlxterp.experiments.costs import block_costs
-from mlxterp.experiments.engine import _BatchedForward, cheaper_strategy, run_engine
-from mlxterp.experiments.metrics import measure
-from mlxterp.experiments.patching import prepare_sweeps
+from mlxterp.experiments.pipeline.metrics import measure
+from mlxterp.experiments.pipeline.options import SweepOptions
+from mlxterp.experiments.pipeline.sweep import prepare_sweeps
+from mlxterp.experiments.runners.costs import block_costs
+from mlxterp.experiments.runners.engine import _BatchedForward, cheaper_strategy, run_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_patching import PAIRS, SWEEPS  # noqa: E402
@@ -78,7 +79,7 @@ def main() -> None:
         _, batch32 = seconds(lambda ids=ids: base(mx.repeat(ids, 32, axis=0)), 10)
         print(f"{pair}: forward {forward * 1e3:.1f} ms, batch of 32 {batch32 / forward:.2f}x")
         for sweep in args.sweeps:
-            plan = prepare_sweeps(model, clean, corrupted, metric="kl", **SWEEPS[sweep])[0].plan
+            plan = prepare_sweeps(model, clean, corrupted, SweepOptions(metric="kl", **SWEEPS[sweep]))[0].plan
             forwards = {s: [_BatchedForward(model, plan, 0, list(plan.sites), s)] for s in ("grow", "flat")}
             predicted = {s: costs.predict(f[0].block_calls()) for s, f in forwards.items()}
             print(f"  {sweep}: the engine chooses {cheaper_strategy(model, forwards)}; blocks predicted "

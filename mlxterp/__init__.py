@@ -1,17 +1,19 @@
 """mlxterp: mechanistic interpretability on MLX.
 
+Everything a user needs is imported from here; the folders below are the layers of the code
+(docs/architecture.md), not the API.
+
 Example:
     >>> import mlxterp
-    >>> from mlxterp import InterpretableModel, interventions as iv
+    >>> from mlxterp import InterpretableModel, SweepOptions, interventions as iv
     >>> model = InterpretableModel(*mlxterp.load("smollm2-135m"))
 """
 
 import os
 
-__version__ = "0.1.0"
-
 # First, before anything imports mlx: on Linux, arms the OpenBLAS preload (see mlxterp/blas.py).
-from mlxterp import blas as _blas
+from mlxterp import blas as _blas  # noqa: I001
+from mlxterp.version import __version__  # noqa: F401
 
 # transformers warns at import that torch is missing; mlxterp only uses its tokenizers.
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -21,10 +23,68 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # MLX reads this once, at its first such product; set MLX_ENABLE_TF32=1 yourself to opt in.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-from mlxterp import interventions  # noqa: E402
+from mlxterp import (
+    interventions,  # noqa: E402
+    presentation,  # noqa: E402, F401  (registers how results are drawn)
+)
+from mlxterp.blas import blas_status  # noqa: E402
+from mlxterp.errors import (  # noqa: E402
+    AttentionCaptureError,
+    BaselineError,
+    GenerationError,
+    GradientError,
+    InputError,
+    InputTypeError,
+    InstalledInterventionError,
+    InterventionError,
+    LayerIndexError,
+    LensError,
+    MetricError,
+    MlxterpError,
+    ModelLoadError,
+    NoisyBaselineWarning,
+    NotReachedError,
+    NotRecordedError,
+    OutputPathError,
+    RankFailedError,
+    ResultFormatError,
+    SiteError,
+    SlowBlasWarning,
+    SteeringVectorError,
+    TraceError,
+    UnknownModuleError,
+)
+from mlxterp.experiments.analyses.attribution import verify_top  # noqa: E402
+from mlxterp.experiments.analyses.generation import Generation  # noqa: E402
+from mlxterp.experiments.analyses.heads import HeadScores  # noqa: E402
+from mlxterp.experiments.analyses.lenses import LensResult  # noqa: E402
+from mlxterp.experiments.analyses.steering import SteeringVector  # noqa: E402
+from mlxterp.experiments.analyses.tuned_lens import TunedLens, train_tuned_lens  # noqa: E402
+from mlxterp.experiments.data.corruption import Ablate, Noise  # noqa: E402
+from mlxterp.experiments.data.pairs import Fact, PromptPair, ioi_pairs, load_pairs, save_pairs  # noqa: E402
+from mlxterp.experiments.pipeline.options import SweepOptions  # noqa: E402
+from mlxterp.experiments.pipeline.results import PatchingResult  # noqa: E402
 from mlxterp.model import InterpretableModel  # noqa: E402
-from mlxterp.models import load  # noqa: E402
+from mlxterp.models import BUNDLED, cache_dir, load  # noqa: E402
+from mlxterp.models.load import converted_folder  # noqa: E402
+from mlxterp.tracing.names import Site, SiteGroup  # noqa: E402
 
-__all__ = ["InterpretableModel", "interventions", "load"]
+__all__ = [
+    # models and the wrapper
+    "load", "BUNDLED", "cache_dir", "converted_folder", "blas_status", "InterpretableModel",
+    # tracing and interventions
+    "interventions", "Site", "SiteGroup",
+    # experiments: options, data, results
+    "SweepOptions", "PromptPair", "Fact", "ioi_pairs", "load_pairs", "save_pairs", "Noise", "Ablate",
+    "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens", "HeadScores",
+    "SteeringVector", "Generation",
+    # errors and warnings
+    "MlxterpError", "InputError", "InputTypeError", "SiteError", "MetricError", "BaselineError",
+    "ModelLoadError", "OutputPathError", "InterventionError", "InstalledInterventionError",
+    "AttentionCaptureError", "SteeringVectorError", "GenerationError", "LensError",
+    "ResultFormatError", "UnknownModuleError", "NotRecordedError", "LayerIndexError", "TraceError",
+    "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "SlowBlasWarning",
+    "__version__",
+]
 
 _blas.warn_if_slow()

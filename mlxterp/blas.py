@@ -39,6 +39,8 @@ import sys
 import urllib.parse
 import warnings
 
+from mlxterp.errors import SlowBlasWarning
+
 # Recorded before importing the hook: if it is already imported, the .pth ran it
 # at interpreter start (nothing else in mlxterp imports it earlier).
 _HOOK_RAN_AT_STARTUP = "_mlxterp_blas_hook" in sys.modules
@@ -87,10 +89,6 @@ _KIND_NAMES = {
     "reference": "the slow reference BLAS",
     "unknown": "an unrecognized BLAS",
 }
-
-
-class SlowBlasWarning(RuntimeWarning):
-    """mlx is running on its reference BLAS although a faster one can be used."""
 
 
 @dataclasses.dataclass(frozen=True)

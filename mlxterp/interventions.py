@@ -22,15 +22,12 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import InterventionError
+from mlxterp.tracing.names import positions_mask
 from mlxterp.tracing.trace import Intervention, PositionAware, call_intervention
 
 Positions = int | Sequence[int]
 Value = mx.array | np.ndarray | float
-
-
-class InterventionError(MlxterpError, ValueError):
-    """An intervention that cannot apply to the activation it was given."""
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -310,8 +307,7 @@ class _AtPositions(PositionAware):
                 f"at_positions: the intervention returned {got}; it must return an mx.array of "
                 f"the activation's shape {tuple(x.shape)}."
             )
-        selected = mx.zeros(length, dtype=mx.bool_)
-        selected[mx.array(local)] = True
         shape = [1] * x.ndim
         shape[axis] = length
-        return _same_dtype(mx.where(selected.reshape(shape), changed, x), x)
+        selected = mx.array(positions_mask(tuple(local), length).reshape(shape))
+        return _same_dtype(mx.where(selected, changed, x), x)

@@ -3,7 +3,6 @@ to the experiments layer; it computes nothing itself."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -11,32 +10,34 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments import attribution, causal_tracing, generation, heads, lenses, patching, steering
+from mlxterp.errors import InputTypeError, LayerIndexError, TraceError, UnknownModuleError
+from mlxterp.experiments.analyses import (
+    attribution,
+    causal_tracing,
+    generation,
+    heads,
+    lenses,
+    patching,
+    steering,
+)
+from mlxterp.experiments.pipeline.options import SweepOptions, check_names, option_names
 from mlxterp.tracing.inputs import Inputs, check_text, to_token_array
 from mlxterp.tracing.intervening import Intervening
-from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree, UnknownModuleError
-from mlxterp.tracing.trace import Intervention, Trace, TraceError
+from mlxterp.tracing.names import OUTPUT_KEY, ModuleTree
+from mlxterp.tracing.trace import Intervention, Trace
 
 
 def _check_options(options: Mapping, *functions) -> None:
-    """Refuse options that none of `functions` takes, naming the closest ones: a misspelled
-    option (`layer=` for `layers=`) would otherwise be Python's bare TypeError from deep inside."""
+    """Refuse options that none of `functions` takes (their keyword parameters, and the shared
+    `SweepOptions` where they take one), naming the closest."""
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    known = {name for fn in functions for name, p in inspect.signature(fn).parameters.items()
-             if p.kind in named} - {"model", "clean", "corrupted"}  # given positionally
-    unknown = sorted(set(options) - known)
-    if unknown:
-        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, known, n=1))
-                 else repr(u) for u in unknown]
-        raise InputTypeError(
-            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; the options are "
-            f"{', '.join(sorted(known))}."
-        )
-
-
-class LayerIndexError(MlxterpError, IndexError):
-    """A layer index past the model's blocks (an IndexError, so iterating `model.layers` stops)."""
+    known = set()
+    for fn in functions:
+        parameters = inspect.signature(fn).parameters
+        known |= {name for name, p in parameters.items() if p.kind in named}
+        if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            known |= option_names()
+    check_names(options, known - {"model", "clean", "corrupted"})  # given positionally
 
 
 class InterpretableModel:
@@ -165,9 +166,10 @@ class InterpretableModel:
 
     # -- analyses (delegates to the experiments layer) ----------------------------------------
 
-    def activation_patching(self, clean_text: str, corrupted_text: str, component: str = "mlp",
-                            layers=None, metric="l2", plot: bool = False, **options) -> dict[int, float]:
-        """`{layer: recovery %}`; see `mlxterp.experiments.patching.activation_patching`.
+    def activation_patching(self, clean_text: str, corrupted_text: str,
+                            component: str = SweepOptions.component, layers=SweepOptions.layers,
+                            metric=SweepOptions.metric, plot: bool = False, **options) -> dict[int, float]:
+        """`{layer: recovery %}`; see `mlxterp.experiments.analyses.patching.activation_patching`.
 
         Example:
             >>> model.activation_patching("Paris is the capital of France",
@@ -177,41 +179,43 @@ class InterpretableModel:
         return patching.activation_patching(self, clean_text, corrupted_text, component, layers, metric,
                                    plot, **options)
 
-    def patching_sweep(self, clean=None, corrupted=None, **options):
-        """A `PatchingResult`; see `mlxterp.experiments.patching.patching_sweep`.
+    def patching_sweep(self, clean=None, corrupted=None, options: SweepOptions | None = None, **keywords):
+        """A `PatchingResult`; see `mlxterp.experiments.analyses.patching.patching_sweep`.
 
         Example:
             >>> model.patching_sweep(clean, corrupted, component="input", over=("layer", "position"))
             >>> model.patching_sweep(pairs=ioi_pairs(64), metric="logit_diff")
         """
-        _check_options(options, patching.patching_sweep)
-        return patching.patching_sweep(self, clean, corrupted, **options)
+        _check_options(keywords, patching.patching_sweep)
+        return patching.patching_sweep(self, clean, corrupted, options, **keywords)
 
-    def attribution_patching(self, clean=None, corrupted=None, **options):
+    def attribution_patching(self, clean=None, corrupted=None, options: SweepOptions | None = None,
+                             **keywords):
         """A `PatchingResult` of estimates from gradients; see
-        `mlxterp.experiments.attribution.attribution_patching`.
+        `mlxterp.experiments.analyses.attribution.attribution_patching`.
 
         Example:
             >>> model.attribution_patching(clean, corrupted, component="input",
             ...                            over=("layer", "position"), metric="kl")
         """
-        _check_options(options, attribution.attribution_patching)
-        return attribution.attribution_patching(self, clean, corrupted, **options)
+        _check_options(keywords, attribution.attribution_patching)
+        return attribution.attribution_patching(self, clean, corrupted, options, **keywords)
 
-    def causal_trace(self, prompt: str, subject, **options):
+    def causal_trace(self, prompt: str | None = None, subject=None, options: SweepOptions | None = None,
+                     **keywords):
         """Causal tracing: the indirect effect of restoring each (layer, token) state of the
-        prompt with its subject noised; see `mlxterp.experiments.causal_tracing.causal_trace`.
+        prompt with its subject noised; see `mlxterp.experiments.analyses.causal_tracing.causal_trace`.
 
         Example:
             >>> model.causal_trace("The Eiffel Tower is located in the city of",
             ...                    subject="The Eiffel Tower", kind="mlp").plot()
         """
-        _check_options(options, causal_tracing.causal_trace)
-        return causal_tracing.causal_trace(self, prompt, subject, **options)
+        _check_options(keywords, causal_tracing.causal_trace)
+        return causal_tracing.causal_trace(self, prompt, subject, options, **keywords)
 
     def logit_lens(self, prompt: Inputs, **options) -> lenses.LensResult:
         """The model's prediction after each block at each position: a `LensResult`; see
-        `mlxterp.experiments.lenses.logit_lens` (a tuned lens: `lens=TunedLens.load(...)`).
+        `mlxterp.experiments.analyses.lenses.logit_lens` (a tuned lens: `lens=TunedLens.load(...)`).
 
         Example:
             >>> model.logit_lens("The Eiffel Tower is in the city of", target=" Paris").plot()
@@ -221,7 +225,7 @@ class InterpretableModel:
 
     def detect_heads(self, tokens: Inputs | None = None, **options) -> heads.HeadScores:
         """Previous-token, duplicate-token and induction scores of every attention head: a
-        `HeadScores`; see `mlxterp.experiments.heads.detect_heads`.
+        `HeadScores`; see `mlxterp.experiments.analyses.heads.detect_heads`.
 
         Example:
             >>> model.detect_heads().top("induction", 3)
@@ -231,7 +235,7 @@ class InterpretableModel:
 
     def generate(self, prompt: str | Sequence[int], **options) -> generation.Generation | Iterator:
         """Text generated by mlx-lm's loop with interventions applied at every step; see
-        `mlxterp.experiments.generation.generate`.
+        `mlxterp.experiments.analyses.generation.generate`.
 
         Example:
             >>> model.generate("I went to the", max_tokens=20, interventions=v.interventions(1.0)).text
@@ -241,7 +245,7 @@ class InterpretableModel:
 
     def steering_vector(self, positive, negative, layer: int, **options) -> steering.SteeringVector:
         """The mean activation difference between paired prompts; see
-        `mlxterp.experiments.steering.steering_vector`.
+        `mlxterp.experiments.analyses.steering.steering_vector`.
 
         Example:
             >>> v = model.steering_vector(["I love weddings"], ["I love meetings"], layer=6)

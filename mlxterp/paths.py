@@ -11,11 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlxterp.errors import MlxterpError
-
-
-class OutputPathError(MlxterpError, ValueError):
-    """A path a result cannot be written to as asked."""
+from mlxterp.errors import OutputPathError
 
 
 def output_path(path: str | Path, suffixes: set[str], overwrite: bool) -> Path:

@@ -25,9 +25,9 @@ import mlx.core as mx
 import numpy as np
 
 import mlxterp
-from mlxterp import InterpretableModel
-from mlxterp.experiments.causal_tracing import KINDS
-from mlxterp.experiments.corruption import subject_positions
+from mlxterp import InterpretableModel, Noise
+from mlxterp.experiments.analyses.causal_tracing import KINDS
+from mlxterp.experiments.data.corruption import subject_positions
 from mlxterp.presentation.plots import effect_panels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +76,8 @@ def main() -> None:
     started = time.perf_counter()
     for n, fact in enumerate(kept):
         for kind in KINDS:
-            result = model.causal_trace(fact["prompt"], fact["subject"], answer=fact["answer"],
-                                        kind=kind, samples=args.samples)
+            result = model.causal_trace(fact["prompt"], Noise(fact["subject"], samples=args.samples),
+                                        answer=fact["answer"], kind=kind)
             effect = result.effect.mean(axis=0)
             grid = np.zeros((n_layers, len(result.tokens[0])))
             for site, value in zip(result.sites, effect, strict=True):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
-from mlxterp.experiments.tuned_lens import (  # noqa: E402
+from mlxterp.experiments.analyses.tuned_lens import (  # noqa: E402
     kl_per_layer,
     python_reference_text,
     token_windows,

@@ -1,6 +1,6 @@
 """Measure how much SmolLM2's float32 logits move between batch layouts on this CPU's BLAS kernel.
 
-The numbers behind `mlxterp.experiments.metrics.LOGIT_NOISE`: the same prompt run alone, as one
+The numbers behind `mlxterp.experiments.pipeline.metrics.LOGIT_NOISE`: the same prompt run alone, as one
 of 8 identical rows, and as one of 31, compared element by element at the last position.
 Relative to max |logit|; run it under each kernel to see them all:
 

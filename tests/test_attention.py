@@ -16,9 +16,8 @@ from mlx_lm.models import llama
 
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
-from mlxterp.errors import InputTypeError
-from mlxterp.tracing.attention import AttentionCaptureError, attention_layouts
-from mlxterp.tracing.trace import NotRecordedError
+from mlxterp.errors import AttentionCaptureError, InputTypeError, NotRecordedError
+from mlxterp.tracing.attention import attention_layouts
 
 # |pattern @ V - o_proj input| measured at exactly 0 for every family here, random and real,
 # with OpenBLAS (SkylakeX) and the reference BLAS: MLX's CPU attention computes the same float32

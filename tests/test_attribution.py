@@ -9,13 +9,15 @@ import pytest
 from conftest import tiny_model
 
 from mlxterp import InterpretableModel
-from mlxterp.experiments.attribution import GradientError, run_gradient, verify_top
-from mlxterp.experiments.metrics import METRICS, MetricError, logit_diff
-from mlxterp.experiments.plan import Plan
-from mlxterp.experiments.results import PatchingResult
-from mlxterp.experiments.sites import sweep_sites
+from mlxterp.errors import GradientError, MetricError, NotReachedError
+from mlxterp.experiments.analyses.attribution import verify_top
+from mlxterp.experiments.pipeline.metrics import METRICS, logit_diff
+from mlxterp.experiments.pipeline.plan import Plan
+from mlxterp.experiments.pipeline.results import PatchingResult
+from mlxterp.experiments.pipeline.sites import sweep_sites
+from mlxterp.experiments.runners.gradient import run_gradient
 from mlxterp.presentation.cli import main
-from mlxterp.tracing import NotReachedError, Site
+from mlxterp.tracing import Site
 
 NAMES = ("When Mary and John went to the store, John gave a drink to",
          "When John and Mary went to the store, Mary gave a drink to")
@@ -89,12 +91,12 @@ def test_estimates_track_the_exact_engine_and_say_they_are_estimates(wrapped, tm
     assert np.corrcoef(*ranks)[0, 1] > 0.9  # measured Spearman 0.969 (docs/attribution.md)
     assert estimate.top(1)[0][0] == exact.top(1)[0][0] == "L23 H3"
     again = PatchingResult.from_json(estimate.to_json())
-    assert again.method == "atp" and again.locations == estimate.locations
+    assert again.method == "atp" and again.sites == estimate.sites
     fig = estimate.plot(tmp_path / "estimate.png")
     assert "Attribution patching (AtP) estimate" in fig.get_suptitle().replace("\n", " ")
     checked = verify_top(wrapped, estimate, 3)
-    np.testing.assert_allclose(checked.mean, [exact.mean[exact.sites.index(s)] for s in
-                                              [estimate.sites[i] for i in np.argsort(-estimate.mean)[:3]]],
+    np.testing.assert_allclose(checked.mean, [exact.mean[exact.labels.index(s)] for s in
+                                              [estimate.labels[i] for i in np.argsort(-estimate.mean)[:3]]],
                                atol=0.01 + checked.noise.max())
 
 

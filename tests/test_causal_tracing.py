@@ -13,15 +13,13 @@ import pytest
 from conftest import assert_model_untouched, parameters_snapshot
 
 from mlxterp import InterpretableModel
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.corruption import Ablate, Noise, embedding_statistics, subject_positions
-from mlxterp.experiments.patching import site_at
-from mlxterp.experiments.plan import BaselineError
-from mlxterp.experiments.results import PatchingResult
+from mlxterp.errors import BaselineError, InputError, InputTypeError, SiteError
+from mlxterp.experiments.data.corruption import Ablate, Noise, embedding_statistics, subject_positions
+from mlxterp.experiments.pipeline.results import PatchingResult
+from mlxterp.experiments.pipeline.sites import site_at
 from mlxterp.presentation import cli
 from mlxterp.presentation.plots import plot_causal_trace
-from mlxterp.tracing.inputs import InputError
-from mlxterp.tracing.names import Site, SiteError, SiteGroup
+from mlxterp.tracing.names import Site, SiteGroup
 
 PROMPT, SUBJECT, ANSWER = "The iPhone is made by", "The iPhone", " Apple"  # 5 tokens
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -40,7 +38,7 @@ def assert_same_recoveries(engine: PatchingResult, naive: PatchingResult) -> Non
 def traces(smollm2):
     """Each kind traced by the engine, with one noise sample."""
     wrapped = InterpretableModel(*smollm2)
-    return {kind: wrapped.causal_trace(PROMPT, SUBJECT, answer=ANSWER, kind=kind, samples=1)
+    return {kind: wrapped.causal_trace(PROMPT, Noise(SUBJECT, samples=1), answer=ANSWER, kind=kind)
             for kind in KINDS}
 
 
@@ -49,7 +47,7 @@ def traces(smollm2):
                                   pytest.param("attn", marks=pytest.mark.slow)])
 def test_engine_equals_naive(traces, wrapped, kind):
     engine = traces[kind]
-    naive = wrapped.causal_trace(PROMPT, SUBJECT, answer=ANSWER, kind=kind, samples=1, naive=True)
+    naive = wrapped.causal_trace(PROMPT, Noise(SUBJECT, samples=1), answer=ANSWER, kind=kind, naive=True)
     assert_same_recoveries(engine, naive)
     # 0.01 pp of the answer's probability: the issue's bar for the indirect effect.
     assert np.abs(engine.effect - naive.effect).max() <= 1e-4
@@ -61,18 +59,18 @@ def test_sites_are_windows_of_the_papers_shape(traces, wrapped):
     n_layers, seq_len = len(wrapped.tree.blocks), 5
     assert result.over == ("layer", "position") and len(result.sites) == n_layers * seq_len
     # The paper's window for layer l: layers l-5 .. l+4, cut at the ends.
-    windows = {(s["layer"], s["position"]): [int(p["module"].split(".")[-2]) for p in loc["parts"]]
-               for s, loc in zip(result.sites, result.locations, strict=True)}
+    windows = {(s["layer"], s["position"]): [int(p["module"].split(".")[-2]) for p in s["location"]["parts"]]
+               for s in result.sites}
     assert windows[0, 1] == list(range(0, 5)) and windows[15, 1] == list(range(10, 20))
     assert windows[29, 4] == list(range(24, 30))
-    assert all(len(loc) == 5 for loc in traces["hidden"].locations)  # one Site each
+    assert all(len(site["location"]) == 5 for site in traces["hidden"].sites)  # one Site each
 
 
 def test_restoring_every_hidden_state_of_the_last_layer_restores_the_clean_run(traces):
     """At the last layer a restored state at the last token is the clean run's final residual
     stream there: P(answer) comes back exactly (recovery 100% within the noise floor)."""
     result = traces["hidden"]
-    last = next(i for i, s in enumerate(result.sites) if s == {"layer": 29, "position": 4})
+    last = result.labels.index({"layer": 29, "position": 4})
     assert abs(result.recovery[0, last] - 100) <= max(0.01, 3 * result.noise[0, last])
     values = result.metric_values
     assert values.clean[0] > 0.3 and values.corrupted[0] < values.clean[0] / 2  # the noise matters
@@ -129,7 +127,7 @@ def test_patching_with_a_corruption_equals_naive_and_matches_a_trace(wrapped, sp
         assert engine.metric_values.corrupted[pair] == pytest.approx(kl, rel=1e-4)
 
 
-@pytest.mark.filterwarnings("ignore::mlxterp.experiments.plan.NoisyBaselineWarning")
+@pytest.mark.filterwarnings("ignore::mlxterp.errors.NoisyBaselineWarning")
 def test_attribution_with_a_corruption_converges_to_the_exact_effect_as_the_noise_shrinks(wrapped):
     """AtP is the first-order term, so under noise of sd s its error at the first block's input
     shrinks with s (measured: 36.9 pp at s=5e-3, 9.4 at 1e-3, 2.3 at 2e-4). An AtP that applied the corruption
@@ -165,10 +163,10 @@ def test_figure_has_three_panels_with_the_subject_marked(traces, tmp_path):
 def test_result_round_trips_with_its_windows_and_corruption(traces):
     result = traces["attn"]
     back = PatchingResult.from_json(result.to_json())
-    assert back.locations == result.locations and back.corruption == result.corruption
+    assert back.sites == result.sites and back.corruption == result.corruption
     np.testing.assert_array_equal(back.effect, result.effect)
-    assert site_at(back.locations[0]) == SiteGroup(tuple(Site(p["module"], positions=(0,))
-                                                         for p in result.locations[0]["parts"]))
+    assert site_at(back.sites[0]["location"]) == SiteGroup(tuple(Site(p["module"], positions=(0,))
+                                                         for p in result.sites[0]["location"]["parts"]))
 
 
 def test_cli_trace_fact_writes_the_figure_and_three_results(tmp_path, capsys):
@@ -194,12 +192,12 @@ def test_bad_input(wrapped):
     with pytest.raises(InputError, match="is 2 tokens"):
         wrapped.causal_trace(PROMPT, SUBJECT, answer=" Apple Inc")
     with pytest.raises(BaselineError, match="adds nothing"):
-        wrapped.causal_trace(PROMPT, SUBJECT, noise=0)
-    with pytest.raises(SiteError, match="window=31: give a number of layers from 1 to 30"):
+        wrapped.causal_trace(PROMPT, Noise(SUBJECT, scale=0))
+    with pytest.raises(InputError, match="window=31: give a number of layers from 1 to 30"):
         wrapped.causal_trace(PROMPT, SUBJECT, kind="mlp", window=31)
     with pytest.raises(InputTypeError, match="samples=0"):
-        wrapped.causal_trace(PROMPT, SUBJECT, samples=0)
-    with pytest.raises(InputTypeError, match="kind='mpl'"):
+        wrapped.causal_trace(PROMPT, Noise(SUBJECT, samples=0))
+    with pytest.raises(InputError, match="kind='mpl'"):
         wrapped.causal_trace(PROMPT, SUBJECT, kind="mpl")
     with pytest.raises(SiteError, match="out of range"):
         wrapped.patching_sweep(PROMPT, Ablate((7,)))

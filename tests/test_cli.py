@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxterp.experiments.results import PatchingResult
+from mlxterp.experiments.pipeline.results import PatchingResult
 from mlxterp.presentation.cli import main
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
@@ -103,8 +103,8 @@ def test_patch_writes_the_html_report_when_asked(tmp_path, capsys):
 
 
 def test_lens_heads_and_train_lens(tmp_path, capsys, monkeypatch):
-    from mlxterp.experiments.heads import HeadScores
-    from mlxterp.experiments.lenses import LensResult
+    from mlxterp.experiments.analyses.heads import HeadScores
+    from mlxterp.experiments.analyses.lenses import LensResult
 
     monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path / "cache"))  # where train-lens keeps a lens
     prompt = "The Eiffel Tower is located in the city of"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from mlxterp import InterpretableModel
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.datasets import (
+from mlxterp.errors import InputError, InputTypeError, MetricError, SiteError
+from mlxterp.experiments.data.pairs import (
     IOI_NAMES,
     IOI_OBJECTS,
     IOI_PLACES,
@@ -20,9 +20,6 @@ from mlxterp.experiments.datasets import (
     load_pairs,
     save_pairs,
 )
-from mlxterp.experiments.metrics import MetricError
-from mlxterp.tracing.inputs import InputError
-from mlxterp.tracing.names import SiteError
 
 # Two prompts of another length than the IOI templates', with their own answers.
 CAPITALS = PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
@@ -131,7 +128,7 @@ def test_dataset_results_round_trip_and_verify(model, tmp_path):
     again = type(result).from_json(result.to_json())
     assert again.answers == result.answers and again.prompt_pairs() == result.prompt_pairs()
     exact = model.patching_sweep(pairs=pairs, metric="logit_diff", layers=LAYERS)
-    from mlxterp.experiments.attribution import verify_top
+    from mlxterp.experiments.analyses.attribution import verify_top
 
     verified = verify_top(model, result, 2)
     best = np.argsort(-result.mean, kind="stable")[:2]

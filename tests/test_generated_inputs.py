@@ -41,9 +41,14 @@ from mlx.utils import tree_flatten
 import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
-from mlxterp.errors import InputTypeError, MlxterpError, ModelLoadError
-from mlxterp.tracing import NotRecordedError, UnknownModuleError
-from mlxterp.tracing.inputs import InputError
+from mlxterp.errors import (
+    InputError,
+    InputTypeError,
+    MlxterpError,
+    ModelLoadError,
+    NotRecordedError,
+    UnknownModuleError,
+)
 
 
 def examples(share: float) -> settings:

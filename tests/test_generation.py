@@ -13,11 +13,13 @@ from mlx_lm.sample_utils import make_sampler
 import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.generation import GenerationError
-from mlxterp.tracing.intervening import InstalledInterventionError
-from mlxterp.tracing.names import NotReachedError
-from mlxterp.tracing.trace import TraceError
+from mlxterp.errors import (
+    GenerationError,
+    InputTypeError,
+    InstalledInterventionError,
+    NotReachedError,
+    TraceError,
+)
 
 PROMPT = "The capital of France is"
 

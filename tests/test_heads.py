@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.heads import KINDS, HeadScores, scores_of, targets
-from mlxterp.tracing.inputs import InputError
+from mlxterp.errors import InputError, InputTypeError
+from mlxterp.experiments.analyses.heads import KINDS, HeadScores, scores_of, targets
 
 #            BOS  r = (5, 6, 7)   r again
 TOKENS = np.array([[0, 5, 6, 7, 5, 6, 7]])

@@ -14,11 +14,9 @@ import pytest
 from conftest import tiny_model
 
 from mlxterp import InterpretableModel
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.lenses import LensError, LensResult, Unembedding, largest
-from mlxterp.experiments.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
-from mlxterp.tracing.inputs import InputError
-from mlxterp.tracing.names import SiteError
+from mlxterp.errors import InputError, InputTypeError, LensError, SiteError
+from mlxterp.experiments.analyses.lenses import LensResult, Unembedding, largest
+from mlxterp.experiments.analyses.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
 
 PROMPT = "The Eiffel Tower is located in the city of"
 # KL at the last block, where the lens is the model: float32 rounding of log-softmax over

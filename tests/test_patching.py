@@ -9,11 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxterp.experiments.metrics import MetricError
-from mlxterp.experiments.plan import BaselineError, Plan
-from mlxterp.experiments.results import PatchingResult
-from mlxterp.tracing import NotReachedError, Site, SiteError
-from mlxterp.tracing.inputs import InputError
+from mlxterp.errors import BaselineError, InputError, MetricError, NotReachedError, SiteError
+from mlxterp.experiments.pipeline.plan import Plan
+from mlxterp.experiments.pipeline.results import PatchingResult
+from mlxterp.tracing import Site
 
 PARIS = ("Paris is the capital of France", "London is the capital of France")
 NAMES = ("When Mary and John went to the store, John gave a drink to",
@@ -135,7 +134,7 @@ def test_explicit_sites(wrapped):
     engine = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl")
     naive = wrapped.patching_sweep(*PARIS, sites=sites, metric="kl", naive=True)
     assert_same_recovery(engine, naive)
-    assert engine.sites == [{"layer": 3, "component": "mlp", "position": 5},
+    assert engine.labels == [{"layer": 3, "component": "mlp", "position": 5},
                             {"layer": 3, "component": "self_attn.o_proj:input", "head": 2}]
 
 
@@ -154,11 +153,11 @@ def test_a_result_does_not_depend_on_batching(wrapped, metric):
                    answer=" Mary", wrong_answer=" John") if metric == "logit_diff" else dict(
                    component="input", over=("layer", "position"), metric=metric)
     full = wrapped.patching_sweep(*NAMES, layers=[8, 12, 16], **options)
-    site = full.sites.index({"layer": 12, "position": 5})
+    site = full.labels.index({"layer": 12, "position": 5})
     for layout in (dict(layers=[12], positions=[5]), dict(layers=[12], positions=[4, 5, 6]),
                    dict(layers=[12], max_batch=1), dict(layers=[8, 12, 16], max_batch=5)):
         part = wrapped.patching_sweep(*NAMES, **options, **layout)
-        here = part.sites.index({"layer": 12, "position": 5})
+        here = part.labels.index({"layer": 12, "position": 5})
         tolerance = max(0.01, full.noise[0, site] + part.noise[0, here])
         assert abs(part.recovery[0, here] - full.recovery[0, site]) <= tolerance
     single = wrapped.patching_sweep(*NAMES, **options, layers=[12], positions=[5], naive=True)
@@ -199,7 +198,7 @@ def test_bad_input(wrapped):
         wrapped.patching_sweep([PARIS[0]] * 2, [PARIS[1], PARIS[0]])
     with pytest.raises(BaselineError, match="same tokens"):
         wrapped.activation_patching(PARIS[0], PARIS[0])
-    with pytest.raises(SiteError, match="position 6 is out of range"):
+    with pytest.raises(InputError, match="position 6 is out of range"):
         wrapped.patching_sweep(*PARIS, position=6)
 
 
@@ -208,8 +207,9 @@ def test_a_patch_that_never_runs_is_an_error():
     from conftest import tiny_model
 
     from mlxterp import InterpretableModel
-    from mlxterp.experiments.engine import run_engine, run_naive
-    from mlxterp.experiments.metrics import METRICS
+    from mlxterp.experiments.pipeline.metrics import METRICS
+    from mlxterp.experiments.runners.engine import run_engine
+    from mlxterp.experiments.runners.naive import run_naive
 
     base = tiny_model("llama")
     base.model.layers[1].unused = nn.Linear(32, 32)  # exists, never called
@@ -231,9 +231,10 @@ def test_engine_equals_naive_across_families(family, direction):
     from conftest import tiny_model
 
     from mlxterp import InterpretableModel
-    from mlxterp.experiments.engine import run_engine, run_naive
-    from mlxterp.experiments.metrics import METRICS
-    from mlxterp.experiments.sites import sweep_sites
+    from mlxterp.experiments.pipeline.metrics import METRICS
+    from mlxterp.experiments.pipeline.sites import sweep_sites
+    from mlxterp.experiments.runners.engine import run_engine
+    from mlxterp.experiments.runners.naive import run_naive
 
     model = InterpretableModel(tiny_model(family, seed=3))
     # Two pairs that first differ at positions 2 and 4, so rows start at several positions.
@@ -252,9 +253,9 @@ def test_engine_equals_naive_across_families(family, direction):
 
 def test_sites_and_options_are_checked(wrapped):
     site = Site("layers.3.mlp")  # a short key resolves
-    assert wrapped.patching_sweep(*PARIS, sites=[site], metric="kl").sites == [
+    assert wrapped.patching_sweep(*PARIS, sites=[site], metric="kl").labels == [
         {"layer": 3, "component": "mlp"}]
-    assert wrapped.patching_sweep(*PARIS, sites=["layers.3", "layers.4:input"], metric="kl").sites == [
+    assert wrapped.patching_sweep(*PARIS, sites=["layers.3", "layers.4:input"], metric="kl").labels == [
         {"layer": 3, "component": "output"}, {"layer": 4, "component": "input"}]
     for bad, message in (("model.model.norm", "not inside a block"),
                          ("layers.3.mlp#1", "drop the #k"),
@@ -285,7 +286,7 @@ def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
     """Recovery means the same in both directions: how far the patch moves the receiving run
     toward the donor's output. Checked by hand from traces for logit difference and KL."""
     from mlxterp import interventions as iv
-    from mlxterp.experiments.metrics import METRICS
+    from mlxterp.experiments.pipeline.metrics import METRICS
 
     site, position = "layers.5", 9  # the residual stream leaving block 5, at ' John' / ' Mary'
     with wrapped.trace(NAMES[1]) as trace:
@@ -306,7 +307,7 @@ def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
         answers = dict(answer=" Mary", wrong_answer=" John") if metric == "logit_diff" else {}
         result = wrapped.patching_sweep(*NAMES, component="output", over=("layer", "position"),
                                         layers=[5], direction="noise", metric=metric, **answers)
-        at = result.sites.index({"layer": 5, "position": position})
+        at = result.labels.index({"layer": 5, "position": position})
         assert abs(result.recovery[0, at] - value) <= max(0.01, 2 * result.noise[0, at])
         # the token that names the other person carries the corruption: ranked first, far up
         label, best = result.top(1)[0]

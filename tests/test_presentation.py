@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from mlxterp.experiments.results import PatchingResult, ResultFormatError
-from mlxterp.paths import OutputPathError
+from mlxterp.errors import OutputPathError, ResultFormatError
+from mlxterp.experiments.pipeline.results import PatchingResult
 from mlxterp.presentation.plots import color_limit
 
 NAMES = ("When Mary and John went to the store, John gave a drink to",
@@ -34,7 +34,8 @@ def inside_canvas(fig, text) -> bool:
 
 def test_results_carry_their_provenance_and_round_trip_exactly(heads, tmp_path):
     saved = json.loads(heads.to_json())
-    assert saved["format"] == 3
+    assert saved["format"] == 4
+    assert "recovery" not in saved and all("location" in site for site in saved["sites"])  # computed
     assert saved["answers"] == [[heads.answers[0][0], heads.answers[0][1]]]  # per pair
     assert saved["answer_tokens"] == [[" Mary", " John"]]
     assert saved["resources"]["ranks"] == 1 and saved["resources"]["peak_memory_bytes"] > 0
@@ -63,19 +64,28 @@ def test_results_carry_their_provenance_and_round_trip_exactly(heads, tmp_path):
 
 
 def test_older_and_newer_formats(heads):
-    old = json.loads(heads.to_json())
-    for key in ("format", "provenance", "corrupted_tokens", "metric_values", "noise", "method",
-                "locations"):
-        old.pop(key)
-    old["answers"], old["answer_tokens"] = old["answers"][0], old["answer_tokens"][0]  # for all pairs
-    old.pop("resources")
-    read = PatchingResult.from_json(json.dumps(old))  # format 1: read, with what it has
+    third = json.loads(heads.to_json())  # format 3 stored recoveries beside parallel site lists
+    third.update(format=3, sites=heads.labels, locations=[site["location"] for site in heads.sites],
+                 recovery=heads.recovery.tolist(), baseline=heads.baseline.tolist(),
+                 noise=heads.noise.tolist())
+    read = PatchingResult.from_json(json.dumps(third))
+    assert read.sites == heads.sites
     np.testing.assert_array_equal(read.recovery, heads.recovery)
-    assert read.provenance == {} and read.method == "exact"
+    first = dict(third)  # format 1 (mlxterp 0.1): recoveries and labels only, answers for all pairs
+    for key in ("format", "provenance", "corrupted_tokens", "metric_values", "noise", "method", "locations",
+                "resources"):
+        first.pop(key)
+    first["answers"], first["answer_tokens"] = first["answers"][0], first["answer_tokens"][0]
+    read = PatchingResult.from_json(json.dumps(first))
+    # Recoveries come back through metric values that reproduce them: x / 100 * gap / gap * 100
+    # rounds twice in float64, so they agree to a few units in the last place, not bit for bit.
+    np.testing.assert_allclose(read.recovery, heads.recovery, rtol=1e-13, atol=1e-12)
+    np.testing.assert_allclose(read.baseline, heads.baseline, rtol=1e-15)
+    assert read.provenance == {} and read.method == "exact" and read.sites == heads.labels
     assert read.answers == heads.answers and read.answer_tokens == heads.answer_tokens
     newer = json.loads(heads.to_json())
-    newer["format"] = 4
-    with pytest.raises(ResultFormatError, match="format 4, written by mlxterp"):
+    newer["format"] = 5
+    with pytest.raises(ResultFormatError, match="format 5, written by mlxterp"):
         PatchingResult.from_json(json.dumps(newer))
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlxterp.experiments.results import PatchingResult
-from mlxterp.paths import OutputPathError
+from mlxterp.errors import OutputPathError
+from mlxterp.experiments.pipeline.plan import SweepValues
+from mlxterp.experiments.pipeline.results import PatchingResult
 
 NAMES = ("When Mary and John went to the store, John gave a drink to",
          "When John and Mary went to the store, Mary gave a drink to")
@@ -67,10 +68,10 @@ def test_hovering_a_cell_shows_what_the_json_says(browser, wrapped, tmp_path):
     assert "<script src" not in path.read_text() and "http" not in path.read_text().split("<script")[1][:200]
     open_report(browser, path)
     saved = json.loads(result.to_json())
-    index = saved["sites"].index({"layer": 12, "position": 9})
+    index = result.labels.index({"layer": 12, "position": 9})
     tip = hover(browser, index)
     assert tip.startswith("L12 pos 9 ' John'")
-    assert f"recovery {np.mean(np.array(saved['recovery'])[:, index]):.1f}%" in tip
+    assert f"recovery {PatchingResult.from_json(result.to_json()).recovery[:, index].mean():.1f}%" in tip
     assert "token: ' John' (clean) / ' Mary' (corrupted)" in tip
     assert f"patched {saved['metric_values']['patched'][0][index]:.4g}" in tip
     marked = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".prompt .differ")]
@@ -99,10 +100,13 @@ def test_tens_of_thousands_of_sites_still_open(browser, tmp_path, capsys):
              for la in range(layers) for h in range(heads) for p in range(positions)]
     tokens = [[f" t{p}" for p in range(positions)]]
     rng = np.random.default_rng(0)
+    values = SweepValues.empty(1, len(sites))
+    values.corrupted[:] = 1.0  # a distance of 1 from the clean run (the donor, at 0)
+    values.patched[0] = 1 + rng.normal(0, 0.05, len(sites))  # recoveries of about +-5 %
     result = PatchingResult(
-        recovery=rng.normal(0, 5, (1, len(sites))), sites=sites, over=("layer", "head", "position"),
-        component="self_attn", metric="kl", direction="denoise", baseline=np.array([1.0]),
-        clean=["synthetic"], corrupted=["synthetic"], tokens=tokens, corrupted_tokens=tokens)
+        sites=sites, over=("layer", "head", "position"), component="self_attn", metric="kl",
+        direction="denoise", metric_values=values, clean=["synthetic"], corrupted=["synthetic"],
+        tokens=tokens, corrupted_tokens=tokens)
     path = result.to_html(tmp_path / "big.html")
     seconds = open_report(browser, path)
     drawn = browser.execute_script("return document.querySelectorAll('#grid rect').length")

@@ -17,11 +17,11 @@ import pytest
 from conftest import WITHOUT_BUNDLED
 
 from mlxterp import InterpretableModel
-from mlxterp.experiments.datasets import PromptPair, ioi_pairs, save_pairs
-from mlxterp.experiments.metrics import METRICS
-from mlxterp.experiments.plan import Plan, SweepValues
-from mlxterp.experiments.results import PatchingResult
-from mlxterp.experiments.sharding import assign, units
+from mlxterp.experiments.data.pairs import PromptPair, ioi_pairs, save_pairs
+from mlxterp.experiments.pipeline.metrics import METRICS
+from mlxterp.experiments.pipeline.plan import Plan, SweepValues
+from mlxterp.experiments.pipeline.results import PatchingResult
+from mlxterp.experiments.runners.sharding import assign, units
 from mlxterp.tracing.names import Site
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")

@@ -8,11 +8,9 @@ import pytest
 from conftest import assert_model_untouched, parameters_snapshot
 
 from mlxterp import InterpretableModel
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.sites import SiteError
-from mlxterp.experiments.steering import SteeringVector, SteeringVectorError
+from mlxterp.errors import InputTypeError, InstalledInterventionError, SiteError, SteeringVectorError
+from mlxterp.experiments.analyses.steering import SteeringVector
 from mlxterp.presentation.cli import main
-from mlxterp.tracing.intervening import InstalledInterventionError
 
 POSITIVE = ["I love weddings", "The bride and the groom"]
 NEGATIVE = ["I love meetings", "The clerk and the boss"]

@@ -12,14 +12,16 @@ from conftest import hooked_calls, tiny_model
 from test_patching import NAMES, assert_same_values
 
 from mlxterp import InterpretableModel
-from mlxterp.experiments import engine
-from mlxterp.experiments.costs import BlockCosts, block_costs
-from mlxterp.experiments.engine import FLAT, GROW, run_engine, run_naive
-from mlxterp.experiments.metrics import METRICS
-from mlxterp.experiments.patching import prepare_sweeps
-from mlxterp.experiments.plan import Plan
-from mlxterp.experiments.sites import sweep_sites
-from mlxterp.tracing import SiteError
+from mlxterp.errors import InputError
+from mlxterp.experiments.pipeline.metrics import METRICS
+from mlxterp.experiments.pipeline.options import SweepOptions
+from mlxterp.experiments.pipeline.plan import Plan
+from mlxterp.experiments.pipeline.sites import sweep_sites
+from mlxterp.experiments.pipeline.sweep import prepare_sweeps
+from mlxterp.experiments.runners import engine
+from mlxterp.experiments.runners.costs import BlockCosts, block_costs
+from mlxterp.experiments.runners.engine import FLAT, GROW, run_engine
+from mlxterp.experiments.runners.naive import run_naive
 
 # Measured with costs.block_costs: SmolLM2 float32 on this project's 2-core CPU, and its shape in
 # bfloat16 on an H200, where rows cost nothing measurable (bench/results/h200-2026-12-02/).
@@ -33,7 +35,7 @@ GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
                                    dict(component="self_attn", over=("layer", "head"), layers=[16, 23],
                                         metric="logit_diff", answer=" Mary", wrong_answer=" John")])
 def test_flat_equals_naive(wrapped, sweep):
-    plan = prepare_sweeps(wrapped, *NAMES, **sweep)[0].plan
+    plan = prepare_sweeps(wrapped, *NAMES, SweepOptions(**sweep))[0].plan
     flat, naive = run_engine(wrapped, plan, strategy=FLAT), run_naive(wrapped, plan)
     assert_same_values(flat, naive)
     assert np.abs(naive.patched - naive.corrupted[:, None]).max() > 0.01 * abs(naive.gap("denoise")[0])
@@ -109,7 +111,7 @@ def both(model, plan) -> dict:
 def test_the_cheaper_strategy_follows_the_device(wrapped, monkeypatch, costs, expected):
     monkeypatch.setattr(engine, "block_costs", lambda model: costs)
     for sweep in (dict(component="mlp", over="layer"), dict(component="input", over=("layer", "position"))):
-        plan = prepare_sweeps(wrapped, *NAMES, metric="kl", **sweep)[0].plan
+        plan = prepare_sweeps(wrapped, *NAMES, SweepOptions(metric="kl", **sweep))[0].plan
         assert engine.cheaper_strategy(wrapped, both(wrapped, plan)) == expected
 
 
@@ -142,8 +144,8 @@ def test_blocks_that_cannot_be_timed_alone_grow():
 
 
 def test_an_unknown_strategy_is_refused(wrapped):
-    plan = prepare_sweeps(wrapped, *NAMES, metric="kl")[0].plan
-    with pytest.raises(SiteError, match="strategy='fast'"):
+    plan = prepare_sweeps(wrapped, *NAMES, SweepOptions(metric="kl"))[0].plan
+    with pytest.raises(InputError, match="strategy='fast'"):
         run_engine(wrapped, plan, strategy="fast")
 
 

@@ -10,8 +10,7 @@ from conftest import FAMILY_CONFIGS, assert_model_untouched, parameters_snapshot
 
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
-from mlxterp.tracing import NotReachedError, NotRecordedError, TraceError, UnknownModuleError
-from mlxterp.tracing.inputs import InputError
+from mlxterp.errors import InputError, NotReachedError, NotRecordedError, TraceError, UnknownModuleError
 
 TOKENS = mx.array([[1, 5, 7, 9, 2, 3]])
 

@@ -1,0 +1,13 @@
+"""Layer 5: tables, plots, the HTML report and the command line. They read results and never
+compute.
+
+Results (`PatchingResult.plot`, `.to_html`, `LensResult.plot`, `HeadScores.plot`) are drawn by the
+functions registered here in `results.VIEWS`: the experiments layer holds data and never imports
+what draws it.
+"""
+
+from mlxterp.experiments.pipeline.results import VIEWS
+from mlxterp.presentation import plots, report
+
+VIEWS.update(patching=plots.plot_patching, html=report.write_html, lens=plots.plot_lens,
+             heads=plots.plot_heads)

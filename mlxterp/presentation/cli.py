@@ -8,8 +8,7 @@ import argparse
 import sys
 import time
 
-from mlxterp.errors import MlxterpError
-from mlxterp.experiments.sharding import RankFailedError
+from mlxterp.errors import MlxterpError, RankFailedError
 from mlxterp.presentation import tables
 
 
@@ -45,11 +44,11 @@ def demo(args: argparse.Namespace) -> int:
     """Load a model and print its most likely next tokens after a prompt."""
     import mlx.core as mx
 
-    import mlxterp
+    from mlxterp.models import load
     from mlxterp.tracing.inputs import tokenise
 
     start = time.perf_counter()
-    model, tokenizer = mlxterp.load(args.model)
+    model, tokenizer = load(args.model)
     loaded = time.perf_counter() - start
     ids = tokenise(tokenizer, args.prompt)
     logits = model(mx.array([ids]))[0, -1].astype(mx.float32)
@@ -111,10 +110,10 @@ def _save(result, out: str, parts: list[str], html: bool = False) -> None:
 
 
 def _model(name: str):
-    import mlxterp
-    from mlxterp import InterpretableModel
+    from mlxterp.model import InterpretableModel
+    from mlxterp.models import load
 
-    return InterpretableModel(*mlxterp.load(name))
+    return InterpretableModel(*load(name))
 
 
 def patch(args: argparse.Namespace) -> int:
@@ -131,7 +130,7 @@ def patch(args: argparse.Namespace) -> int:
 def attribute(args: argparse.Namespace) -> int:
     """Estimate every site's recovery from gradients; with --verify K, patch the top K exactly
     and print both columns."""
-    from mlxterp.experiments.attribution import verify_top
+    from mlxterp.experiments.analyses.attribution import verify_top
 
     model = _model(args.model)
     options = _sweep_options(args)
@@ -155,14 +154,14 @@ def trace_fact(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from mlxterp.experiments.causal_tracing import KINDS
+    from mlxterp.experiments.analyses.causal_tracing import KINDS
+    from mlxterp.experiments.data.corruption import Noise
     from mlxterp.paths import numbered
     from mlxterp.presentation.plots import plot_causal_trace
 
     model = _model(args.model)
-    options = dict(answer=args.answer, window=args.window, samples=args.samples, noise=args.noise,
-                   seed=args.seed)
-    results = [model.causal_trace(args.prompt, args.subject, kind=kind, **options)
+    subject = Noise(args.subject, args.samples, args.noise, args.seed)
+    results = [model.causal_trace(args.prompt, subject, kind=kind, answer=args.answer, window=args.window)
                for kind in KINDS]
     first = results[0]
     values, corruption = first.metric_values, first.corruption
@@ -191,7 +190,7 @@ def trace_fact(args: argparse.Namespace) -> int:
 def lens(args: argparse.Namespace) -> int:
     """The logit (or tuned) lens of a prompt: print what each layer predicts at the last
     position, write the grid and the JSON."""
-    from mlxterp.experiments.tuned_lens import TunedLens
+    from mlxterp.experiments.analyses.tuned_lens import TunedLens
 
     model = _model(args.model)
     tuned = None
@@ -216,7 +215,7 @@ def heads(args: argparse.Namespace) -> int:
 def train_lens(args: argparse.Namespace) -> int:
     """Train a tuned lens on the Python reference (pydoc_data) and keep it where `lens --tuned`
     finds it; print the held-out KL of the logit and the tuned lens per layer."""
-    from mlxterp.experiments.tuned_lens import (
+    from mlxterp.experiments.analyses.tuned_lens import (
         TunedLens,
         kl_per_layer,
         python_reference_text,
@@ -246,7 +245,7 @@ def train_lens(args: argparse.Namespace) -> int:
 def generate(args: argparse.Namespace) -> int:
     """Print the text the model writes after PROMPT as it is generated, steered by a saved
     vector if --steer is given."""
-    from mlxterp.experiments.steering import SteeringVector
+    from mlxterp.experiments.analyses.steering import SteeringVector
 
     if not args.steer and (args.layer is not None or args.alpha is not None):
         raise MlxterpError("--layer and --alpha say where and how much of --steer FILE to add; give it.")
@@ -264,7 +263,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def ioi(args: argparse.Namespace) -> int:
     """Write N indirect-object-identification prompt pairs to FILE, for `patch --pairs FILE`."""
-    from mlxterp.experiments.datasets import ioi_pairs, save_pairs
+    from mlxterp.experiments.data.pairs import ioi_pairs, save_pairs
 
     path = save_pairs(ioi_pairs(args.n, seed=args.seed, corruption=args.corruption), args.file,
                       overwrite=args.overwrite)

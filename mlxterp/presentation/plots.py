@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxterp.experiments.pipeline.results import site_label
 from mlxterp.paths import numbered, output_path
-from mlxterp.presentation.tables import METHOD_NAMES, site_label
+from mlxterp.presentation.tables import METHOD_NAMES
 
 SUFFIXES = {".png", ".pdf", ".svg"}
 ROBUST_PERCENTILE = 99  # the colour range: this percentile of |recovery|, not the largest cell
@@ -170,6 +171,13 @@ def plot_result(result, path: str | Path | None = None, overwrite: bool = False)
     stem = "-".join(["mlxterp", result.method if result.method != "exact" else "patching",
                      result.component, *result.over, result.metric])
     return _show_or_save(fig, path, stem)
+
+
+def plot_patching(result, path: str | Path | None = None, overwrite: bool = False):
+    """`result` as `plot_result` draws it, or for a causal trace as the paper's figure."""
+    if result.metric == "prob" and result.corruption and result.over == ("layer", "position"):
+        return plot_causal_trace([result], path, overwrite=overwrite)
+    return plot_result(result, path, overwrite=overwrite)
 
 
 def _show_or_save(fig, path: Path | None, stem: str):

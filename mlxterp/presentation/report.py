@@ -18,9 +18,9 @@ import html
 import json
 from pathlib import Path
 
+from mlxterp.experiments.pipeline.results import site_label
 from mlxterp.paths import output_path
 from mlxterp.presentation.plots import color_limit, position_labels, title
-from mlxterp.presentation.tables import site_label
 
 
 def _payload(result) -> dict:

@@ -4,29 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def site_label(result, site: dict) -> str:
-    """A site's short name: `L3`, `L3 H2`, `L3 pos 5 ' to'` (the clean token at the position)."""
-    parts = [f"L{site['layer']}"]
-    if "head" in site:
-        parts.append(f"H{site['head']}")
-    if "position" in site:
-        token = result.tokens[0][site["position"]] if result.tokens else ""
-        parts.append(f"pos {site['position']} {token!r}")
-    return " ".join(parts)
-
-
-def top(result, k: int = 5) -> list[tuple[str, float]]:
-    """The k most important sites of `result`, as (label, mean recovery), highest first (in
-    both directions: how far the patch moves the receiving run toward the donor's output).
-
-    Example:
-        >>> top(result, 3)
-        [('L0', 100.0), ('L7', 32.1), ('L21', 26.3)]
-    """
-    order = np.argsort(-result.mean, kind="stable")[:k]
-    return [(site_label(result, result.sites[i]), float(result.mean[i])) for i in order]
-
+from mlxterp.experiments.pipeline.results import site_label
 
 METHOD_NAMES = {"exact": "activation patching", "atp": "attribution patching (AtP)",
                 "ig": "integrated gradients (IG)"}

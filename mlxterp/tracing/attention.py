@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import AttentionCaptureError
 from mlxterp.tracing.intercept import call_parameters
 from mlxterp.tracing.names import PATTERN, ModuleTree
 
@@ -46,10 +46,6 @@ MIXING_TOLERANCE = 1e-4
 def mixing_tolerance(dtype: mx.Dtype) -> float:
     """The bound on `AttentionLayout.mixing_error` for a model computing in `dtype`."""
     return max(MIXING_TOLERANCE, 16 * mx.finfo(dtype).eps)
-
-
-class AttentionCaptureError(MlxterpError, ValueError):
-    """Attention probabilities asked of a model whose attention mlxterp cannot rebuild."""
 
 
 @dataclass(frozen=True)

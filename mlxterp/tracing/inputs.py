@@ -7,16 +7,12 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import InputError
 
 Inputs = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]] | mx.array | np.ndarray
 
 _FORMS = ("give a string, a list of strings, a list of token ids, a list of such lists, or an "
           "mx.array.")
-
-
-class InputError(MlxterpError, ValueError):
-    """Inputs that cannot be run as given."""
 
 
 def check_text(text: str) -> str:
@@ -170,3 +166,7 @@ def to_token_array(inputs: Inputs, tokenizer, vocab_size: int | None) -> mx.arra
     # Checked before building the array: ids past int64 cannot even be held by one.
     _check_range(min(map(min, rows)), max(map(max, rows)), vocab_size)
     return equal_length_rows(rows, None, tokenizer)
+
+def is_index(value: object) -> bool:
+    """A whole number given as an int (a bool or a float is not an index)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -20,14 +20,10 @@ from contextlib import ExitStack
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import InstalledInterventionError, MlxterpError
 from mlxterp.tracing.intercept import call_input, call_patched, intercepted
 from mlxterp.tracing.names import ROOT, ModuleTree
 from mlxterp.tracing.trace import Intervention, Interventions
-
-
-class InstalledInterventionError(MlxterpError, ValueError):
-    """An intervention that failed on one call of the model while installed for many calls."""
 
 
 class Intervening:

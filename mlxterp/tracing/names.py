@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxterp.errors import InputTypeError, MlxterpError
+from mlxterp.errors import InputTypeError, SiteError, UnknownModuleError
 
 ROOT = "model"
 OUTPUT_KEY = "output"  # the key of the model's own output in `trace.activations`
@@ -46,20 +46,48 @@ def _check_key(key: object) -> None:
         )
 
 
-class UnknownModuleError(MlxterpError, KeyError):
-    """A key that names no module, or several."""
+def positions_mask(positions: tuple[int, ...] | None, length: int, start: int = 0,
+                   what: str = "positions") -> np.ndarray:
+    """(length,) bool: which of an activation's positions are among `positions` (None: all),
+    its first position being position `start` of the sequence. Negative positions count from
+    the end, as in Python, where the activation is the whole sequence (`start` 0). The one place
+    positions become a mask: sites, patches, corruptions and `iv.at_positions` all go through it.
 
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0])
+    Example:
+        >>> positions_mask((1, 3), 4)
+        array([False,  True, False,  True])
+    """
+    if positions is None:
+        return np.ones(length, dtype=bool)
+    if start == 0:
+        bad = [p for p in positions if not -length <= p < length]
+        if bad:
+            raise SiteError(f"{what}: positions {bad} are out of range for {length} tokens "
+                            f"(valid: {-length} to {length - 1}).")
+        local = [p % length for p in positions]
+    else:
+        local = [p - start for p in positions if start <= p < start + length]
+    mask = np.zeros(length, dtype=bool)
+    mask[local] = True
+    return mask
 
 
-class SiteError(MlxterpError, ValueError):
-    """A site that cannot exist: an empty position list, a head out of range, a bad shape."""
+def patch_rows(receiver: mx.array, donor: mx.array, sites: list[Site | None], start: int = 0) -> mx.array:
+    """`receiver` (batch, positions, features) with, in each row r, the part `sites[r]` covers
+    taken from `donor` (None: row r unchanged); `start` is the sequence position of the
+    activations' first position. The one function that applies a patch: Site-keyed trace
+    interventions, the engine's batched rows and the gradient runner all call it.
 
-
-class NotReachedError(MlxterpError, RuntimeError):
-    """A site (an intervention or a patch) whose module never ran in the forward pass: going on
-    would silently measure nothing."""
+    Example:
+        >>> patch_rows(corrupted_rows, clean_row, [None, Site("layers.3.mlp", positions=(5,))])
+    """
+    batch, length, width = receiver.shape
+    rows = np.zeros((batch, length, 1), dtype=bool)
+    columns = np.zeros((batch, 1, width), dtype=bool)
+    for row, site in enumerate(sites):
+        if site is not None:
+            rows[row, :, 0], columns[row, 0] = site.selection(length, width, start)
+    return mx.where(mx.array(rows) & mx.array(columns), donor, receiver)
 
 
 @dataclass(frozen=True)
@@ -98,10 +126,10 @@ class Site:
         call = "" if self.call is None else f"#{self.call}"
         return f"{self.module}{call}{':input' if self.is_input else ''}"
 
-    def selection(self, length: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """Boolean masks of the positions (length,) and features (width,) this site covers."""
-        rows = np.zeros(length, dtype=bool)
-        rows[slice(None) if self.positions is None else list(self.positions)] = True
+    def selection(self, length: int, width: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks of the positions (length,) and features (width,) this site covers, in
+        an activation whose first position is position `start` of the sequence."""
+        rows = positions_mask(self.positions, length, start, self.key)
         columns = np.ones(width, dtype=bool)
         if self.head is not None:
             if width % self.n_heads:
@@ -111,10 +139,10 @@ class Site:
             columns[self.head * size:(self.head + 1) * size] = True
         return rows, columns
 
-    def patch(self, receiver: mx.array, donor: mx.array) -> mx.array:
-        """`receiver` with this site's part taken from `donor` (both (batch, seq, features))."""
-        rows, columns = self.selection(receiver.shape[-2], receiver.shape[-1])
-        return mx.where(mx.array(rows[:, None] & columns[None]), donor, receiver)
+    def patch(self, receiver: mx.array, donor: mx.array, start: int = 0) -> mx.array:
+        """`receiver` with this site's part taken from `donor` (both (batch, seq, features), or
+        donor broadcast to it); `start` as in `selection`."""
+        return patch_rows(receiver, donor, [self] * receiver.shape[0], start)
 
     @property
     def parts(self) -> tuple[Site, ...]:

@@ -10,41 +10,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.tracing.attention import (
+from mlxterp.errors import (
     AttentionCaptureError,
-    AttentionLayout,
-    attention_layouts,
-    mixing_tolerance,
-)
-from mlxterp.tracing.intercept import call_patched, intercepted
-from mlxterp.tracing.names import (
-    OUTPUT_KEY,
-    PATTERN,
-    ROOT,
-    ModuleTree,
+    InputTypeError,
     NotReachedError,
-    Site,
+    NotRecordedError,
+    TraceError,
     UnknownModuleError,
 )
+from mlxterp.tracing.attention import AttentionLayout, attention_layouts, mixing_tolerance
+from mlxterp.tracing.intercept import call_patched, intercepted
+from mlxterp.tracing.names import OUTPUT_KEY, PATTERN, ROOT, ModuleTree, Site
 
 Intervention = Callable[[mx.array], mx.array]
-
-
-class TraceError(MlxterpError, RuntimeError):
-    """A trace used wrongly, or an intervention that did not do what it was asked to."""
-
-
-class NotRecordedError(MlxterpError, KeyError):
-    """An activation that exists by name but was not recorded in this trace."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class PositionAware(ABC):
@@ -84,6 +67,10 @@ class _Planned:
 class Interventions:
     """The interventions of a run, `{key: fn}`, checked once, by the module they change.
 
+    A key is an activation key (`"layers.3.mlp"`, `"layers.3.self_attn.o_proj:input"`) or a
+    `Site`, whose positions and head narrow the intervention to that part of the activation
+    (applied with `Site.patch`, as every patch is).
+
     One set serves whatever intercepts the calls: a `Trace` (one forward pass) or
     `Intervening` (any calls, such as generation's). Both apply it with `apply` inside
     `call_patched`.
@@ -102,7 +89,7 @@ class Interventions:
                 f"interventions must be a dict {{key: fn}}; got {type(interventions).__name__}. "
                 "E.g. interventions={'layers.3.mlp': iv.zero_out}."
             )
-        self.planned = [_Planned(tree.site(key), _check_callable(key, fn))
+        self.planned = [_Planned(_site(tree, key), _check_callable(key, fn))
                         for key, fn in interventions.items()]
         self._by_module: dict[str, list[_Planned]] = {}
         for plan in self.planned:
@@ -360,6 +347,13 @@ def _capture_keys(capture: object) -> list:
     return list(capture)
 
 
+def _site(tree: ModuleTree, key: object) -> Site:
+    """The site an intervention key names, its module resolved to a full name."""
+    if isinstance(key, Site):
+        return replace(key, module=tree.site(key.key).module)
+    return tree.site(key)
+
+
 def _check_callable(key: str, fn: object) -> Intervention:
     if not callable(fn):
         raise InputTypeError(
@@ -387,4 +381,6 @@ def _apply(plan: _Planned, x, start: int | None):
         if y.dtype != x.dtype:
             # A float32 vector added to a bfloat16 model must not turn every later layer float32.
             y = y.astype(x.dtype)
+        if plan.site.positions is not None or plan.site.head is not None:
+            y = plan.site.patch(x, y, start or 0)
     return y

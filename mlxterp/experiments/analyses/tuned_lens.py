@@ -29,8 +29,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.lenses import LensError, Unembedding, kl_to_final
+from mlxterp.errors import InputTypeError, LensError
+from mlxterp.experiments.analyses.lenses import Unembedding, kl_to_final
 from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.models.load import cache_dir
 from mlxterp.paths import output_path

@@ -21,10 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.sites import is_index
-from mlxterp.tracing.inputs import InputError, tokenise
-from mlxterp.tracing.names import SiteError
+from mlxterp.errors import InputError, InputTypeError, SiteError
+from mlxterp.tracing.inputs import is_index, tokenise
+from mlxterp.tracing.names import Site
 
 NOISE_SCALE = 3.0  # the paper's default: 3x the standard deviation of the token embeddings
 ABLATIONS = ("zero", "mean")
@@ -51,13 +50,9 @@ class Corruption:
 
     def apply(self, pair: int, x: mx.array) -> mx.array:
         """`x` (rows, seq, features), every row pair `pair`'s corrupted run, corrupted."""
-        positions = mx.array(self.positions)
-        values = mx.zeros(x.shape[1:], dtype=x.dtype).at[positions].add(self.values[pair].astype(x.dtype))
-        if not self.replace:
-            return x + values
-        selected = np.zeros((x.shape[1], 1), dtype=bool)
-        selected[list(self.positions)] = True
-        return mx.where(mx.array(selected), values, x)
+        values = mx.zeros(x.shape[1:], dtype=x.dtype).at[mx.array(self.positions)].add(
+            self.values[pair].astype(x.dtype))
+        return Site(self.module, positions=self.positions).patch(x, values if self.replace else x + values)
 
     def intervention(self, pair: int):
         """The trace intervention that makes pair `pair`'s corrupted run: {module: fn}."""

@@ -22,14 +22,10 @@ import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments.sites import is_index
+from mlxterp.errors import GenerationError, InputTypeError
+from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.intervening import Intervening
 from mlxterp.tracing.trace import Intervention
-
-
-class GenerationError(MlxterpError, ValueError):
-    """A generation option with a value that cannot work (a type error is an InputTypeError)."""
 
 
 @dataclass(frozen=True)

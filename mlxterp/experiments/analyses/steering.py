@@ -23,18 +23,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments.sites import block_component_key, check_component, check_layer, is_index
+from mlxterp.errors import InputTypeError, SteeringVectorError
+from mlxterp.experiments.pipeline.sites import block_component_key, check_component, check_layer
 from mlxterp.interventions import add_vector
 from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.paths import output_path
+from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.trace import Intervention
 
 FORMAT = "mlxterp-steering-vector/1"  # in the safetensors metadata
-
-
-class SteeringVectorError(MlxterpError, ValueError):
-    """A steering vector that does not fit: wrong shape or dtype, another model, a bad layer."""
 
 
 @dataclass(frozen=True, eq=False)  # holds an mx.array, which has no truth value to compare by

@@ -20,22 +20,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments.metrics import LOGIT_NOISE
-from mlxterp.experiments.patching import provenance, token_id
-from mlxterp.experiments.results import read_json, write_json
-from mlxterp.experiments.sites import checked_indices, is_index
-from mlxterp.tracing.inputs import Inputs
+from mlxterp.errors import InputTypeError, LensError
+from mlxterp.experiments.pipeline.metrics import LOGIT_NOISE
+from mlxterp.experiments.pipeline.results import draw, provenance, read_json, write_json
+from mlxterp.experiments.pipeline.sites import checked_indices
+from mlxterp.experiments.pipeline.sweep import token_id
+from mlxterp.tracing.inputs import Inputs, is_index
 from mlxterp.tracing.names import ROOT
 
-if TYPE_CHECKING:
-    from mlxterp.experiments.tuned_lens import TunedLens
+
+class Translator(Protocol):
+    """What the lens needs of a tuned lens (`TunedLens`): a check that it was trained on this
+    model, and each layer's translation of a residual."""
+
+    def check_model(self, model) -> None: ...
+
+    def translate(self, layer: int, residual: mx.array) -> mx.array: ...
+
 
 # Lens logits are made this many elements at a time (float32: 256 MiB), whole layers at once.
 CHUNK_ELEMENTS = 2**26
@@ -44,10 +51,6 @@ TOP_BLOCK = 1024
 # At the last block the lens is the model's head on the same rows in another batch layout: it
 # must give the model's logits to within float32 noise, 10x the per-element noise model.
 HEAD_TOLERANCE = 10 * LOGIT_NOISE
-
-
-class LensError(MlxterpError, ValueError):
-    """A lens that cannot be made or applied: no head found, a tuned lens of another model."""
 
 
 @dataclass(frozen=True)
@@ -218,14 +221,12 @@ class LensResult:
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
         """The grid: layers x positions, the top token in each cell, coloured by its probability."""
-        from mlxterp.presentation.plots import plot_lens
-
-        return plot_lens(self, path, overwrite=overwrite)
+        return draw("lens", self, path, overwrite)
 
 
 def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
                positions: Sequence[int] | None = None, top: int = 5, target: str | int | None = None,
-               lens: TunedLens | None = None,
+               lens: Translator | None = None,
                unembed: Callable[[mx.array], mx.array] | None = None) -> LensResult:
     """The model's prediction after each block (`layers`) at each position of one prompt.
 
@@ -309,7 +310,7 @@ def _check_head(head, residual: mx.array, logits: mx.array) -> None:
         )
 
 
-def _lens_cells(head, lens: TunedLens | None, residuals: dict, layers: list[int], positions: list[int],
+def _lens_cells(head, lens: Translator | None, residuals: dict, layers: list[int], positions: list[int],
                 final_probs: mx.array, final_log_probs: mx.array, top: int, target_id: int | None):
     """Top tokens, KL and target statistics of some layers' lens at `positions`, as numpy."""
     rows = mx.stack([residuals[layer][mx.array(positions)] for layer in layers])  # (L, P, d)

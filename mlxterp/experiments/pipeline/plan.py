@@ -20,23 +20,15 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
-from mlxterp.experiments.corruption import Corruption
-from mlxterp.experiments.metrics import Metric
-from mlxterp.experiments.sites import is_index
-from mlxterp.tracing.names import Site, SiteError
+from mlxterp.errors import BaselineError, InputError, NoisyBaselineWarning, SiteError
+from mlxterp.experiments.data.corruption import Corruption
+from mlxterp.experiments.pipeline.metrics import Metric
+from mlxterp.experiments.pipeline.options import DIRECTIONS
+from mlxterp.tracing.inputs import is_index
+from mlxterp.tracing.names import Site
 
 CLEAN, CORRUPTED = 0, 1  # the two runs of every pair
-DIRECTIONS = ("denoise", "noise")  # denoise: clean is the donor; noise: corrupted is
 NOISY_BASELINE_PP = 1.0  # warn when float32 noise moves recoveries by more than this many points
-
-
-class BaselineError(MlxterpError, ValueError):
-    """Clean and corrupted runs that the metric cannot tell apart: nothing to recover."""
-
-
-class NoisyBaselineWarning(UserWarning):
-    """A baseline so small that float32 noise moves each recovery by more than a point."""
 
 
 @dataclass(frozen=True)
@@ -65,13 +57,13 @@ class Plan:
 
     def __post_init__(self):
         if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
-            raise SiteError(f"direction={self.direction!r}: use 'denoise' or 'noise'.")
+            raise InputError(f"direction={self.direction!r}: use 'denoise' or 'noise'.")
         if self.clean.ndim != 2 or self.clean.shape != self.corrupted.shape:
-            raise SiteError(f"clean {tuple(self.clean.shape)} and corrupted "
+            raise InputError(f"clean {tuple(self.clean.shape)} and corrupted "
                             f"{tuple(self.corrupted.shape)} tokens must be (pairs, seq) of one shape.")
         seq_len = self.clean.shape[1]
         if not is_index(self.position) or not -seq_len <= self.position < seq_len:
-            raise SiteError(f"position {self.position} is out of range for {seq_len} tokens.")
+            raise InputError(f"position {self.position} is out of range for {seq_len} tokens.")
         if not self.sites:
             raise SiteError("the plan has no sites to patch.")
         object.__setattr__(self, "position", int(self.position) % seq_len)
@@ -79,11 +71,11 @@ class Plan:
         object.__setattr__(self, "pair_metrics", tuple(self.pair_metrics))
         object.__setattr__(self, "numbers", tuple(self.numbers) or tuple(range(self.pairs)))
         if len(self.numbers) != self.pairs:
-            raise SiteError(f"numbers: give one number per pair ({self.pairs}), not {len(self.numbers)}.")
+            raise InputError(f"numbers: give one number per pair ({self.pairs}), not {len(self.numbers)}.")
         kind = (self.metric.name, self.metric.is_distance)
         if self.pair_metrics and (len(self.pair_metrics) != self.pairs
                                   or any((m.name, m.is_distance) != kind for m in self.pair_metrics)):
-            raise SiteError(f"pair_metrics: give one {self.metric.name} metric per pair ({self.pairs}).")
+            raise InputError(f"pair_metrics: give one {self.metric.name} metric per pair ({self.pairs}).")
         same = np.all(np.array(self.clean) == np.array(self.corrupted), axis=1)
         if self.corruption is not None:
             self._check_corruption(same)
@@ -96,13 +88,13 @@ class Plan:
 
     def _check_corruption(self, same: np.ndarray) -> None:
         if not same.all():
-            raise SiteError("a corruption corrupts the clean prompt itself: give the clean tokens "
+            raise InputError("a corruption corrupts the clean prompt itself: give the clean tokens "
                             "as the corrupted ones too.")
         if self.corruption.pairs != self.pairs:
-            raise SiteError(f"the corruption has values for {self.corruption.pairs} pairs, the plan "
+            raise InputError(f"the corruption has values for {self.corruption.pairs} pairs, the plan "
                             f"{self.pairs}; give one per pair (one noise sample per pair).")
         if max(self.corruption.positions) >= self.clean.shape[1]:
-            raise SiteError(f"corrupted positions {self.corruption.positions} are out of range for "
+            raise InputError(f"corrupted positions {self.corruption.positions} are out of range for "
                             f"{self.clean.shape[1]} tokens.")
         if not self.corruption.replace and not mx.any(self.corruption.values != 0).item():
             raise BaselineError("the corruption adds nothing (noise 0), so the corrupted run is the "

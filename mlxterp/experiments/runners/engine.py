@@ -27,18 +27,16 @@ import warnings
 from collections import defaultdict
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from mlxterp.errors import MlxterpError
-from mlxterp.experiments.costs import block_costs, called_with_cache
-from mlxterp.experiments.metrics import measure
-from mlxterp.experiments.plan import CORRUPTED, Plan, SweepValues
-from mlxterp.experiments.sites import is_index
+from mlxterp.errors import InputError, MlxterpError, NotReachedError, SiteError
+from mlxterp.experiments.pipeline.metrics import measure
+from mlxterp.experiments.pipeline.options import DEFAULT_MEMORY_BUDGET
+from mlxterp.experiments.pipeline.plan import CORRUPTED, Plan, SweepValues
+from mlxterp.experiments.runners.costs import block_costs, called_with_cache
 from mlxterp.tracing.intercept import call_input, call_parameters, call_patched, intercepted, with_call_input
-from mlxterp.tracing.names import NotReachedError, Site, SiteError
+from mlxterp.tracing.names import Site, patch_rows
 
-DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of activations one forward may hold (an estimate)
 GROW = "grow"  # a site's row joins at its own block, computing only the positions it can change
 FLAT = "flat"  # every row joins at the first block, at full length: fewest calls, one shape
 WHOLE = "whole"  # every row from the tokens: for models that call their blocks out of order
@@ -261,15 +259,10 @@ class _BatchedForward:
         parts = [(i, part) for i, part in self.patches[key] if self.start[i] == start]
         if not parts:
             return x
-        donor = self.donor_values[key][:, start:]
-        length = x.shape[1] + start
-        rows = np.zeros((x.shape[0], x.shape[1], 1), dtype=bool)
-        columns = np.zeros((x.shape[0], 1, x.shape[2]), dtype=bool)
+        by_row: list[Site | None] = [None] * x.shape[0]
         for i, part in parts:
-            site_rows, site_columns = part.selection(length, x.shape[2])
-            rows[self.slot[i], :, 0] = site_rows[start:]
-            columns[self.slot[i], 0] = site_columns
-        return mx.where(mx.array(rows) & mx.array(columns), donor, x)
+            by_row[self.slot[i]] = part
+        return patch_rows(x, self.donor_values[key][:, start:], by_row, start)
 
 
 def bytes_per_row(model, seq_len: int) -> int:
@@ -318,12 +311,8 @@ def run_engine(
     Example:
         >>> run_engine(model, plan, max_batch=8).recovery(plan.direction)
     """
-    if max_batch is not None and (not is_index(max_batch) or max_batch < 1):
-        raise SiteError(f"max_batch={max_batch!r}: give a whole number of rows, at least 1.")
-    if not is_index(memory_budget) or memory_budget < 1:
-        raise SiteError(f"memory_budget={memory_budget!r}: give a number of bytes, e.g. 2 << 30 for 2 GiB.")
     if strategy not in (None, GROW, FLAT):
-        raise SiteError(f"strategy={strategy!r}: give {GROW!r}, {FLAT!r} or None (chosen by cost).")
+        raise InputError(f"strategy={strategy!r}: give {GROW!r}, {FLAT!r} or None (chosen by cost).")
     sites = list(plan.sites)
     per_forward = max_batch or max(1, memory_budget // bytes_per_row(model, plan.clean.shape[1]) - 2)
     # Chunks within one row of each other: at most two shapes (a GPU backend builds per shape).
@@ -377,64 +366,6 @@ def cheaper_strategy(model, forwards: dict[str, list[_BatchedForward]]) -> str:
     predicted = {strategy: costs.predict([call for forward in chunks for call in forward.block_calls()])
                  for strategy, chunks in forwards.items()}
     return min(predicted, key=predicted.get)
-
-
-def second_call(key: str) -> str:
-    """The key of a site's second call (`name#1`, `name#1:input`): a trace that records it shows
-    the module ran twice, which a patch site must not."""
-    module, colon, rest = key.partition(":")
-    return f"{module}#1{colon}{rest}"
-
-
-def site_activations(trace, keys: list[str]) -> dict[str, mx.array]:
-    """The activations of a trace at the given site keys; each must have run exactly once (a
-    trace with a `capture` list must capture their `second_call` keys to tell)."""
-    missing = [key for key in keys if key not in trace.activations]
-    if missing:
-        raise NotReachedError(f"patch sites {missing} were never reached in the forward pass: their "
-                              "modules were not called. Patch a module the model runs.")
-    called_twice = [key for key in keys if second_call(key) in trace.activations]
-    if called_twice:
-        raise SiteError(f"{called_twice[0]!r} is called more than once per forward pass; patch "
-                        "sites must be modules called once.")
-    return {key: trace.activations[key] for key in keys}
-
-
-def then(first: dict, second: dict) -> dict:
-    """Trace interventions: those of `first`, then those of `second` (composed at shared keys)."""
-    both = {**first, **second}
-    for key in first.keys() & second.keys():
-        both[key] = lambda x, f=first[key], g=second[key]: g(f(x))
-    return both
-
-
-def run_naive(model, plan: Plan) -> SweepValues:
-    """The reference: one clean and one corrupted forward, then one patched forward per site,
-    each with every activation captured.
-
-    Example:
-        >>> run_naive(model, plan).recovery(plan.direction)
-    """
-    values = SweepValues.empty(plan.pairs, len(plan.sites))
-    keys = sorted({part.key for site in plan.sites for part in site.parts})
-    for pair in range(plan.pairs):
-        acts, logits = [], []
-        for run, tokens in enumerate((plan.clean[pair:pair + 1], plan.corrupted[pair:pair + 1])):
-            with model.trace(tokens, interventions=plan.interventions(pair, run)) as trace:
-                acts.append(site_activations(trace, keys))
-                logits.append(trace.output[0, plan.position])
-        values.set_base(pair, *measure(plan.metric_of(pair), mx.stack(logits), logits[plan.donor]))
-        values.check_baseline(plan, pair)
-        receiver_tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]
-        for i, site in enumerate(plan.sites):
-            donor = acts[plan.donor]
-            patch = {part.key: lambda x, p=part, d=donor[part.key]: p.patch(x, d) for part in site.parts}
-            with model.trace(receiver_tokens,
-                             interventions=then(plan.interventions(pair, plan.receiver), patch)) as trace:
-                patched = trace.output[0, plan.position]
-            (values.patched[pair, i],), (values.patched_noise[pair, i],) = measure(
-                plan.metric_of(pair), patched[None], logits[plan.donor])
-    return values
 
 
 def _progress(chunks: list, enabled: bool | None):

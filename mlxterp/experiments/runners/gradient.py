@@ -1,4 +1,4 @@
-"""Attribution patching: every site's patching effect estimated from gradients, all at once.
+"""The gradient runner: every site's patching effect estimated from gradients, all at once.
 
 Patching site s moves the metric m by m(a_r + (a_d - a_r)|s) - m(a_r). Attribution patching
 (AtP; Nanda 2023, Kramar et al. 2024) takes the first-order term, (a_d - a_r)|s . dm/da at the
@@ -14,27 +14,16 @@ The runner takes the same `Plan` as the exact engine and returns the same `Sweep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import InputTypeError, MlxterpError
-from mlxterp.experiments.datasets import PromptPair
-from mlxterp.experiments.engine import second_call, site_activations, then
-from mlxterp.experiments.metrics import MetricError, MetricFn, evaluate, measure
-from mlxterp.experiments.patching import patching_sweep, prepare_sweeps, run_sweeps, site_at, sweep_result
-from mlxterp.experiments.plan import Plan, SweepValues
-from mlxterp.experiments.results import PatchingResult
-from mlxterp.experiments.sites import is_index
-from mlxterp.tracing.names import Site
+from mlxterp.errors import GradientError, InputError, MetricError
+from mlxterp.experiments.pipeline.metrics import evaluate, measure
+from mlxterp.experiments.pipeline.plan import Plan, SweepValues
+from mlxterp.experiments.runners.naive import second_call, site_activations, then
+from mlxterp.tracing.inputs import is_index
 
 METHODS = ("atp", "ig")
-
-
-class GradientError(MlxterpError, ArithmeticError):
-    """A backward pass that gives no usable gradient: non-finite, or zero everywhere."""
 
 
 def _check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype) -> None:
@@ -52,16 +41,18 @@ def _check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype
         )
 
 
-def _estimates(plan: Plan, differences: dict[str, np.ndarray],
+def _estimates(plan: Plan, donor: dict[str, mx.array], receiver: dict[str, mx.array],
                gradients: dict[str, np.ndarray]) -> np.ndarray:
-    """(sites,): each site's first-order effect, (a_d - a_r) . dm/da over its selection."""
-    products = {key: (differences[key] * gradients[key])[0] for key in gradients}
+    """(sites,): each site's first-order effect, (patched - receiver) . dm/da, the patch applied
+    by `Site.patch` as in every runner."""
+    changes = [[part.patch(receiver[part.key], donor[part.key]) - receiver[part.key] for part in site.parts]
+               for site in plan.sites]
+    mx.eval(changes)
     estimates = np.zeros(len(plan.sites))
-    for i, site in enumerate(plan.sites):
-        for part in site.parts:  # first order: a group's effect is the sum of its parts'
-            product = products[part.key]
-            rows, columns = part.selection(*product.shape)
-            estimates[i] += product[rows][:, columns].sum(dtype=np.float64)
+    for i, (site, site_changes) in enumerate(zip(plan.sites, changes, strict=True)):
+        for part, change in zip(site.parts, site_changes, strict=True):  # first order: parts add up
+            change = np.array(change.astype(mx.float32))[0]
+            estimates[i] += (change * gradients[part.key][0]).sum(dtype=np.float64)
     return estimates
 
 
@@ -117,10 +108,10 @@ def run_gradient(model, plan: Plan, method: str = "atp", steps: int = 16) -> Swe
     Example:
         >>> run_gradient(model, plan).recovery(plan.direction)
     """
-    if method not in METHODS:
-        raise InputTypeError(f"method={method!r}: use 'atp' or 'ig'.")
+    if not isinstance(method, str) or method not in METHODS:
+        raise InputError(f"method={method!r}: use 'atp' or 'ig'.")
     if not is_index(steps) or steps < 1:
-        raise InputTypeError(f"steps={steps!r}: give a whole number of steps, at least 1.")
+        raise InputError(f"steps={steps!r}: give a whole number of steps, at least 1.")
     keys = sorted({part.key for site in plan.sites for part in site.parts})
     start_key = f"{model.tree.blocks[0]}:input"  # where IG interpolates: the first block's input
     values = SweepValues.empty(plan.pairs, len(plan.sites))
@@ -143,73 +134,8 @@ def run_gradient(model, plan: Plan, method: str = "atp", steps: int = 16) -> Swe
         base = [donor_logits, receiver_logits] if plan.donor == 0 else [receiver_logits, donor_logits]
         values.set_base(pair, *measure(plan.metric_of(pair), mx.stack(base), donor_logits))
         values.check_baseline(plan, pair)
-        differences = {key: np.array((donor[key] - receiver[key]).astype(mx.float32)) for key in keys}
         receiver_values = (values.clean, values.corrupted)[plan.receiver]
         receiver_noise = (values.clean_noise, values.corrupted_noise)[plan.receiver]
-        values.patched[pair] = receiver_values[pair] + _estimates(plan, differences, gradients)
+        values.patched[pair] = receiver_values[pair] + _estimates(plan, donor, receiver, gradients)
         values.patched_noise[pair] = receiver_noise[pair]
     return values
-
-
-def attribution_patching(
-    model,
-    clean: str | Sequence[str] | None = None,
-    corrupted: str | Sequence[str] | None = None,
-    component: str = "mlp",
-    over: Sequence[str] = ("layer",),
-    metric: str | MetricFn = "kl",
-    method: str = "atp",
-    steps: int = 16,
-    layers: Sequence[int] | None = None,
-    positions: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-    sites: Sequence[Site | str] | None = None,
-    answer: str | int | None = None,
-    wrong_answer: str | int | None = None,
-    position: int = -1,
-    direction: str = "denoise",
-    pairs: str | Path | Sequence[PromptPair] | None = None,
-    group: mx.distributed.Group | None = None,
-) -> PatchingResult:
-    """Estimate the recovery of every site of a patching sweep from gradients.
-
-    Takes the arguments of `patching_sweep` (the same sites, metrics, pairs or dataset,
-    directions and process group) and returns the same `PatchingResult`, with `method` "atp" or
-    "ig" recorded: an estimate, to be checked with the exact engine where it matters
-    (`mlxterp attribute --verify K`).
-
-    Example:
-        >>> est = attribution_patching(model, clean, corrupted, component="input",
-        ...                            over=("layer", "position"), metric="logit_diff",
-        ...                            answer=" Mary", wrong_answer=" John")
-        >>> est.top(5)
-    """
-    sweeps = prepare_sweeps(model, clean, corrupted, pairs, answer, wrong_answer, component=component,
-                            over=over, layers=layers, positions=positions, heads=heads, sites=sites,
-                            metric=metric, position=position, direction=direction)
-    values, resources = run_sweeps(sweeps, lambda plan: run_gradient(model, plan, method=method, steps=steps),
-                                   group)
-    return sweep_result(model, sweeps, values, method=method, resources=resources)
-
-
-def verify_top(model, estimate: PatchingResult, k: int, metric: str | MetricFn | None = None,
-               max_batch: int | None = None, group: mx.distributed.Group | None = None) -> PatchingResult:
-    """The exact recoveries of the `k` sites an estimate ranks highest, in that order, patched
-    by the engine on the estimate's own prompt pairs, metric, direction and measured position.
-
-    `metric` is needed only for a callable metric (a result records only its name).
-
-    Example:
-        >>> exact = verify_top(model, estimate, 10)
-        >>> list(zip(estimate.top(10), exact.mean))
-    """
-    if not is_index(k) or k < 1:
-        raise InputTypeError(f"k={k!r}: give how many sites to verify, at least 1.")
-    if not estimate.locations:
-        raise MlxterpError("this result records no site locations (written by an older mlxterp); "
-                           "run the estimate again to verify it.")
-    order = np.argsort(-estimate.mean, kind="stable")[:k]
-    sites = [site_at(estimate.locations[i]) for i in order]
-    return patching_sweep(model, pairs=estimate.prompt_pairs(), sites=sites, metric=metric or estimate.metric,
-                          position=estimate.position, direction=estimate.direction, max_batch=max_batch,
-                          progress=False, group=group)

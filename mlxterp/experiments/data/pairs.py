@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.sites import is_index
+from mlxterp.errors import InputError, InputTypeError
+from mlxterp.experiments.data.corruption import Noise
 from mlxterp.paths import output_path
-from mlxterp.tracing.inputs import InputError
+from mlxterp.tracing.inputs import is_index
 
 COLUMNS = ("clean", "corrupted", "answer", "wrong_answer")
 FORMATS = (".csv", ".jsonl")
@@ -54,6 +54,56 @@ class PromptPair:
                     "." if prompt else ", a token id or None."))
             if value == "":
                 raise InputError(f"{column} is empty; give text (or leave an answer column out).")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A factual prompt for causal tracing: the prompt, its subject (text that occurs once in
+    it, its token positions, or a `Noise` of it) and optionally the answer token (None: the
+    model's top next token).
+
+    Example:
+        >>> Fact("The Eiffel Tower is located in the city of", "The Eiffel Tower", " Paris")
+    """
+
+    prompt: str
+    subject: str | tuple[int, ...] | Noise
+    answer: str | int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise InputTypeError(f"prompt={self.prompt!r}: give the prompt as non-empty text.")
+        if not (isinstance(self.subject, str | Noise) or isinstance(self.subject, Sequence)
+                and all(is_index(p) for p in self.subject)):
+            raise InputTypeError(f"subject={self.subject!r}: give text from the prompt, its token "
+                                 "positions, or a Noise of it.")
+        if not (self.answer is None or isinstance(self.answer, str) or is_index(self.answer)):
+            raise InputTypeError(f"answer={self.answer!r}: give a token as text, an id, or None.")
+
+
+def load_facts(facts: Sequence) -> list[Fact]:
+    """Facts from `Fact`s, dicts with the keys prompt, subject and optionally answer, or
+    (prompt, subject[, answer]) tuples.
+
+    Example:
+        >>> load_facts([("The Eiffel Tower is located in the city of", "The Eiffel Tower")])
+    """
+    if isinstance(facts, str | bytes) or not isinstance(facts, Sequence) or not facts:
+        raise InputTypeError(f"pairs={facts!r}: give a non-empty list of Fact, dicts or tuples.")
+    loaded = []
+    for i, fact in enumerate(facts):
+        if isinstance(fact, dict):
+            unknown = set(fact) - {"prompt", "subject", "answer"}
+            if unknown:
+                raise InputError(f"fact {i}: unknown keys {sorted(unknown)}; the keys are prompt, subject "
+                                 "and optionally answer.")
+            fact = Fact(**fact)
+        elif isinstance(fact, tuple | list):
+            fact = Fact(*fact)
+        elif not isinstance(fact, Fact):
+            raise InputTypeError(f"fact {i}: {type(fact).__name__}; give a Fact, a dict or a tuple.")
+        loaded.append(fact)
+    return loaded
 
 
 def _pair_from(record, where: str) -> PromptPair:

@@ -28,11 +28,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import InputTypeError
-from mlxterp.experiments.patching import provenance
-from mlxterp.experiments.results import read_json, write_json
+from mlxterp.errors import InputError, InputTypeError
+from mlxterp.experiments.pipeline.results import draw, provenance, read_json, write_json
 from mlxterp.tracing.attention import attention_layouts
-from mlxterp.tracing.inputs import InputError, Inputs
+from mlxterp.tracing.inputs import Inputs
 
 KINDS = ("previous", "duplicate", "induction")
 
@@ -137,9 +136,7 @@ class HeadScores:
 
     def plot(self, path: str | Path | None = None, overwrite: bool = False):
         """One heatmap per kind: layers down, heads across, colour = score (0 to 1)."""
-        from mlxterp.presentation.plots import plot_heads
-
-        return plot_heads(self, path, overwrite=overwrite)
+        return draw("heads", self, path, overwrite)
 
 
 def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: int = 4,

@@ -28,14 +28,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
-from mlxterp.experiments.plan import NoisyBaselineWarning, Plan, SweepValues
+from mlxterp.errors import NoisyBaselineWarning, RankFailedError
+from mlxterp.experiments.pipeline.plan import Plan, SweepValues
 
 MESSAGE_BYTES = 4096  # of an error's text sent to the other ranks
-
-
-class RankFailedError(MlxterpError, RuntimeError):
-    """Another rank of a sharded run failed; the message is its error."""
 
 
 @dataclass(frozen=True)
@@ -128,9 +124,10 @@ def _unflatten(flat: np.ndarray, like: list[SweepValues]) -> list[SweepValues]:
 
 
 def run_sharded(runner, plans: list[Plan], group: mx.distributed.Group | None = None
-                ) -> tuple[list[SweepValues], dict]:
-    """Each plan's values, the work shared among `group`'s ranks (None or one rank: all here),
-    and what the run took: {"ranks", "peak_memory_bytes" (the largest of any rank), "seconds"}.
+                ) -> tuple[SweepValues, dict]:
+    """The values of every pair of the plans, in the order of their `numbers`, the work shared
+    among `group`'s ranks (None or one rank: all here), and what the run took: {"ranks",
+    "peak_memory_bytes" (the largest of any rank), "seconds"}.
 
     `runner(plan) -> SweepValues` is an ordinary runner (the engine, the naive procedure, the
     gradient runner). Float32-noise warnings are given once, on rank 0, for every pair.
@@ -143,7 +140,7 @@ def run_sharded(runner, plans: list[Plan], group: mx.distributed.Group | None = 
     ranks = 1 if group is None else group.size()
     if ranks == 1:
         values = [runner(plan) for plan in plans]
-        return values, _resources(1, mx.get_peak_memory(), start)
+        return _in_order(plans, values), _resources(1, mx.get_peak_memory(), start)
     work = units(plans, ranks)
     owner = assign(plans, work, ranks)
     error = None
@@ -161,7 +158,15 @@ def run_sharded(runner, plans: list[Plan], group: mx.distributed.Group | None = 
         for plan, plan_values in zip(plans, values, strict=True):
             for pair in range(plan.pairs):
                 plan_values.check_baseline(plan, pair)
-    return values, _resources(ranks, peak, start)
+    return _in_order(plans, values), _resources(ranks, peak, start)
+
+
+def _in_order(plans: list[Plan], values: list[SweepValues]) -> SweepValues:
+    """The plans' values as one, each pair where its number puts it."""
+    merged = SweepValues.empty(sum(plan.pairs for plan in plans), len(plans[0].sites))
+    for plan, part in zip(plans, values, strict=True):
+        merged.place(list(plan.numbers), slice(None), part)
+    return merged
 
 
 def _resources(ranks: int, peak: int, start: float) -> dict:

@@ -12,8 +12,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from mlxterp.errors import InputTypeError
-from mlxterp.tracing.names import Site, SiteError
+from mlxterp.errors import InputTypeError, SiteError
+from mlxterp.tracing.inputs import is_index
+from mlxterp.tracing.names import Site, SiteGroup
 
 ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
@@ -129,10 +130,6 @@ def _head_layout(model, layer: int, component: str) -> tuple[str, int]:
     )
 
 
-def is_index(value: object) -> bool:
-    """A whole number given as an int (a bool or a float is not an index)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
 
 def check_layer(model, layer: object) -> int:
     """`layer` as an index into the model's blocks (negative counts from the end), or an error
@@ -176,26 +173,12 @@ def sweep_sites(
     positions: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
 ) -> tuple[list[Site], list[Labels]]:
-    """The sites of a sweep over `over` (a subset of layer, position, head; layer required), and
+    """The sites of a sweep over `over` (one of `SWEEP_AXES`, checked by `SweepOptions`), and
     their labels.
 
     Example:
         >>> sweep_sites(model, "mlp", ("layer", "position"), seq_len=6, layers=[3, 4])
     """
-    if not isinstance(component, str):
-        raise InputTypeError(f"component={component!r}: give a name such as 'mlp', 'self_attn' or "
-                             "'input'.")
-    if not isinstance(over, Sequence) or not all(isinstance(axis, str) for axis in over):
-        raise InputTypeError(f"over={over!r}: give a tuple of axis names, e.g. ('layer', 'position').")
-    over = (over,) if isinstance(over, str) else tuple(over)
-    if over not in SWEEP_AXES:
-        raise SiteError(
-            f"over={over!r}: sweep over one of {', '.join(map(repr, SWEEP_AXES))}."
-        )
-    for name, values in (("position", positions), ("head", heads)):
-        if values is not None and name not in over:
-            raise SiteError(f"{name}s= was given but over={over!r} does not sweep over {name}s; "
-                            f"add '{name}' to over.")
     n_layers = len(model.tree.blocks)
     if n_layers == 0:
         raise SiteError("this model has no list of blocks to sweep over.")
@@ -221,3 +204,28 @@ def sweep_sites(
                                      head=head, n_heads=None if head is None else n_heads))
                 labels.append(label)
     return sites, labels
+
+
+def location(site: Site | SiteGroup) -> dict:
+    """Where a site is, as JSON: `Site(**location)` takes it; a group is {"parts": [...]}.
+
+    Example:
+        >>> location(Site("model.model.layers.3.mlp"))["module"]
+        'model.model.layers.3.mlp'
+    """
+    if isinstance(site, SiteGroup):
+        return {"parts": [location(part) for part in site.parts]}
+    return {"module": site.module, "is_input": site.is_input,
+            "positions": None if site.positions is None else list(site.positions),
+            "head": site.head, "n_heads": site.n_heads}
+
+
+def site_at(location: dict) -> Site | SiteGroup:
+    """The site a `location` describes.
+
+    Example:
+        >>> site_at(result.sites[0]["location"])
+    """
+    if "parts" in location:
+        return SiteGroup(tuple(site_at(part) for part in location["parts"]))
+    return Site(**location)

@@ -1,7 +1,9 @@
-"""Results of patching experiments: recoveries with what they were measured on, as data.
+"""Results of patching experiments: per-site records with what they were measured on, as data.
 
-Runners return `SweepValues`; `patching_sweep` and `attribution_patching` wrap them in a
-`PatchingResult`, which tables and plots (`mlxterp.presentation`) read.
+Runners return `SweepValues`; `sweep_result` wraps them in a `PatchingResult`: one record per
+site (its labels and its location) and the metric values of every run. Recoveries, their noise,
+the baseline and the ranking are computed from those values, never stored beside them. Tables
+and plots (`mlxterp.presentation`) read results; results never import them.
 
 Example:
     >>> result = model.patching_sweep(clean, corrupted, over=("layer", "position"), metric="kl")
@@ -11,58 +13,83 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
-from mlxterp.experiments.datasets import PromptPair
-from mlxterp.experiments.plan import SweepValues
+from mlxterp.errors import InputError, ResultFormatError
+from mlxterp.experiments.data.pairs import PromptPair
+from mlxterp.experiments.pipeline.plan import SweepValues
+from mlxterp.models.identity import fingerprint, model_name
 from mlxterp.paths import output_path
+from mlxterp.version import __version__
 
-# Of the JSON. 3: answers per pair, and resources; 2 (answers for all pairs) and 1 (mlxterp 0.1,
-# before provenance) are read too.
-FORMAT = 3
+# Of the JSON. 4: one record per site (labels and "location"), recoveries computed from the
+# metric values; 3 (answers per pair, and resources), 2 (answers for all pairs) and 1 (mlxterp
+# 0.1, before provenance) are read too.
+FORMAT = 4
+
+# How results are drawn: the presentation layer registers its functions here ("patching",
+# "html", "lens", "heads") when mlxterp is imported, so that results stay data and never import
+# what draws them.
+VIEWS: dict[str, Callable] = {}
 
 
-class ResultFormatError(MlxterpError, ValueError):
-    """A saved result this version of mlxterp cannot read."""
+def draw(view: str, result, path: str | Path | None, overwrite: bool):
+    """`result` drawn by the presentation function registered as `view`."""
+    return VIEWS[view](result, path, overwrite=overwrite)
+
+
+def provenance(module) -> dict:
+    """What made a result: the model (name, sha256 of its weights, dtype), mlxterp and MLX."""
+    sha256, dtype = fingerprint(module)
+    return {"model": model_name(module), "model_sha256": sha256, "dtype": dtype,
+            "mlxterp": __version__, "mlx": mx.__version__}
+
+
+def site_label(result, site: dict) -> str:
+    """A site's short name: `L3`, `L3 H2`, `L3 pos 5 ' to'` (the clean token at the position)."""
+    parts = [f"L{site['layer']}"]
+    if "head" in site:
+        parts.append(f"H{site['head']}")
+    if "position" in site:
+        token = result.tokens[0][site["position"]] if result.tokens else ""
+        parts.append(f"pos {site['position']} {token!r}")
+    return " ".join(parts)
 
 
 @dataclass
 class PatchingResult:
     """Recoveries of a patching sweep, with what they were measured on and what made them.
 
-    `recovery[pair, site]` is in percent; `sites[i]` says which layer / head / position site i
-    is; `tokens` and `corrupted_tokens` hold each pair's prompts as token strings;
-    `provenance` the model (name, sha256 of its weights, dtype) and the mlxterp and MLX versions.
+    `sites[i]` is site i's record: its labels (layer, head, position, component) and its
+    `location`, which `site_at` turns back into the `Site` that was patched. `metric_values`
+    holds the metric of every run; `recovery[pair, site]` (percent), `noise`, `baseline` and
+    `mean` are computed from it. `tokens` and `corrupted_tokens` hold each pair's prompts as
+    token strings; `provenance` the model (name, sha256 of its weights, dtype) and the mlxterp
+    and MLX versions.
     """
 
-    recovery: np.ndarray  # (pairs, sites), percent
-    sites: list[dict]  # labels of each site: {"layer": 3, "position": 5, ...}
+    sites: list[dict]  # one record per site: {"layer": 3, "position": 5, ..., "location": {...}}
     over: tuple[str, ...]
     component: str
     metric: str
     direction: str
-    # (pairs,): d(receiver, donor) for distances, s(donor) - s(receiver) for scores
-    baseline: np.ndarray
+    metric_values: SweepValues
     clean: list[str]
     corrupted: list[str]
     tokens: list[list[str]] = field(default_factory=list)  # clean tokens, per pair
+    corrupted_tokens: list[list[str]] = field(default_factory=list)  # per pair
     is_distance: bool = True  # False for scores such as logit_diff
     position: int = -1  # the measured position
     # per pair, [answer, wrong_answer] ids of the metrics that take them (logit_diff; prob: [id, None])
     answers: list = field(default_factory=list)
     answer_tokens: list = field(default_factory=list)  # the same as text
-    metric_values: SweepValues | None = None
-    # (pairs, sites): percentage points by which float32 noise can move each recovery
-    noise: np.ndarray | None = None
     # how the recoveries were found: "exact" (patched forward passes), "atp" or "ig" (estimates)
     method: str = "exact"
-    # where each site is, as `Site(**location)` takes it: module, is_input, positions, head, n_heads
-    locations: list[dict] = field(default_factory=list)
-    corrupted_tokens: list[list[str]] = field(default_factory=list)  # per pair
     provenance: dict = field(default_factory=dict)  # model, model_sha256, dtype, mlxterp, mlx
     # how the corrupted run was made when not by a prompt: {"kind": "noise", "scale", "seed",
     # "positions", "module"} (causal tracing) or {"kind": "zero" | "mean", ...}
@@ -70,6 +97,28 @@ class PatchingResult:
     # what the run took: {"ranks", "peak_memory_bytes" (mx.get_peak_memory, the largest of any
     # rank), "seconds"}
     resources: dict = field(default_factory=dict)
+
+    @property
+    def recovery(self) -> np.ndarray:
+        """(pairs, sites) percent: how far each patch moved the receiving run toward the donor."""
+        return self.metric_values.recovery(self.direction)
+
+    @property
+    def noise(self) -> np.ndarray:
+        """(pairs, sites): percentage points by which float32 noise can move each recovery."""
+        return self.metric_values.recovery_noise(self.direction)
+
+    @property
+    def baseline(self) -> np.ndarray:
+        """(pairs,): the gap to recover, d(receiver, donor) for distances (positive),
+        s(donor) - s(receiver) for scores."""
+        gap = self.metric_values.gap(self.direction)
+        return -gap if self.is_distance else gap
+
+    @property
+    def labels(self) -> list[dict]:
+        """Each site's labels, without its location."""
+        return [{k: v for k, v in site.items() if k != "location"} for site in self.sites]
 
     @property
     def mean(self) -> np.ndarray:
@@ -80,8 +129,6 @@ class PatchingResult:
     def effect(self) -> np.ndarray:
         """(pairs, sites): how far each patch moved the metric, patched - receiving run, in the
         metric's own units (causal tracing's indirect effect for metric "prob")."""
-        if self.metric_values is None:
-            raise MlxterpError("this result has no metric values (an mlxterp 0.1 file); run it again.")
         values = self.metric_values
         receiver = values.corrupted if self.direction == "denoise" else values.clean
         return values.patched - receiver[:, None]
@@ -100,10 +147,11 @@ class PatchingResult:
             >>> low, high = result.interval(0.95)
         """
         if not 0 < confidence < 1:
-            raise MlxterpError(f"confidence={confidence!r}: give a fraction between 0 and 1, e.g. 0.95.")
-        pairs = self.recovery.shape[0]
+            raise InputError(f"confidence={confidence!r}: give a fraction between 0 and 1, e.g. 0.95.")
+        recovery = self.recovery
+        pairs = recovery.shape[0]
         draws = np.random.default_rng(seed).integers(0, pairs, size=(resamples, pairs))
-        means = self.recovery[draws].mean(axis=1)  # (resamples, sites)
+        means = recovery[draws].mean(axis=1)  # (resamples, sites)
         tail = (1 - confidence) / 2 * 100
         return np.percentile(means, [tail, 100 - tail], axis=0)
 
@@ -121,24 +169,29 @@ class PatchingResult:
 
     def grid(self) -> np.ndarray:
         """Mean recoveries shaped by `over` (e.g. (layers, positions)); NaN where not swept."""
-        axes = [sorted({s[a] for s in self.sites}) for a in self.over]
+        axes = [self.axis_values(a) for a in self.over]
         grid = np.full([len(a) for a in axes], np.nan)
         for site, value in zip(self.sites, self.mean, strict=True):
             grid[tuple(ax.index(site[a]) for ax, a in zip(axes, self.over, strict=True))] = value
         return grid
 
     def axis_values(self, axis: str) -> list:
+        """The values one label takes over the sites, sorted (e.g. the layers swept)."""
         return sorted({s[axis] for s in self.sites})
 
     def top(self, k: int = 5) -> list[tuple[str, float]]:
-        """The k most important sites, as (label, recovery), highest recovery first; see
-        `mlxterp.presentation.tables.top`."""
-        from mlxterp.presentation.tables import top
+        """The k most important sites, as (label, mean recovery), highest first (in both
+        directions: how far the patch moves the receiving run toward the donor's output).
 
-        return top(self, k)
+        Example:
+            >>> result.top(3)
+            [('L0', 100.0), ('L7', 32.1), ('L21', 26.3)]
+        """
+        order = np.argsort(-self.mean, kind="stable")[:k]
+        return [(site_label(self, self.sites[i]), float(self.mean[i])) for i in order]
 
     def __repr__(self) -> str:
-        pairs = self.recovery.shape[0]
+        pairs = len(self.clean)
         top = ", ".join(f"{label} {value:.1f}%" for label, value in self.top(5))
         if pairs > 1:
             top += " (mean over pairs)"
@@ -156,17 +209,17 @@ class PatchingResult:
         """
         import pandas as pd
 
+        recovery, noise, labels = self.recovery, self.noise, self.labels
         records = []
-        for pair in range(self.recovery.shape[0]):
-            for i, site in enumerate(self.sites):
+        for pair in range(recovery.shape[0]):
+            for i, site in enumerate(labels):
                 record = {"pair": pair, "clean": self.clean[pair], "corrupted": self.corrupted[pair],
-                          **site, "recovery": float(self.recovery[pair, i])}
+                          **site, "recovery": float(recovery[pair, i])}
                 if isinstance(site.get("position"), int) and self.tokens:
                     record["token"] = self.tokens[pair][site["position"]]
                     if self.corrupted_tokens:
                         record["corrupted_token"] = self.corrupted_tokens[pair][site["position"]]
-                if self.noise is not None:
-                    record["noise"] = float(self.noise[pair, i])
+                record["noise"] = float(noise[pair, i])
                 records.append(record)
         frame = pd.DataFrame.from_records(records)
         frame.attrs = {"component": self.component, "over": self.over, "metric": self.metric,
@@ -174,7 +227,7 @@ class PatchingResult:
                        "position": self.position, "answers": self.answers, **self.provenance}
         return frame
 
-    ARRAYS = {"recovery": np.float64, "baseline": np.float64, "noise": np.float64}
+    ARRAYS = {}  # fields read back as numpy arrays (the metric values are read on their own)
 
     def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
         """The result as JSON (written to `path` when given; an existing file only with
@@ -189,13 +242,9 @@ class PatchingResult:
         Example:
             >>> PatchingResult.from_json("out/patch-smollm2-135m-mlp-layer-kl.json").top(3)
         """
-        result = read_json(cls, text_or_path)
-        if result.answers and not isinstance(result.answers[0], list):  # format 2: one for all pairs
-            result.answers = [result.answers] * len(result.clean)
-            result.answer_tokens = [result.answer_tokens] * len(result.clean)
-        if result.metric_values is not None:
-            result.metric_values = SweepValues(**{k: np.array(v, dtype=np.float64)
-                                                  for k, v in result.metric_values.items()})
+        result = read_json(cls, text_or_path, upgrade=_upgrade)
+        result.metric_values = SweepValues(**{key: np.array(values, dtype=np.float64)
+                                              for key, values in result.metric_values.items()})
         result.over = tuple(result.over)
         return result
 
@@ -203,11 +252,7 @@ class PatchingResult:
         """A bar chart (one axis), heatmap (two) or heatmaps faceted by head (three); for a
         causal trace the paper's figure; see mlxterp.presentation.plots. PNG, PDF or SVG by the
         path's extension."""
-        from mlxterp.presentation.plots import plot_causal_trace, plot_result
-
-        if self.metric == "prob" and self.corruption and self.over == ("layer", "position"):
-            return plot_causal_trace([self], path, overwrite=overwrite)
-        return plot_result(self, path, overwrite=overwrite)
+        return draw("patching", self, path, overwrite)
 
     def to_html(self, path: str | Path, overwrite: bool = False) -> Path:
         """One self-contained interactive HTML page (no network needed to view it): the grid or
@@ -217,9 +262,31 @@ class PatchingResult:
         Example:
             >>> result.to_html("ioi-heads.html")
         """
-        from mlxterp.presentation.report import write_html
+        return draw("html", self, path, overwrite)
 
-        return write_html(self, path, overwrite=overwrite)
+
+def _upgrade(data: dict) -> dict:
+    """A result of an older format as this format's fields."""
+    recovery = np.array(data.pop("recovery"), dtype=np.float64) if "recovery" in data else None
+    baseline = np.array(data.pop("baseline"), dtype=np.float64) if "baseline" in data else None
+    locations = data.pop("locations", None) or [None] * len(data["sites"])
+    data.pop("noise", None)
+    data["sites"] = [site if location is None else {**site, "location": location}
+                     for site, location in zip(data["sites"], locations, strict=True)]
+    if data.get("answers") and not isinstance(data["answers"][0], list):  # format 2: one for all pairs
+        data["answers"] = [data["answers"]] * len(data["clean"])
+        data["answer_tokens"] = [data["answer_tokens"]] * len(data["clean"])
+    if data.get("metric_values") is None:  # format 1: only recoveries; values that give them back
+        gap = baseline * (-1 if data.get("is_distance", True) else 1)
+        zeros = np.zeros_like(gap)
+        donor, receiver = gap, zeros
+        denoise = data.get("direction", "denoise") == "denoise"
+        clean, corrupted = (donor, receiver) if denoise else (receiver, donor)
+        data["metric_values"] = {"clean": clean, "corrupted": corrupted,
+                                 "patched": recovery / 100 * gap[:, None],
+                                 "clean_noise": zeros, "corrupted_noise": zeros,
+                                 "patched_noise": np.zeros_like(recovery)}
+    return data
 
 
 def write_json(result, path: str | Path | None, overwrite: bool) -> str:
@@ -239,8 +306,9 @@ def write_json(result, path: str | Path | None, overwrite: bool) -> str:
     return text
 
 
-def read_json(cls, text_or_path: str | Path):
-    """A `cls` from JSON text or a file written by `write_json`, its `cls.ARRAYS` as numpy."""
+def read_json(cls, text_or_path: str | Path, upgrade: Callable[[dict], dict] | None = None):
+    """A `cls` from JSON text or a file written by `write_json`, its `cls.ARRAYS` as numpy;
+    `upgrade` turns the fields of an older format into this one's."""
     text = str(text_or_path)
     if not text.lstrip().startswith("{"):
         text = Path(text_or_path).read_text()
@@ -252,6 +320,8 @@ def read_json(cls, text_or_path: str | Path):
             f"{data.get('provenance', {}).get('mlxterp', '(a newer version)')}; this mlxterp "
             f"reads formats 1 to {FORMAT}. Upgrade mlxterp to read it."
         )
+    if upgrade is not None and written < FORMAT:
+        data = upgrade(data)
     unknown = set(data) - {f.name for f in fields(cls)}
     if unknown:
         raise ResultFormatError(f"not a {cls.__name__}: unknown fields {sorted(unknown)}.")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import MlxterpError
+from mlxterp.errors import MetricError
 
 # fn(logits (N, V) float32, reference (V,) float32) -> (N,) float32; the reference is the donor's
 MetricFn = Callable[[mx.array, mx.array], mx.array]
@@ -33,10 +33,6 @@ MetricFn = Callable[[mx.array, mx.array], mx.array]
 # kernels, 0 on Sandybridge and the reference BLAS (scripts/measure_noise_floor.py). The noise
 # model below is 2e-6 per element, about 4x the largest rms measured.
 LOGIT_NOISE = 2e-6
-
-
-class MetricError(MlxterpError, ValueError):
-    """A metric that does not exist, or cannot be computed as asked."""
 
 
 @dataclass(frozen=True)
