@@ -164,6 +164,9 @@ def blas_status() -> BlasStatus:
     (dladdr) which loaded file it points into, so it reports what is actually
     in effect rather than what was attempted. It never imports mlx itself and
     runs no computation.
+
+    Raises:
+        Nothing: an unreadable library list reports the BLAS as unknown.
     """
     mlx_imported = "mlx.core" in sys.modules
     if sys.platform == "darwin":

@@ -12,7 +12,15 @@ import pytest
 
 import mlxterp
 from mlxterp import InterpretableModel, SweepOptions, errors
-from mlxterp.experiments.analyses import attribution, causal_tracing, patching
+from mlxterp.experiments.analyses import (
+    attribution,
+    causal_tracing,
+    generation,
+    heads,
+    lenses,
+    patching,
+    steering,
+)
 
 PACKAGE = Path(mlxterp.__file__).parent
 
@@ -166,6 +174,17 @@ def test_the_error_taxonomy():
     assert issubclass(mlxterp.SiteError, mlxterp.InputError) and issubclass(mlxterp.InputTypeError, TypeError)
 
 
-@pytest.mark.parametrize("fn", [*ANALYSES, patching.activation_patching, attribution.verify_top])
-def test_public_analyses_say_what_they_raise(fn):
+def public_functions() -> list:
+    """Every function of the public API, every public method of the wrapper, and the analyses
+    its methods delegate to."""
+    functions = [value for name in mlxterp.__all__ if inspect.isfunction(value := getattr(mlxterp, name))]
+    methods = [fn for name, fn in vars(InterpretableModel).items()
+               if inspect.isfunction(fn) and not name.startswith("_")]
+    analyses = [*ANALYSES, patching.activation_patching, lenses.logit_lens, heads.detect_heads,
+                generation.generate, steering.steering_vector]
+    return functions + methods + analyses
+
+
+@pytest.mark.parametrize("fn", public_functions(), ids=lambda fn: fn.__qualname__)
+def test_every_public_function_says_what_it_raises(fn):
     assert "Raises:" in inspect.getdoc(fn)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import assert_model_untouched, parameters_snapshot
 
-from mlxterp import InterpretableModel
-from mlxterp.errors import BaselineError, InputError, InputTypeError, SiteError
+from mlxterp import Fact, InterpretableModel
+from mlxterp.errors import BaselineError, InputError, InputTypeError
 from mlxterp.experiments.data.corruption import Ablate, Noise, embedding_statistics, subject_positions
 from mlxterp.experiments.pipeline.results import PatchingResult
 from mlxterp.experiments.pipeline.sites import site_at
@@ -199,7 +199,7 @@ def test_bad_input(wrapped):
         wrapped.causal_trace(PROMPT, Noise(SUBJECT, samples=0))
     with pytest.raises(InputError, match="kind='mpl'"):
         wrapped.causal_trace(PROMPT, SUBJECT, kind="mpl")
-    with pytest.raises(SiteError, match="out of range"):
+    with pytest.raises(InputError, match="out of range"):
         wrapped.patching_sweep(PROMPT, Ablate((7,)))
     with pytest.raises(InputError, match="applies to one clean prompt"):
         wrapped.patching_sweep([PROMPT, PROMPT], Noise(SUBJECT))
@@ -220,3 +220,21 @@ def test_the_facts_are_well_formed_and_mostly_known(wrapped):
         logits = wrapped.model(mx.array([wrapped.encode(fact["prompt"])]))[0, -1]
         correct += int(mx.argmax(logits).item()) == answer
     assert len(facts) >= 40 and correct >= 40
+
+
+def test_facts_trace_each_as_alone(wrapped):
+    facts = [Fact(PROMPT, Noise(SUBJECT, samples=1), ANSWER),
+             {"prompt": "The Eiffel Tower is located in the city of",
+              "subject": Noise("The Eiffel Tower", samples=1)}]
+    results = wrapped.causal_trace(pairs=facts, max_batch=64)
+    alone = wrapped.causal_trace(PROMPT, Noise(SUBJECT, samples=1), answer=ANSWER)
+    assert len(results) == 2 and results[0].labels == alone.labels
+    # One fact through the same engine and layout as alone: equal to the float32 noise it reports.
+    np.testing.assert_allclose(results[0].mean, alone.mean, atol=float(alone.noise.max()))
+    assert results[1].clean[0].startswith("The Eiffel Tower")
+    with pytest.raises(InputError, match=r"causal_trace .* does not use metric"):
+        wrapped.causal_trace(PROMPT, SUBJECT, metric="kl")
+    with pytest.raises(InputError, match="facts carry their own answers"):
+        wrapped.causal_trace(pairs=facts, answer=ANSWER)
+    with pytest.raises(InputTypeError, match="give a Fact, a dict or a tuple"):
+        wrapped.causal_trace(pairs=[3])

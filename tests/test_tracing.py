@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 from conftest import FAMILY_CONFIGS, assert_model_untouched, parameters_snapshot, tiny_model
 
-from mlxterp import InterpretableModel
+from mlxterp import InterpretableModel, Site
 from mlxterp import interventions as iv
-from mlxterp.errors import InputError, NotReachedError, NotRecordedError, TraceError, UnknownModuleError
+from mlxterp.errors import (
+    InputError,
+    NotReachedError,
+    NotRecordedError,
+    SiteError,
+    TraceError,
+    UnknownModuleError,
+)
 
 TOKENS = mx.array([[1, 5, 7, 9, 2, 3]])
 
@@ -129,6 +136,34 @@ def test_input_intervention_on_o_proj_heads(wrapped):
                        ) as trace:
         attn = trace.activations["layers.2.self_attn"]
     assert float(mx.abs(attn).max()) == 0.0
+
+
+def test_a_site_is_an_intervention_key_narrowed_to_its_positions_and_head(wrapped):
+    """A Site key applies the intervention to the site's part only, as iv.at_positions does
+    for positions (both go through positions_mask; the same ops on the same rows, so equal)."""
+    text = "Paris is the capital of France"
+    with wrapped.trace(text, interventions={Site("layers.3.mlp", positions=(2, -1)): iv.zero_out}) as trace:
+        by_site = trace.activations["layers.3.mlp"]
+        site_output = trace.output
+    with wrapped.trace(text, interventions={"layers.3.mlp": iv.at_positions([2, -1], iv.zero_out)}) as trace:
+        by_positions = trace.activations["layers.3.mlp"]
+        positions_output = trace.output
+    assert mx.array_equal(by_site, by_positions).item()
+    assert mx.array_equal(site_output, positions_output).item()
+    assert float(mx.abs(by_site[0, 2]).max()) == 0.0 and float(mx.abs(by_site[0, 1]).max()) > 0
+
+    head = Site("layers.2.self_attn.o_proj", is_input=True, head=1, n_heads=9)
+    with wrapped.trace(text, interventions={head: iv.zero_out}) as trace:
+        heads = trace.activations["layers.2.self_attn.o_proj:input"]
+    width = heads.shape[-1] // 9
+    assert float(mx.abs(heads[..., width:2 * width]).max()) == 0.0
+    assert float(mx.abs(heads[..., :width]).max()) > 0  # head 0 untouched
+
+    before = parameters_snapshot(wrapped.model)
+    with pytest.raises(SiteError, match=r"positions \[9\] are out of range for 6 tokens"):
+        with wrapped.trace(text, interventions={Site("layers.3.mlp", positions=(9,)): iv.zero_out}):
+            pass
+    assert_model_untouched(wrapped.model, before)
 
 
 def test_module_called_several_times():

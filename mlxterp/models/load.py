@@ -23,7 +23,11 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 
 
 def cache_dir() -> Path:
-    """Where converted models live: `$MLXTERP_CACHE`, else `~/.cache/mlxterp`."""
+    """Where converted models live: `$MLXTERP_CACHE`, else `~/.cache/mlxterp`.
+
+    Raises:
+        Nothing: the folder is made on first use by `load`.
+    """
     return Path(os.environ.get("MLXTERP_CACHE") or "~/.cache/mlxterp").expanduser()
 
 
@@ -63,6 +67,9 @@ def converted_folder(gguf_path: Path, dtype: mx.Dtype, quantized: bool) -> Path:
     The folder is keyed by the file's sha256, the dtype and the quantized flag. A conversion is
     written to a temporary folder and renamed into place only when complete, so a conversion
     that was interrupted is never read.
+
+    Raises:
+        ModelLoadError: a GGUF file mlxterp cannot convert.
     """
     key = f"{gguf_path.stem}-{_sha256(gguf_path)[:16]}-{_dtype_name(dtype)}"
     key += f"{'-quantized' if quantized else ''}-v{CONVERTER_VERSION}"
@@ -111,6 +118,10 @@ def load(
 
     Returns:
         `(model, tokenizer)`, the tokenizer being mlx-lm's `TokenizerWrapper`.
+
+    Raises:
+        ModelLoadError: a name that is neither bundled nor a local folder or GGUF file,
+        or a file that cannot be converted; InputTypeError: a dtype or name of the wrong type.
 
     Example:
         >>> model, tokenizer = mlxterp.load("smollm2-135m")

@@ -60,6 +60,11 @@ def generate(model, prompt: str | Sequence[int], max_tokens: int = 256,
         stream: return an iterator of mlx-lm's `GenerationResponse`s (`.text`, `.token`,
             `.logprobs`), one per token as it is generated, instead of a `Generation`.
 
+    Raises:
+        InputTypeError / GenerationError: an option of the wrong type or value; the
+        errors of `trace` for the interventions' keys; InstalledInterventionError: an
+        intervention that fails on one step.
+
     Example:
         >>> model.generate("The capital of France is", max_tokens=2).text
         ' Paris.'

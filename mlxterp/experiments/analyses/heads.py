@@ -147,6 +147,10 @@ def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: i
         tokens: the text to read attention on (a string, strings of equal length, or ids);
             by default `batch` rows of `length` random tokens repeated once (seeded).
 
+    Raises:
+        InputTypeError: tokens or counts of the wrong type; InputError: tokens with no
+        repeated token; AttentionCaptureError: an attention mlxterp cannot rebuild.
+
     Example:
         >>> detect_heads(model).top("induction")
     """

@@ -239,6 +239,11 @@ def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
         unembed: the model's head as a function residual -> logits, when mlxterp cannot find
             it (see `Unembedding`).
 
+    Raises:
+        InputTypeError: an argument of the wrong type; SiteError: a layer or position out
+        of range; LensError: a head that does not reproduce the model's logits, or a tuned lens
+        of another model; InputError: a target that is not one token.
+
     Example:
         >>> result = logit_lens(model, "The Eiffel Tower is in the city of", target=" Paris")
     """

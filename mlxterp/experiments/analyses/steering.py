@@ -159,6 +159,10 @@ def steering_vector(model, positive: str | Sequence[str], negative: str | Sequen
         component: "output" (the block's output: the residual stream, as in CAA), "input", or
             a module inside the block ("mlp", "self_attn").
 
+    Raises:
+        InputTypeError: prompts of the wrong type; SiteError: a layer out of range;
+        SteeringVectorError: unequal numbers of positive and negative prompts.
+
     Example:
         >>> v = model.steering_vector(["I love weddings", "The bride smiled"],
         ...                           ["I love meetings", "The clerk smiled"], layer=6)

@@ -204,6 +204,10 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
     from `learning_rate` to 0), each on `batch` windows of `length` tokens drawn at random
     (seeded) from the tokenised texts.
 
+    Raises:
+        InputTypeError: a step, batch or length count that is no whole number;
+        InputError: texts too short for one window; LensError: a model whose head is not found.
+
     Example:
         >>> training, held_out = python_reference_text()
         >>> lens = train_tuned_lens(model, training, steps=60, corpus="pydoc_data.topics")

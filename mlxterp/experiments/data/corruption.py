@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlxterp.errors import InputError, InputTypeError, SiteError
+from mlxterp.errors import InputError, InputTypeError
 from mlxterp.tracing.inputs import is_index, tokenise
 from mlxterp.tracing.names import Site
 
@@ -64,7 +64,7 @@ def embedding_module(model) -> str:
     found = [name for name, m in model.tree.modules.items()
              if isinstance(m, nn.Embedding | nn.QuantizedEmbedding) and m.weight.shape[0] == model.vocab_size]
     if len(found) != 1:
-        raise SiteError(
+        raise InputError(
             f"cannot tell this model's token embedding: embedding modules with {model.vocab_size} "
             f"rows are {found or 'none'}; corruptions need exactly one."
         )
@@ -95,7 +95,7 @@ def _check_positions(positions, seq_len: int) -> tuple[int, ...]:
         raise InputTypeError(f"positions={positions!r}: give a non-empty list of token positions.")
     bad = [p for p in positions if not -seq_len <= p < seq_len]
     if bad:
-        raise SiteError(f"corrupted positions {bad} are out of range for {seq_len} tokens.")
+        raise InputError(f"corrupted positions {bad} are out of range for {seq_len} tokens.")
     normalised = sorted({int(p) % seq_len for p in positions})
     return tuple(normalised)
 

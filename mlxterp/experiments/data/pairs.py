@@ -152,6 +152,10 @@ def load_pairs(source: str | Path | Sequence) -> list[PromptPair]:
     """The prompt pairs of `source`: a .csv or .jsonl file, or a list of `PromptPair`s, dicts
     or tuples; each checked, with the line or index of a bad one in the error.
 
+    Raises:
+        InputTypeError: a source that is no list or path; InputError: a missing file,
+        an unknown suffix, or a record without clean / corrupted (the error names the line).
+
     Example:
         >>> load_pairs([("The capital of France is", "The capital of Italy is", " Paris", " Rome")])
     """
@@ -176,6 +180,10 @@ def load_pairs(source: str | Path | Sequence) -> list[PromptPair]:
 
 def save_pairs(pairs: Sequence[PromptPair], path: str | Path, overwrite: bool = False) -> Path:
     """Write pairs as .csv or .jsonl (by the extension), the columns `load_pairs` reads.
+
+    Raises:
+        OutputPathError: an existing file without `overwrite=True`, or a suffix other
+        than .csv / .jsonl.
 
     Example:
         >>> save_pairs(ioi_pairs(64), "ioi.csv")
@@ -224,6 +232,10 @@ def ioi_pairs(n: int, seed: int = 0, corruption: str = "swap") -> list[PromptPai
     `corruption` makes the corrupted prompt: "swap" exchanges the two names everywhere, so the
     corrupted run's answer is the other name (the logit difference flips sign); "abc" puts three
     other names in the IO, S1 and S2 places (Wang et al.'s ABC distribution: no answer is implied).
+
+    Raises:
+        InputTypeError: `n` or `seed` not a whole number; InputError: `n` below 1 or an
+        unknown `corruption`.
 
     Example:
         >>> ioi_pairs(2, seed=1)[0]
