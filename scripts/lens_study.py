@@ -48,7 +48,7 @@ TEMPLATES = ["When {io} and {s} went to the store, {s} gave a drink to",
 def kl_curve(model, steps: int, held_out_windows: int, out: Path) -> dict:
     training, held_out = python_reference_text()
     mx.reset_peak_memory()
-    lens = train_tuned_lens(model, training, steps=steps, corpus="pydoc_data.topics")
+    lens = train_tuned_lens(model, training, steps=steps)
     peak = mx.get_peak_memory() / 2**30
     windows = token_windows(model, held_out, 64)[:held_out_windows]
     logit, tuned = (kl_per_layer(model, chosen, windows) for chosen in (None, lens))

@@ -231,7 +231,7 @@ def train_lens(args: argparse.Namespace) -> int:
     path = output_path(args.save or TunedLens.default_path(model), {".safetensors"}, overwrite=True)
     training, held_out = python_reference_text()
     trained = train_tuned_lens(model, training, steps=args.steps, batch=args.batch, length=args.length,
-                               learning_rate=args.learning_rate, corpus="pydoc_data.topics")
+                               learning_rate=args.learning_rate)
     trained.save(path, overwrite=True)
     print(f"tuned lens saved to {path} ({trained.trained_on['seconds']} s)")
     windows = token_windows(model, held_out, args.length)[:args.held_out]

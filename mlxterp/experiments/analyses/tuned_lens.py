@@ -18,7 +18,9 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -199,10 +201,11 @@ def kl_per_layer(model, lens: TunedLens | None, tokens: mx.array) -> np.ndarray:
 
 def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 2,
                      length: int = 64, learning_rate: float = 5e-4, seed: int = 0,
-                     progress: bool = True, corpus: str = "given texts") -> TunedLens:
+                     progress: bool | None = None) -> TunedLens:
     """Train a tuned lens for `model` on `texts`: `steps` Adam steps (the rate decaying linearly
     from `learning_rate` to 0), each on `batch` windows of `length` tokens drawn at random
-    (seeded) from the tokenised texts.
+    (seeded) from the tokenised texts. `progress`: a bar (None: when stderr is a terminal).
+    `lens.trained_on` records the run, and the texts by their sha256.
 
     Raises:
         InputTypeError: a step, batch or length count that is no whole number;
@@ -210,7 +213,7 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
 
     Example:
         >>> training, held_out = python_reference_text()
-        >>> lens = train_tuned_lens(model, training, steps=60, corpus="pydoc_data.topics")
+        >>> lens = train_tuned_lens(model, training, steps=60)
     """
     from tqdm.auto import tqdm
 
@@ -229,7 +232,8 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
         lens, lambda tokens: lens_kl(model, lens, head, tokens)[:, :, 1:].mean())
     order = np.random.default_rng(seed).permutation(len(windows))
     started, losses = time.perf_counter(), []
-    bar = tqdm(range(steps), desc="tuned lens", disable=not progress)
+    shown = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(steps), desc="tuned lens", disable=not shown)
     for step in bar:
         chosen = np.resize(order, (step + 1) * batch)[step * batch:]  # cycles through the windows
         loss, grads = loss_and_grad(windows[mx.array(chosen)])
@@ -237,8 +241,10 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
         mx.eval(lens.parameters(), optimizer.state, loss)
         losses.append(loss.item())
         bar.set_postfix(kl=f"{losses[-1]:.3f}")
-    lens.trained_on = {"corpus": corpus, "windows": len(windows), "length": length, "batch": batch,
-                       "steps": steps, "tokens_seen": steps * batch * length,
+    texts_sha256 = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    lens.trained_on = {"texts": len(texts), "texts_sha256": texts_sha256, "windows": len(windows),
+                       "length": length, "batch": batch, "steps": steps,
+                       "tokens_seen": steps * batch * length,
                        "learning_rate": learning_rate, "seed": seed,
                        "seconds": round(time.perf_counter() - started, 1),
                        "first_loss": losses[0], "last_loss": losses[-1]}
