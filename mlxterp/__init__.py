@@ -46,6 +46,7 @@ from mlxterp.errors import (  # noqa: E402
     NotReachedError,
     NotRecordedError,
     OutputPathError,
+    PairBaselineWarning,
     RankFailedError,
     ResultFormatError,
     SiteError,
@@ -64,6 +65,7 @@ from mlxterp.experiments.data.corruption import Ablate, Noise  # noqa: E402
 from mlxterp.experiments.data.pairs import Fact, PromptPair, ioi_pairs, load_pairs, save_pairs  # noqa: E402
 from mlxterp.experiments.pipeline.options import SweepOptions  # noqa: E402
 from mlxterp.experiments.pipeline.results import PatchingResult  # noqa: E402
+from mlxterp.experiments.pipeline.sweep import answered_pairs  # noqa: E402
 from mlxterp.model import InterpretableModel  # noqa: E402
 from mlxterp.models import BUNDLED, cache_dir, load  # noqa: E402
 from mlxterp.models.load import converted_folder  # noqa: E402
@@ -75,15 +77,16 @@ __all__ = [
     # tracing and interventions
     "interventions", "Site", "SiteGroup",
     # experiments: options, data, results
-    "SweepOptions", "PromptPair", "Fact", "ioi_pairs", "load_pairs", "save_pairs", "Noise", "Ablate",
-    "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens", "HeadScores",
-    "SteeringVector", "Generation",
+    "SweepOptions", "PromptPair", "Fact", "ioi_pairs", "answered_pairs", "load_pairs", "save_pairs",
+    "Noise", "Ablate", "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens",
+    "HeadScores", "SteeringVector", "Generation",
     # errors and warnings
     "MlxterpError", "InputError", "InputTypeError", "SiteError", "MetricError", "BaselineError",
     "ModelLoadError", "OutputPathError", "InterventionError", "InstalledInterventionError",
     "AttentionCaptureError", "SteeringVectorError", "GenerationError", "LensError",
     "ResultFormatError", "UnknownModuleError", "NotRecordedError", "LayerIndexError", "TraceError",
-    "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "SlowBlasWarning",
+    "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "PairBaselineWarning",
+    "SlowBlasWarning",
     "__version__",
 ]
 

@@ -17,7 +17,7 @@ them:
 - A run that went wrong (`RuntimeError`): `TraceError`, `NotReachedError` (a site whose module
   never ran: going on would measure nothing), `RankFailedError`.
 - Arithmetic (`ArithmeticError`): `GradientError`.
-- Warnings: `NoisyBaselineWarning`, `SlowBlasWarning`.
+- Warnings: `NoisyBaselineWarning`, `PairBaselineWarning`, `SlowBlasWarning`.
 
 Example:
     >>> try:
@@ -137,6 +137,11 @@ class GradientError(MlxterpError, ArithmeticError):
 
 class NoisyBaselineWarning(UserWarning):
     """A baseline so small that float32 noise moves each recovery by more than a point."""
+
+
+class PairBaselineWarning(UserWarning):
+    """Pairs of a dataset whose baseline is within float32 noise, or of the sign opposite to the
+    others': their own recoveries are not comparable (the normalised mean is not moved by them)."""
 
 
 class SlowBlasWarning(RuntimeWarning):

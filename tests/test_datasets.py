@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mlxterp import InterpretableModel
+from mlxterp import InterpretableModel, PairBaselineWarning, answered_pairs
 from mlxterp.errors import InputError, InputTypeError, MetricError, SiteError
 from mlxterp.experiments.data.pairs import (
     IOI_NAMES,
@@ -20,6 +20,8 @@ from mlxterp.experiments.data.pairs import (
     load_pairs,
     save_pairs,
 )
+from mlxterp.experiments.pipeline.plan import SweepValues
+from mlxterp.experiments.pipeline.results import PatchingResult
 
 # Two prompts of another length than the IOI templates', with their own answers.
 CAPITALS = PromptPair("The capital of France is", "The capital of Italy is", " Paris", " Rome")
@@ -101,10 +103,44 @@ def test_a_dataset_sweep_equals_each_pair_swept_alone(model):
         np.testing.assert_allclose(result.recovery[i], alone.recovery[0], atol=0.01)
         np.testing.assert_allclose(result.baseline[i], alone.baseline[0], rtol=1e-5)
     assert result.position == -1  # the last token of pairs of every length
-    np.testing.assert_allclose(result.mean, result.recovery.mean(axis=0))
+    # The normalised mean, mean effect / mean baseline, is the baseline-weighted mean of the
+    # pairs' recoveries: a pair with a tiny baseline weighs little.
+    np.testing.assert_allclose(result.mean, np.average(result.recovery, axis=0, weights=result.baseline))
     assert np.all(result.standard_error > 0)
     low, high = result.interval(0.9)
     assert np.all(low <= result.mean) and np.all(result.mean <= high)
+
+
+def test_the_normalised_mean_and_its_spread_on_synthetic_pairs():
+    """Pairs drawn with known effects: the delta-method standard error matches the spread of the
+    estimator over repeated datasets, the 95 % bootstrap interval covers the truth about 95 % of
+    the time, and one pair with a near-zero baseline cannot swing the mean."""
+    rng = np.random.default_rng(0)
+
+    def dataset(pairs: int) -> PatchingResult:
+        values = SweepValues.empty(pairs, 1)
+        values.clean[:] = rng.gamma(4.0, 1.0, pairs)  # logit differences of the clean runs
+        values.corrupted[:] = -rng.gamma(2.0, 1.0, pairs)
+        gap = values.clean - values.corrupted
+        values.patched[:, 0] = values.corrupted + gap * (0.3 + 0.2 * rng.standard_normal(pairs))
+        return PatchingResult(sites=[{"layer": 0}], over=("layer",), component="mlp", metric="logit_diff",
+                              direction="denoise", metric_values=values, clean=["c"] * pairs,
+                              corrupted=["k"] * pairs, is_distance=False)
+
+    means, errors, covered = [], [], 0
+    for _ in range(200):
+        result = dataset(40)
+        means.append(result.mean[0])
+        errors.append(result.standard_error[0])
+        low, high = result.interval(0.95, resamples=2000)
+        covered += low[0] <= 30.0 <= high[0]
+    # 200 repetitions: the spread of a standard deviation estimate is about 1/sqrt(400) = 5 %.
+    assert np.std(means) == pytest.approx(np.mean(errors), rel=0.15)
+    assert 0.88 <= covered / 200 <= 0.99  # binomial spread of 200 draws at 95 %: +-3 points
+    swung = dataset(40)
+    swung.metric_values.clean[0] = swung.metric_values.corrupted[0] + 1e-3  # a 0.001 baseline...
+    swung.metric_values.patched[0, 0] = swung.metric_values.corrupted[0] + 28.0  # ...moved by 28
+    assert abs(swung.recovery[0, 0]) > 1e6 and abs(swung.mean[0] - 30) < 15
 
 
 def test_each_pair_is_measured_by_its_own_answers(model):
@@ -150,3 +186,21 @@ def test_bad_dataset_sweeps_are_refused(model):
         model.patching_sweep(pairs=[("The cat sat", "The elephant sat down")], metric="kl")
     kl = model.patching_sweep(pairs=mixed, metric="kl", layers=[0])  # answers kept only where used
     assert kl.answers == [] and json.loads(kl.to_json())["answers"] == []
+
+
+def test_pairs_the_model_gets_wrong_are_named_and_can_be_left_out(model):
+    """Of the first 16 IOI pairs SmolLM2 prefers the wrong name on the clean prompt of pair 8:
+    the sweep names it in a warning, and answered_pairs leaves it out, as a one-prompt forward
+    of each pair says."""
+    pairs = ioi_pairs(16)
+    with pytest.warns(PairBaselineWarning, match=r"pairs \[8\] make .* wrong answer on the clean prompt \(8\)"):
+        model.patching_sweep(pairs=pairs, metric="logit_diff", layers=[0])
+    kept = answered_pairs(model, pairs)
+    for pair in pairs:
+        logits = model(pair.clean)[0, -1]
+        answer, wrong = model.encode(pair.answer)[-1], model.encode(pair.wrong_answer)[-1]
+        right = (logits[answer] > logits[wrong]).item()
+        assert (pair in kept) == right
+    assert len(kept) == 15 and pairs[8] not in kept
+    with pytest.raises(InputError, match="needs an answer and a wrong_answer"):
+        answered_pairs(model, [PromptPair("a b", "a c")])

@@ -141,9 +141,10 @@ def test_several_pairs_have_error_bars_and_file_names_never_collide(wrapped, tmp
     result = wrapped.patching_sweep(clean, corrupted, layers=[0, 5, 10], metric="kl")
     fig = result.plot()
     bars = fig.axes[0].containers[0]
-    assert bars.has_yerr and "mean of 2 prompt pairs" in fig.get_suptitle()
-    np.testing.assert_allclose(result.standard_error,
-                               result.recovery.std(axis=0, ddof=1) / np.sqrt(2))
+    assert bars.has_yerr and "normalised mean of 2 prompt pairs" in fig.get_suptitle().replace("\n", " ")
+    mean, error = result.mean[0], result.standard_error[0]
+    segment = bars.lines[2][0].get_segments()[0]
+    np.testing.assert_allclose(segment[:, 1], [mean - error, mean + error])
     result.plot()
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "mlxterp-patching-mlp-layer-kl-2.png", "mlxterp-patching-mlp-layer-kl.png"]

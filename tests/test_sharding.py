@@ -108,7 +108,7 @@ def test_two_ranks_give_the_single_process_result(model, tmp_path):
                                  "logit_diff", "--layers", "0,9,29", "--out", "out"], tmp_path))
     written = list((tmp_path / "out").glob("*.json"))
     assert len(written) == 1, output
-    assert output.count("mean recovery") == 1 and output.count("result saved to") == 1
+    assert output.count("normalised mean") == 1 and output.count("result saved to") == 1
     sharded = PatchingResult.from_json(written[0])
     alone = model.patching_sweep(pairs=pairs, metric="logit_diff", layers=[0, 9, 29])
     assert sharded.resources["ranks"] == 2 and sharded.resources["peak_memory_bytes"] > 0

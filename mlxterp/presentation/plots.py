@@ -54,7 +54,7 @@ def title(result) -> str:
     spread = ("error bars: standard error" if len(result.over) == 1 or result.component == "sites"
               else f"standard error of a cell up to {np.nanmax(result.standard_error):.1f} points")
     prompts = (f"{result.clean[0]!r} -> {result.corrupted[0]!r}" if pairs == 1
-               else f"mean of {pairs} prompt pairs ({spread})")
+               else f"normalised mean of {pairs} prompt pairs ({spread})")
     model = result.provenance.get("model", "")
     return (f"{how} {result.component} over {' x '.join(result.over)}, {result.metric}, "
             f"{result.direction}{', ' + model if model else ''}: {prompts}")

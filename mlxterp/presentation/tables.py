@@ -37,8 +37,8 @@ def summary(result) -> str:
 
 
 def ranking(result, top: int = 10) -> str:
-    """The `top` sites by mean recovery, as an aligned table; over several pairs with the
-    standard error of each mean and a 95 % bootstrap interval."""
+    """The `top` sites by recovery, as an aligned table; over several pairs by the normalised
+    mean (mean effect / mean baseline), with its standard error and a 95 % bootstrap interval."""
     order = np.argsort(-result.mean, kind="stable")[:top]
     ranked = [(rank, site_label(result, result.sites[i]), i) for rank, i in enumerate(order, 1)]
     width = max(len(label) for _, label, _ in ranked)
@@ -47,8 +47,8 @@ def ranking(result, top: int = 10) -> str:
         lines += [f"{rank:>4}  {label:<{width}}  {result.mean[i]:7.1f}%" for rank, label, i in ranked]
         return "\n".join(lines)
     error, (low, high) = result.standard_error, result.interval(0.95)
-    lines = [f"{'rank':>4}  {'site':<{width}}  mean recovery   s.e.   95% interval"]
-    lines += [f"{rank:>4}  {label:<{width}}  {result.mean[i]:12.1f}%  {error[i]:5.1f}  "
+    lines = [f"{'rank':>4}  {'site':<{width}}  normalised mean   s.e.   95% interval"]
+    lines += [f"{rank:>4}  {label:<{width}}  {result.mean[i]:14.1f}%  {error[i]:5.1f}  "
               f"[{low[i]:6.1f}, {high[i]:6.1f}]" for rank, label, i in ranked]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import BaselineError, InputError, NoisyBaselineWarning, SiteError
+from mlxterp.errors import BaselineError, InputError, NoisyBaselineWarning, PairBaselineWarning, SiteError
 from mlxterp.experiments.data.corruption import Corruption
 from mlxterp.experiments.pipeline.metrics import Metric
 from mlxterp.experiments.pipeline.options import DIRECTIONS
@@ -54,6 +54,9 @@ class Plan:
     # Each pair's number among all pairs of the experiment, for messages and for putting values
     # together (a dataset's pairs are split by length and among ranks). Default: 0, 1, ...
     numbers: tuple[int, ...] = ()
+    # How many pairs the whole experiment has (0: this plan's). One pair whose runs the metric
+    # cannot tell apart is an error; in a dataset such a pair is named in a warning instead.
+    total_pairs: int = 0
 
     def __post_init__(self):
         if not isinstance(self.direction, str) or self.direction not in DIRECTIONS:
@@ -70,6 +73,7 @@ class Plan:
         object.__setattr__(self, "sites", tuple(self.sites))
         object.__setattr__(self, "pair_metrics", tuple(self.pair_metrics))
         object.__setattr__(self, "numbers", tuple(self.numbers) or tuple(range(self.pairs)))
+        object.__setattr__(self, "total_pairs", self.total_pairs or self.pairs)
         if len(self.numbers) != self.pairs:
             raise InputError(f"numbers: give one number per pair ({self.pairs}), not {len(self.numbers)}.")
         kind = (self.metric.name, self.metric.is_distance)
@@ -214,7 +218,11 @@ class SweepValues:
         return (spread + np.abs(self.recovery(direction)) * self.baseline_noise(direction)[:, None]) / gap
 
     def check_baseline(self, plan: Plan, pair: int) -> None:
-        """Refuse a pair whose gap float32 cannot tell from zero; warn when noise is over a point."""
+        """Refuse the one pair of an experiment whose gap float32 cannot tell from zero; warn
+        when noise moves its recovery by over a point. A dataset's pairs are checked together,
+        by `check_pairs`, once all are known."""
+        if plan.total_pairs > 1:
+            return
         gap, noise = self.gap(plan.direction)[pair], self.baseline_noise(plan.direction)[pair]
         name = plan.metric.name
         if abs(gap) <= noise:
@@ -229,3 +237,32 @@ class SweepValues:
                 f"pair {plan.numbers[pair]}: the {name} baseline {abs(gap):.3g} is small; float32 noise "
                 f"({noise:.2g}) makes each recovery uncertain by about {100 * noise / abs(gap):.1f} "
                 "percentage points.", NoisyBaselineWarning, stacklevel=4)
+
+    def check_pairs(self, direction: str, metric: str) -> None:
+        """For a dataset (several pairs): refuse one whose mean gap float32 cannot tell from zero;
+        name in a warning the pairs whose gap is within their noise (their own recovery means
+        nothing) or of the sign opposite to the mean's (the model gets the clean prompt wrong).
+        The summary, the normalised mean, divides by the mean gap, so no one pair can swing it."""
+        gap, noise = self.gap(direction), self.baseline_noise(direction)
+        if abs(gap.mean()) <= noise.mean():
+            raise BaselineError(
+                f"over the {len(gap)} pairs, clean and corrupted runs give the same {metric} on average to "
+                f"within float32 noise (mean gap {gap.mean():.3g}, noise {noise.mean():.2g}): there is "
+                "nothing to recover. Check the answers, or choose another metric."
+            )
+        reasons = {
+            "the baseline is within float32 noise": np.abs(gap) <= noise,
+            "the baseline has the sign opposite to the others'": (np.sign(gap) != np.sign(gap.mean()))
+                                                                  & (np.abs(gap) > noise),
+        }
+        if metric == "logit_diff":  # the clean run's own value says whether the model answers
+            reasons["the model prefers the wrong answer on the clean prompt"] = self.clean <= 0
+        named = {reason: np.flatnonzero(which).tolist() for reason, which in reasons.items() if which.any()}
+        if named:
+            pairs = sorted(set().union(*named.values()))
+            warnings.warn(
+                f"pairs {pairs} make their own recoveries unreliable: "
+                + "; ".join(f"{reason} ({', '.join(map(str, found))})" for reason, found in named.items())
+                + ". The normalised mean (mean effect / mean baseline) is not swung by them; to keep only "
+                "the pairs the model answers: answered_pairs(model, pairs).",
+                PairBaselineWarning, stacklevel=3)

@@ -122,8 +122,11 @@ class PatchingResult:
 
     @property
     def mean(self) -> np.ndarray:
-        """Mean recovery over pairs, one value per site."""
-        return self.recovery.mean(axis=0)
+        """The summary over pairs, one value per site, in percent: the normalised mean, the mean
+        effect of a patch over the mean gap to recover (as IOI papers report), so that no pair
+        with a tiny gap can swing it. For one pair, its recovery. The mean of the per-pair
+        recoveries is `recovery.mean(axis=0)`."""
+        return self.effect.mean(axis=0) / self.metric_values.gap(self.direction).mean() * 100
 
     @property
     def effect(self) -> np.ndarray:
@@ -135,25 +138,35 @@ class PatchingResult:
 
     @property
     def standard_error(self) -> np.ndarray:
-        """Standard error of the mean recovery over pairs, one value per site (0 for one pair)."""
-        pairs = self.recovery.shape[0]
-        return self.recovery.std(axis=0, ddof=1) / np.sqrt(pairs) if pairs > 1 else np.zeros(len(self.sites))
+        """Standard error of `mean` over pairs, one value per site (0 for one pair), by the delta
+        method for a ratio of means: the spread of effect - mean * gap over pairs."""
+        pairs = len(self.clean)
+        if pairs == 1:
+            return np.zeros(len(self.sites))
+        gap = self.metric_values.gap(self.direction)
+        residual = self.effect - (self.mean / 100) * gap[:, None]
+        return 100 * residual.std(axis=0, ddof=1) / np.sqrt(pairs) / abs(gap.mean())
 
     def interval(self, confidence: float = 0.95, resamples: int = 10_000, seed: int = 0) -> np.ndarray:
-        """(2, sites): a bootstrap percentile interval of the mean recovery over pairs (pairs
-        resampled with replacement); for one pair, the mean itself.
+        """(2, sites): a bootstrap percentile interval of `mean` (pairs resampled with
+        replacement, the normalised mean of each resample); for one pair, the mean itself.
 
         Example:
             >>> low, high = result.interval(0.95)
         """
         if not 0 < confidence < 1:
             raise InputError(f"confidence={confidence!r}: give a fraction between 0 and 1, e.g. 0.95.")
-        recovery = self.recovery
-        pairs = recovery.shape[0]
-        draws = np.random.default_rng(seed).integers(0, pairs, size=(resamples, pairs))
-        means = recovery[draws].mean(axis=1)  # (resamples, sites)
+        effect, gap = self.effect, self.metric_values.gap(self.direction)
+        pairs = len(gap)
+        # How often each pair is drawn in each resample: resample means are products, not copies.
+        counts = np.random.default_rng(seed).multinomial(pairs, np.full(pairs, 1 / pairs), size=resamples)
+        gap_means = counts @ gap
         tail = (1 - confidence) / 2 * 100
-        return np.percentile(means, [tail, 100 - tail], axis=0)
+        bounds = np.empty((2, effect.shape[1]))
+        for start in range(0, effect.shape[1], 256):  # about 20 MB of resampled means at a time
+            means = counts @ effect[:, start:start + 256] / gap_means[:, None] * 100
+            bounds[:, start:start + 256] = np.percentile(means, [tail, 100 - tail], axis=0)
+        return bounds
 
     def prompt_pairs(self) -> list:
         """The pairs this result was measured on, as `PromptPair`s (with their answer ids)."""

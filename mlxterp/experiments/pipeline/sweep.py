@@ -23,7 +23,7 @@ import numpy as np
 
 from mlxterp.errors import InputError, InputTypeError, SiteError
 from mlxterp.experiments.data.corruption import Ablate, Noise, describe, make_corruption
-from mlxterp.experiments.data.pairs import load_pairs
+from mlxterp.experiments.data.pairs import PromptPair, load_pairs
 from mlxterp.experiments.pipeline.metrics import ANSWER_METRICS, Metric, get_metric
 from mlxterp.experiments.pipeline.options import SweepOptions
 from mlxterp.experiments.pipeline.plan import Plan, SweepValues
@@ -127,10 +127,10 @@ def _metric(model, metric, answers: list[tuple]) -> tuple[Metric, tuple[Metric, 
 
 
 def prepare_sweep(model, clean, corrupted, options: SweepOptions, answers: Sequence[tuple],
-                  numbers: tuple[int, ...] = ()) -> Sweep:
+                  numbers: tuple[int, ...] = (), total_pairs: int = 0) -> Sweep:
     """Check a sweep's prompts against the model and make its plan, for prompt pairs of one token
     length. `answers` holds one (answer, wrong_answer) for all pairs, or one per pair; `numbers`,
-    each pair's number among all pairs (default: 0, 1, ...).
+    each pair's number among all `total_pairs` (default: 0, 1, ... of these pairs alone).
 
     Every experiment over prompt pairs starts here, so all of them accept and refuse the same.
     """
@@ -153,7 +153,7 @@ def prepare_sweep(model, clean, corrupted, options: SweepOptions, answers: Seque
                                     options.layers, options.positions, options.heads)
         component, over = options.component, options.over
     plan = Plan(clean_ids, corrupted_ids, tuple(sites), chosen, options.direction, options.position,
-                corruption, per_pair, numbers)
+                corruption, per_pair, numbers, total_pairs)
     return Sweep(plan, labels, clean_list, corrupted_list, component, over, answer_ids)
 
 
@@ -184,7 +184,7 @@ def prepare_sweeps(model, clean, corrupted, options: SweepOptions, pairs=None) -
         by_length[len(model.encode(check_text(pair.clean)))].append(i)
     sweeps = [prepare_sweep(model, [dataset[i].clean for i in group], [dataset[i].corrupted for i in group],
                             options, [(dataset[i].answer, dataset[i].wrong_answer) for i in group],
-                            tuple(group))
+                            tuple(group), len(dataset))
               for _, group in sorted(by_length.items())]
     if any(sweep.labels != sweeps[0].labels for sweep in sweeps):
         raise SiteError(f"pairs of {sorted(by_length)} tokens have different sites (positions differ "
@@ -211,6 +211,8 @@ def sweep_result(model, sweeps: list[Sweep], values: SweepValues, method: str = 
         return [items[i] for i in order]
 
     answers = in_order(lambda sweep: sweep.answers) if first.answers else []
+    if plan.total_pairs > 1:
+        values.check_pairs(plan.direction, plan.metric.name)
     return PatchingResult(
         sites=[{**label, "location": location(site)}
                for label, site in zip(first.labels, plan.sites, strict=True)],
@@ -226,3 +228,32 @@ def sweep_result(model, sweeps: list[Sweep], values: SweepValues, method: str = 
         corruption={} if plan.corruption is None else plan.corruption.description,
         resources=resources or {},
     )
+
+
+def answered_pairs(model, pairs) -> list[PromptPair]:
+    """The pairs whose clean prompt the model answers: the logit of `answer` above that of
+    `wrong_answer` at the last position (the pairs a logit-difference study should keep).
+
+    Raises:
+        InputError: a pair without both answers; the errors of `load_pairs`.
+
+    Example:
+        >>> pairs = answered_pairs(model, ioi_pairs(80))
+        >>> result = model.patching_sweep(pairs=pairs, metric="logit_diff")
+    """
+    dataset = load_pairs(pairs)
+    if any(pair.answer is None or pair.wrong_answer is None for pair in dataset):
+        raise InputError("every pair needs an answer and a wrong_answer to tell whether the model "
+                         "answers it.")
+    by_length = defaultdict(list)
+    for i, pair in enumerate(dataset):
+        by_length[len(model.encode(check_text(pair.clean)))].append(i)
+    kept = set()
+    for group in by_length.values():
+        logits = model.model(mx.array([model.encode(dataset[i].clean) for i in group]))[:, -1]
+        answers = mx.array([token_id(model, dataset[i].answer, "answer") for i in group])
+        wrong = mx.array([token_id(model, dataset[i].wrong_answer, "wrong_answer") for i in group])
+        rows = mx.arange(len(group))
+        right = (logits[rows, answers] > logits[rows, wrong]).tolist()
+        kept |= {i for i, answered in zip(group, right, strict=True) if answered}
+    return [pair for i, pair in enumerate(dataset) if i in kept]
