@@ -193,7 +193,8 @@ def test_pairs_the_model_gets_wrong_are_named_and_can_be_left_out(model):
     the sweep names it in a warning, and answered_pairs leaves it out, as a one-prompt forward
     of each pair says."""
     pairs = ioi_pairs(16)
-    with pytest.warns(PairBaselineWarning, match=r"pairs \[8\] make .* wrong answer on the clean prompt \(8\)"):
+    named = r"pairs \[8\] make .* wrong answer on the clean prompt \(8\)"
+    with pytest.warns(PairBaselineWarning, match=named):
         model.patching_sweep(pairs=pairs, metric="logit_diff", layers=[0])
     kept = answered_pairs(model, pairs)
     for pair in pairs:
