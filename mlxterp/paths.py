@@ -9,9 +9,14 @@ Example:
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from mlxterp.errors import OutputPathError
+
+# Files being written right now (their temporary names): what an interrupted command removes.
+_partial: set[Path] = set()
 
 
 def output_path(path: str | Path, suffixes: set[str], overwrite: bool) -> Path:
@@ -27,6 +32,31 @@ def output_path(path: str | Path, suffixes: set[str], overwrite: bool) -> Path:
     if not path.parent.is_dir():
         raise OutputPathError(f"the folder {str(path.parent)!r} does not exist; create it first.")
     return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(temporary)` then the temporary file renamed to `path`: a file that is there is
+    whole. The temporary file is `.NAME.partial.SUFFIX` beside it (the suffix kept for writers
+    that read the format from it); an interrupted command removes it (`remove_partial_files`).
+
+    Example:
+        >>> write_atomically(Path("out/r.json"), lambda p: p.write_text("{}"))
+    """
+    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    _partial.add(temporary)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        _partial.discard(temporary)
+    return path
+
+
+def remove_partial_files() -> None:
+    """Remove the files being written (for a command stopped part way, e.g. by Ctrl-C)."""
+    for temporary in list(_partial):
+        temporary.unlink(missing_ok=True)
 
 
 def numbered(folder: Path, stem: str, suffix: str) -> Path:

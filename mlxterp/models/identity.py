@@ -54,3 +54,19 @@ def weights_sha256(model: nn.Module) -> str:
         '26a5d4629f58'
     """
     return fingerprint(model)[0]
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was trained for (mlx-lm's `max_position_embeddings` or
+    `n_positions`), or None where its configuration does not say.
+
+    Example:
+        >>> context_length(mlxterp.load("smollm2-135m")[0])
+        8192
+    """
+    args = getattr(model, "args", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

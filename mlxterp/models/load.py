@@ -141,6 +141,11 @@ def load(
         gguf_path = path
     else:
         is_folder = _is(path.is_dir)
+        if _is(path.is_file):
+            raise ModelLoadError(
+                f"{path} is a file but not a model: a model path is a .gguf file or an mlx-lm "
+                "model folder (config.json and *.safetensors); or give a bundled name or a hub id."
+            )
         if not is_folder and not _HUB_ID.match(name):
             raise _unknown_name(name)
         if quantized:
@@ -151,11 +156,6 @@ def load(
         if is_folder and not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{path} is a folder but not an mlx-lm model folder: it has no config.json."
-            )
-        if _is(path.is_file):
-            raise ModelLoadError(
-                f"{path} is a file but not a .gguf file; give a .gguf file, an mlx-lm model "
-                "folder, a bundled name or a hub id."
             )
         model, tokenizer = _mlx_lm_load(str(path) if is_folder else name, hub=not is_folder)
         if explicit_dtype:

@@ -5,10 +5,18 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-from mlxterp.errors import MlxterpError, RankFailedError
+from mlxterp.errors import MlxterpError, OutputPathError, RankFailedError
+from mlxterp.paths import remove_partial_files
 from mlxterp.presentation import tables
 
 
@@ -276,7 +284,38 @@ def _layers(text: str) -> list[int]:
         return [int(x) for x in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give layer numbers separated by commas, e.g. 0,5,12") from None
+            f"{text!r}: give layer numbers separated by commas, e.g. 0,5,12 (negative ones count "
+            "from the last layer, as in Python: -1 is the last)") from None
+
+
+def _count(least: int, most: int):
+    """An argparse type: a whole number from `least` to `most`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from {least} to {most}")
+        return value
+    return parse
+
+
+def _number(least: float, most: float, open_below: bool = False):
+    """An argparse type: a finite number from `least` (excluded when `open_below`) to `most`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (least < value if open_below else least <= value) or not value <= most:
+            lower = f"above {least:g}" if open_below else f"from {least:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number {lower} to {most:g}")
+        return value
+    return parse
+
+
+SEED = _count(0, 2**32 - 1)
 
 
 def _command(commands, name: str, help_text: str, out: str | None = "folder for the PNG and JSON"):
@@ -305,9 +344,13 @@ def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParse
     sub.add_argument("--wrong-answer", help="logit_diff: the corrupted answer token")
     sub.add_argument("--over", default="layer",
                      help="layer | layer,position | layer,head | layer,head,position")
-    sub.add_argument("--layers", type=_layers, help="comma-separated layer indices (default: all)")
+    sub.add_argument("--layers", type=_layers,
+                     help="comma-separated layer indices (default: all); -1 is the last, as in Python")
+    # argparse reads "-1,0" as an option, not as the value of --layers; let it read lists of
+    # whole numbers, negative ones too, as values (its own rule covers "-1" alone).
+    sub._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
     sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
-    sub.add_argument("--top", type=int, default=10, help="rows of the ranking to print")
+    sub.add_argument("--top", type=_count(1, 100_000), default=10, help="rows of the ranking to print")
     sub.add_argument("--html", action="store_true", help="also write an interactive HTML report")
     return sub
 
@@ -320,70 +363,168 @@ def _parser() -> argparse.ArgumentParser:
         commands, "attribute", "attribution patching: every site's effect estimated from gradients")
     attribute_parser.add_argument("--method", default="atp", choices=["atp", "ig"],
                                   help="atp (one backward pass) or ig (integrated gradients)")
-    attribute_parser.add_argument("--steps", type=int, default=16, help="ig: steps along the path")
-    attribute_parser.add_argument("--verify", type=int, default=0, metavar="K",
+    attribute_parser.add_argument("--steps", type=_count(1, 1024), default=16,
+                                  help="ig: steps along the path")
+    attribute_parser.add_argument("--verify", type=_count(0, 100_000), default=0, metavar="K",
                                   help="patch the top K sites exactly and print both columns")
     fact = _command(commands, "trace-fact", "causal tracing: noise the subject, restore each state",
                     out="folder for the figure and JSON")
     fact.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
     fact.add_argument("--subject", required=True, help="text of the prompt to noise, e.g. 'The Eiffel Tower'")
     fact.add_argument("--answer", help="the answer token (default: the model's top next token)")
-    fact.add_argument("--window", type=int, default=10, help="layers restored together (mlp, attn)")
-    fact.add_argument("--samples", type=int, default=10, help="noise samples")
-    fact.add_argument("--noise", type=float, help="noise sd (default: 3x the embeddings' sd)")
-    fact.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    fact.add_argument("--window", type=_count(1, 10_000), default=10,
+                      help="layers restored together (mlp, attn)")
+    fact.add_argument("--samples", type=_count(1, 1000), default=10, help="noise samples")
+    fact.add_argument("--noise", type=_number(0, 1e6, open_below=True),
+                      help="noise sd (default: 3x the embeddings' sd)")
+    fact.add_argument("--seed", type=SEED, default=0, help="seed of the noise")
     lens_parser = _command(commands, "lens", "logit lens: what each layer predicts at each position")
     lens_parser.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
     lens_parser.add_argument("--target", help="a token to follow, e.g. ' Paris'")
     lens_parser.add_argument("--tuned", nargs="?", const="default", metavar="FILE",
                              help="use a tuned lens: the one `train-lens` made, or FILE")
-    lens_parser.add_argument("--top", type=int, default=5, help="top tokens kept per cell")
+    lens_parser.add_argument("--top", type=_count(1, 1000), default=5, help="top tokens kept per cell")
     heads_parser = _command(commands, "heads", "previous-token, duplicate and induction heads")
-    heads_parser.add_argument("--length", type=int, default=25, help="random tokens, repeated once")
-    heads_parser.add_argument("--batch", type=int, default=4, help="rows of random tokens")
-    heads_parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
-    heads_parser.add_argument("--top", type=int, default=5, help="heads printed per kind")
+    heads_parser.add_argument("--length", type=_count(2, 1_000_000), default=25,
+                              help="random tokens, repeated once (at most half the model's context)")
+    heads_parser.add_argument("--batch", type=_count(1, 1024), default=4, help="rows of random tokens")
+    heads_parser.add_argument("--seed", type=SEED, default=0, help="seed of the random tokens")
+    heads_parser.add_argument("--top", type=_count(1, 100_000), default=5, help="heads printed per kind")
     train = _command(commands, "train-lens", "train a tuned lens on the Python reference text", out=None)
-    train.add_argument("--steps", type=int, default=60, help="Adam steps")
-    train.add_argument("--batch", type=int, default=2, help="windows per step")
-    train.add_argument("--length", type=int, default=64, help="tokens per window")
-    train.add_argument("--learning-rate", type=float, default=5e-4, help="peak rate, decaying to 0")
-    train.add_argument("--held-out", type=int, default=8, help="held-out windows to report KL on")
+    train.add_argument("--steps", type=_count(1, 1_000_000), default=60, help="Adam steps")
+    train.add_argument("--batch", type=_count(1, 1024), default=2, help="windows per step")
+    train.add_argument("--length", type=_count(2, 8192), default=64, help="tokens per window")
+    train.add_argument("--learning-rate", type=_number(0, 1, open_below=True), default=5e-4,
+                       help="peak rate, decaying to 0")
+    train.add_argument("--held-out", type=_count(1, 10_000), default=8,
+                       help="held-out windows to report KL on")
     train.add_argument("--save", help="file to write (default: the cache, where `lens --tuned` looks)")
     gen = _command(commands, "generate", "generate text, optionally steered by a saved vector", out=None)
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
+    gen.add_argument("--max-tokens", type=_count(1, 100_000), default=64, help="new tokens at most")
     gen.add_argument("--steer", metavar="FILE", help="a steering vector saved with SteeringVector.save")
     gen.add_argument("--layer", type=int, help="--steer: add it after this block (default: its own)")
-    gen.add_argument("--alpha", type=float, help="--steer: the vector's coefficient (default 1)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
-    gen.add_argument("--seed", type=int, help="seed of the sampling")
+    gen.add_argument("--alpha", type=_number(-1e6, 1e6), help="--steer: the vector's coefficient (default 1)")
+    gen.add_argument("--temperature", type=_number(0, 100), default=0.0, help="0: greedy; above 0: sampling")
+    gen.add_argument("--seed", type=SEED, help="seed of the sampling")
     ioi_parser = commands.add_parser("ioi-pairs", help="write IOI prompt pairs to a .jsonl or .csv file")
-    ioi_parser.add_argument("n", type=int, help="how many pairs")
+    ioi_parser.add_argument("n", type=_count(1, 1_000_000), help="how many pairs")
     ioi_parser.add_argument("file", help="the file to write (.jsonl or .csv)")
-    ioi_parser.add_argument("--seed", type=int, default=0, help="seed of the names, places and objects")
+    ioi_parser.add_argument("--seed", type=SEED, default=0, help="seed of the names, places and objects")
     ioi_parser.add_argument("--corruption", default="swap", choices=["swap", "abc"],
                             help="swap: the two names exchanged; abc: three other names")
     ioi_parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
     demo_parser = _command(commands, "demo", "load a model and print its top next tokens", out=None)
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
-    demo_parser.add_argument("--top", type=int, default=5, help="how many tokens to show")
+    demo_parser.add_argument("--top", type=_count(1, 1000), default=5, help="how many tokens to show")
     return parser
 
 
+COMMANDS = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
+            "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
+            "demo": demo, "ioi-pairs": ioi}
+
+
+def _check_writable(args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output folder (or a file's folder) that cannot be written:
+    an error after a sweep has run would lose it."""
+    if getattr(args, "out", None) is not None:
+        where = [(Path(args.out), "--out")]
+    elif args.command == "ioi-pairs":
+        where = [(Path(args.file).parent, "FILE's folder")]
+    elif args.command == "train-lens" and args.save:
+        where = [(Path(args.save).parent, "--save's folder")]
+    else:
+        return
+    for folder, flag in where:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OutputPathError(f"{flag} {str(folder)!r} cannot be written to ({err.strerror or err}); "
+                                  "give a folder you can write to.") from None
+
+
+def _in_flags(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """An error message of the library with its keyword arguments (`length=`, `overwrite=True`)
+    named as the command's flags (`--length`, `--overwrite`)."""
+    sub = next(action for action in parser._subparsers._group_actions).choices[command]
+    for action in sub._actions:
+        long = [option for option in action.option_strings if option.startswith("--")]
+        if not long or action.dest == "help":
+            continue
+        message = message.replace(f"{action.dest}=True", long[0])
+        message = re.sub(rf"\b{action.dest}=", f"{long[0]} ", message)
+    return message
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_writable(args)
+    return COMMANDS[args.command](args)
+
+
+class _InterruptWatch:
+    """Ctrl-C that ends the command at once, with one line and exit status 130, even while MLX
+    computes. Python runs a signal handler only when the main thread returns to the interpreter,
+    which a long MLX evaluation delays by seconds; but its C-level handler writes the signal to a
+    wakeup file descriptor at once. A thread that does nothing but wait on that descriptor (it
+    never touches MLX) prints the line, removes half-written files and ends the process."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __enter__(self) -> _InterruptWatch:
+        self.read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        self.previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        self.previous_fd = signal.set_wakeup_fd(self.write)
+        threading.Thread(target=self._wait, name="mlxterp Ctrl-C", daemon=True).start()
+        return self
+
+    def _wait(self) -> None:
+        while True:
+            received = os.read(self.read, 16)
+            if not received:  # the command ended and closed the pipe
+                os.close(self.read)
+                return
+            if signal.SIGINT in received:
+                remove_partial_files()
+                sys.stdout.flush()
+                print(f"\nmlxterp {self.command}: interrupted", file=sys.stderr, flush=True)
+                os._exit(130)
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self.previous_fd)
+        signal.signal(signal.SIGINT, self.previous_handler)
+        os.close(self.write)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; Ctrl-C ends it at once (`_InterruptWatch`); errors end it with one line,
+    not a traceback (MLXTERP_TRACEBACK=1 shows the traceback of an unexpected one)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
-        commands = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
-                    "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
-                    "demo": demo, "ioi-pairs": ioi}
-        return commands[args.command](args)
+        if threading.current_thread() is threading.main_thread():
+            with _InterruptWatch(args.command):
+                return _run(args)
+        return _run(args)
     except RankFailedError:  # another rank's error, which that rank prints
         return 2
     except MlxterpError as err:  # our own errors already say what to do: no traceback
+        print(f"mlxterp {args.command}: error: {_in_flags(str(err), parser, args.command)}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"mlxterp {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if os.environ.get("MLXTERP_TRACEBACK") == "1":
+            raise
+        print(f"mlxterp {args.command}: internal error: {type(err).__name__}: {err}\n"
+              "This is a bug in mlxterp; run again with MLXTERP_TRACEBACK=1 to see where.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

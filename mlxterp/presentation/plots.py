@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxterp.experiments.pipeline.results import site_label
-from mlxterp.paths import numbered, output_path
+from mlxterp.paths import numbered, output_path, write_atomically
 from mlxterp.presentation.tables import METHOD_NAMES
 
 SUFFIXES = {".png", ".pdf", ".svg"}
@@ -194,7 +194,7 @@ def _show_or_save(fig, path: Path | None, stem: str):
         # A token in a script the font lacks (a lens cell in Chinese) is drawn as a box; one
         # warning per glyph would bury what the script prints.
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
-        fig.savefig(path, dpi=130)
+        write_atomically(Path(path), lambda temporary: fig.savefig(temporary, dpi=130))
     print(f"plot saved to {path}")
     return fig
 

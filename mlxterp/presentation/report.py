@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from mlxterp.experiments.pipeline.results import site_label
-from mlxterp.paths import output_path
+from mlxterp.paths import output_path, write_atomically
 from mlxterp.presentation.plots import color_limit, position_labels, title
 
 
@@ -186,6 +186,6 @@ def write_html(result, path: str | Path, overwrite: bool = False) -> Path:
         ("model", provenance.get("model")), ("dtype", provenance.get("dtype")),
         ("mlxterp", provenance.get("mlxterp")), ("MLX", provenance.get("mlx"))) if value)
     data = json.dumps(_payload(result)).replace("</", "<\\/")  # no early end of the script tag
-    path.write_text(_PAGE.format(title=html.escape(title(result)), meta=html.escape(meta),
-                                 prompts=_prompt_html(result), data=data), encoding="utf-8")
-    return path
+    page = _PAGE.format(title=html.escape(title(result)), meta=html.escape(meta),
+                        prompts=_prompt_html(result), data=data)
+    return write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))

@@ -29,7 +29,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlxterp.errors import InputError, InputTypeError
+from mlxterp.experiments.pipeline.options import DEFAULT_MEMORY_BUDGET
 from mlxterp.experiments.pipeline.results import draw, provenance, read_json, write_json
+from mlxterp.models.identity import context_length
 from mlxterp.tracing.attention import attention_layouts
 from mlxterp.tracing.inputs import Inputs
 
@@ -80,6 +82,23 @@ def repeated_random_tokens(model, length: int = 25, batch: int = 4, seed: int = 
     if bos is not None:
         rows = np.concatenate([np.full((batch, 1), bos), rows], axis=1)
     return rows
+
+
+def _check_size(model, shape: tuple[int, int], heads: int) -> None:
+    """Refuse, before any forward pass, rows longer than the model's context or whose attention
+    patterns (float32, every head of every layer) would not fit the memory budget."""
+    batch, length = shape
+    context = context_length(model.model)
+    if context is not None and length > context:
+        raise InputError(f"{length} tokens per row is longer than the model's context of {context}; "
+                         f"give a length of at most {(context - 1) // 2} random tokens (repeated once).")
+    needed = 4 * batch * heads * length * length
+    if needed > DEFAULT_MEMORY_BUDGET:
+        fits = int((DEFAULT_MEMORY_BUDGET / (4 * batch * heads)) ** 0.5)
+        raise InputError(f"the attention patterns of {batch} rows of {length} tokens take "
+                         f"{needed / 2**30:.1f} GiB, over the {DEFAULT_MEMORY_BUDGET / 2**30:.0f} GiB "
+                         f"budget; give at most {fits} tokens per row ({(fits - 1) // 2} random tokens "
+                         "repeated once), or fewer rows.")
 
 
 @dataclass
@@ -164,6 +183,7 @@ def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: i
         rows = np.array(model._tokens(tokens))
         text = "given tokens"
     layouts = attention_layouts(model.tree)
+    _check_size(model, rows.shape, sum(layout.n_heads for layout in layouts))
     with model.trace(mx.array(rows), capture=[layout.key for layout in layouts]) as trace:
         patterns = [trace.activations[layout.key] for layout in layouts]
         mx.eval(patterns)

@@ -27,7 +27,7 @@ from mlxterp.errors import InputTypeError, SteeringVectorError
 from mlxterp.experiments.pipeline.sites import block_component_key, check_component, check_layer
 from mlxterp.interventions import add_vector
 from mlxterp.models.identity import model_name, weights_sha256
-from mlxterp.paths import output_path
+from mlxterp.paths import output_path, write_atomically
 from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.trace import Intervention
 
@@ -115,8 +115,8 @@ class SteeringVector:
                     "blocks": self.blocks, "n_layers": str(self.n_layers), "model": self.model,
                     "model_sha256": self.model_sha256, "pairs": str(self.pairs),
                     "position": str(self.position)}
-        mx.save_safetensors(str(path), {"vector": self.vector}, metadata=metadata)
-        return path
+        return write_atomically(path, lambda temporary: mx.save_safetensors(
+            str(temporary), {"vector": self.vector}, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path, model) -> SteeringVector:

@@ -35,7 +35,7 @@ from mlxterp.errors import InputTypeError, LensError
 from mlxterp.experiments.analyses.lenses import Unembedding, kl_to_final
 from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.models.load import cache_dir
-from mlxterp.paths import output_path
+from mlxterp.paths import output_path, write_atomically
 
 
 class TunedLens(nn.Module):
@@ -83,8 +83,8 @@ class TunedLens(nn.Module):
         path = output_path(path, {".safetensors"}, overwrite)
         metadata = {"n_layers": str(self.n_layers), "width": str(self.width), "model": self.model,
                     "model_sha256": self.model_sha256, "trained_on": json.dumps(self.trained_on)}
-        mx.save_safetensors(str(path), dict(tree_flatten(self.parameters())), metadata=metadata)
-        return path
+        return write_atomically(path, lambda temporary: mx.save_safetensors(
+            str(temporary), dict(tree_flatten(self.parameters())), metadata=metadata))
 
     @staticmethod
     def default_path(model) -> Path:

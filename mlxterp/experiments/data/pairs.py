@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mlxterp.errors import InputError, InputTypeError
 from mlxterp.experiments.data.corruption import Noise
-from mlxterp.paths import output_path
+from mlxterp.paths import output_path, write_atomically
 from mlxterp.tracing.inputs import is_index
 
 COLUMNS = ("clean", "corrupted", "answer", "wrong_answer")
@@ -191,14 +191,17 @@ def save_pairs(pairs: Sequence[PromptPair], path: str | Path, overwrite: bool = 
     pairs = load_pairs(pairs)
     target = output_path(path, set(FORMATS), overwrite)
     rows = [asdict(pair) for pair in pairs]
-    if target.suffix == ".csv":
-        with target.open("w", newline="") as file:
-            writer = csv.DictWriter(file, [f.name for f in fields(PromptPair)])
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        target.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return target
+
+    def write(temporary: Path) -> None:
+        if target.suffix == ".csv":
+            with temporary.open("w", newline="") as file:
+                writer = csv.DictWriter(file, [f.name for f in fields(PromptPair)])
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    return write_atomically(target, write)
 
 
 # Indirect object identification (Wang et al. 2022): the first clause names two people, the

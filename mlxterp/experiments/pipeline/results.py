@@ -24,7 +24,7 @@ from mlxterp.errors import InputError, ResultFormatError
 from mlxterp.experiments.data.pairs import PromptPair
 from mlxterp.experiments.pipeline.plan import SweepValues
 from mlxterp.models.identity import fingerprint, model_name
-from mlxterp.paths import output_path
+from mlxterp.paths import output_path, write_atomically
 from mlxterp.version import __version__
 
 # Of the JSON. 4: one record per site (labels and "location"), recoveries computed from the
@@ -315,7 +315,8 @@ def write_json(result, path: str | Path | None, overwrite: bool) -> str:
         data[name] = value
     text = json.dumps(data, indent=1)
     if path is not None:
-        output_path(path, {".json"}, overwrite).write_text(text)
+        target = output_path(path, {".json"}, overwrite)
+        write_atomically(target, lambda temporary: temporary.write_text(text))
     return text
 
 
