@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from mlxterp.errors import OutputPathError, ResultFormatError
 from mlxterp.experiments.pipeline.results import PatchingResult
-from mlxterp.presentation.plots import color_limit
+from mlxterp.presentation.plots import color_limit, layer_ticks, token_text, wrap_title
 
 NAMES = ("When Mary and John went to the store, John gave a drink to",
          "When John and Mary went to the store, Mary gave a drink to")
@@ -119,7 +119,7 @@ def test_positions_mark_where_the_prompts_differ(wrapped, tmp_path):
     fig = result.plot(tmp_path / "positions.pdf")
     labels = fig.axes[0].get_xticklabels()
     marked = {label.get_text() for label in labels if label.get_color() != "black"}
-    assert marked == {"1 ' Mary' / ' John'", "3 ' John' / ' Mary'", "9 ' John' / ' Mary'"}
+    assert marked == {"1 \u2423Mary / \u2423John", "3 \u2423John / \u2423Mary", "9 \u2423John / \u2423Mary"}
     assert (tmp_path / "positions.pdf").read_bytes().startswith(b"%PDF")
 
 
@@ -150,3 +150,36 @@ def test_several_pairs_have_error_bars_and_file_names_never_collide(wrapped, tmp
         "mlxterp-patching-mlp-layer-kl-2.png", "mlxterp-patching-mlp-layer-kl.png"]
     with pytest.raises(OutputPathError, match="'.jpg'; use one of .pdf, .png, .svg"):
         result.plot(tmp_path / "figure.jpg")
+
+
+def test_tokens_in_figures_show_their_whitespace_and_draw_no_boxes():
+    assert token_text(" Paris") == "\u2423Paris" != token_text("Paris")  # a leading space is seen
+    assert token_text("\n\n") == "\u21b5\u21b5" and token_text(" ") == "\u2423" and token_text("") == "\u2205"
+    assert token_text("\u4e2d") == "\\u4e2d"  # the default font has no glyph: an escape, not a box
+    assert token_text("caf\u00e9") == "caf\u00e9" and token_text("abcdefghij", 5) == "abcd\u2026"
+
+
+def test_every_layer_is_labelled_up_to_40():
+    assert list(layer_ticks(30)) == list(range(30)) and list(layer_ticks(40)) == list(range(40))
+    assert list(layer_ticks(48)) == list(range(0, 48, 2))
+
+
+def test_titles_break_between_words_never_inside_a_quoted_prompt():
+    prompt = "When Mary and John went to the store, John gave a drink to"
+    other = prompt.replace("Mary", "Ann")
+    text = f"Patching mlp over layer, kl, denoise, smollm2-135m: {prompt!r} -> {other!r}"
+    lines = wrap_title(text, 50)
+    assert " ".join(lines) == text
+    assert all(line.count("'") % 2 == 0 for line in lines)  # every quote closes on its own line
+    assert all(len(line) <= 50 or line.startswith("'") for line in lines)
+
+
+def test_lens_cells_of_whitespace_tokens_are_visible(wrapped, tmp_path):
+    result = wrapped.logit_lens("def f():\n    return 1\n\n\ndef g():")
+    fig = result.plot(tmp_path / "lens.png")
+    cells = [text.get_text() for text in fig.axes[0].texts]
+    whitespace = [cell[0] for row in result.top_tokens for cell in row if not cell[0].strip()]
+    assert whitespace, "the prompt should make some layer predict a whitespace token"
+    assert "" not in cells and all(token_text(token, 8) in cells for token in whitespace)
+    ticks = [label.get_text() for label in fig.axes[0].get_yticklabels()]
+    assert ticks == [str(layer) for layer in result.layers]  # every one of the 30 layers

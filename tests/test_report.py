@@ -114,3 +114,36 @@ def test_tens_of_thousands_of_sites_still_open(browser, tmp_path, capsys):
     assert hover(browser, len(sites) - 1).startswith("L31 H31 pos 39")
     with capsys.disabled():
         print(f"\n{len(sites)} sites: {path.stat().st_size / 2**20:.1f} MiB, opened in {seconds:.1f} s")
+
+
+def test_every_axis_label_is_inside_its_drawing_and_the_page(browser, tmp_path):
+    """The rotated position labels of a layer x position sweep were clipped on the left (and
+    long ones at the bottom); every text of both views now lies inside its svg (what the svg
+    clips) and the page, as laid out. Long tokens where the prompts differ make long labels."""
+    tokens = [" supercalifragilistic", " expialidocious", " and", " so", " on"]
+    corrupted = [" antidisestablishment", " arianism", " and", " so", " on"]
+    sites = [{"layer": layer, "position": p} for layer in range(3) for p in range(5)]
+    values = SweepValues.empty(1, len(sites))
+    values.corrupted[:] = 1.0
+    values.patched[0] = np.linspace(0.2, 1.0, len(sites))
+    result = PatchingResult(sites=sites, over=("layer", "position"), component="input", metric="kl",
+                            direction="denoise", metric_values=values, clean=["".join(tokens)],
+                            corrupted=["".join(corrupted)], tokens=[tokens], corrupted_tokens=[corrupted])
+    open_report(browser, result.to_html(tmp_path / "report.html"))
+    outside = browser.execute_script("""
+        const bad = [];
+        for (const view of ["grid", "ranking"]) {
+          document.getElementById(view).style.display = "";
+          const page = document.documentElement.scrollWidth;
+          for (const svg of document.querySelectorAll(`#${view} svg`)) {
+            const frame = svg.getBoundingClientRect();
+            for (const text of svg.querySelectorAll("text")) {
+              const r = text.getBoundingClientRect();
+              if (r.left < Math.max(frame.left, 0) - 0.5 || r.right > Math.min(frame.right, page) + 0.5
+                  || r.top < frame.top - 0.5 || r.bottom > frame.bottom + 0.5) bad.push(text.textContent);
+            }
+          }
+        }
+        return bad;""")
+    labels = browser.execute_script("return document.querySelectorAll('#grid svg text').length")
+    assert labels == 3 + 5 and outside == []

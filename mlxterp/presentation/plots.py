@@ -15,9 +15,10 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -37,6 +38,48 @@ def _in_notebook() -> bool:
     shell = sys.modules.get("IPython")
     ipython = shell.get_ipython() if shell is not None else None
     return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+
+
+VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}  # ␣ ↵ ⇥ ␍
+MOST_LABELLED_LAYERS = 40  # up to this many layers, every layer has its tick label
+
+
+def token_text(token: str, width: int | None = None) -> str:
+    """A token as a figure shows it: every space, newline and tab visible (' Paris' is
+    '␣Paris', never 'Paris'), an empty token '∅', and characters the figure's font cannot draw
+    as escapes (\u4e2d) instead of boxes; cut to `width` characters with '…'.
+
+    Example:
+        >>> token_text(" Paris"), token_text("\n"), token_text("中")
+        ('␣Paris', '↵', '\\u4e2d')
+    """
+    text = "".join(VISIBLE.get(c, c if c.isprintable() and _drawable(c) else _escape(c)) for c in token)
+    text = text or "\u2205"
+    return text if width is None or len(text) <= width else text[:width - 1] + "\u2026"
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+@functools.cache
+def _drawable(character: str) -> bool:
+    """Whether the figures' font has a glyph for `character` (matplotlib draws a box otherwise)."""
+    return _font().get_char_index(ord(character)) != 0
+
+
+@functools.cache
+def _font():
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return FT2Font(font_manager.findfont(font_manager.FontProperties()))  # the default font
+
+
+def layer_ticks(count: int) -> range:
+    """Which of `count` layers get a tick label: all up to 40, else evenly spaced."""
+    return range(0, count, max(1, math.ceil(count / MOST_LABELLED_LAYERS)))
 
 
 def _figure(width: float, height: float):
@@ -60,10 +103,35 @@ def title(result) -> str:
             f"{result.direction}{', ' + model if model else ''}: {prompts}")
 
 
+# A quoted prompt (as repr writes it) or a word: titles break between these, never inside one.
+_TITLE_PIECES = re.compile(r"""'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+""")
+
+
+def wrap_title(text: str, characters: int) -> list[str]:
+    """`text` in lines of at most `characters`, broken between words and never inside a quoted
+    prompt (a quoted prompt longer than a line has a line of its own).
+
+    Example:
+        >>> wrap_title("Patching mlp: 'When Mary and John went' -> 'When John'", 30)
+        ['Patching mlp:', "'When Mary and John went' ->", "'When John'"]
+    """
+    lines, line = [], ""
+    for piece in _TITLE_PIECES.findall(text):
+        if line and len(line) + 1 + len(piece) > characters:
+            lines.append(line)
+            line = piece
+        else:
+            line = f"{line} {piece}" if line else piece
+    return [*lines, line] if line else lines
+
+
 def _set_title(fig, text: str, width_inches: float) -> None:
-    """A title wrapped to the figure's width, so long prompts stay inside it."""
+    """A title wrapped to the figure's width, so long prompts stay inside it; a quoted prompt
+    longer than the width is set smaller rather than broken."""
     characters = max(40, int(width_inches * 13))  # about 13 characters an inch at 9 pt
-    fig.suptitle(textwrap.fill(text, characters), fontsize=9)
+    lines = wrap_title(text, characters)
+    longest = max(map(len, lines))
+    fig.suptitle("\n".join(lines), fontsize=9 * min(1.0, characters / longest))
 
 
 def color_limit(values: np.ndarray) -> float:
@@ -79,7 +147,8 @@ def position_labels(result, positions: list[int]) -> tuple[list[str], list[bool]
         clean = result.tokens[0][p] if result.tokens else ""
         corrupted = result.corrupted_tokens[0][p] if result.corrupted_tokens else clean
         differ.append(clean != corrupted)
-        labels.append(f"{p} {clean!r} / {corrupted!r}" if clean != corrupted else f"{p} {clean!r}")
+        labels.append(f"{p} {token_text(clean)} / {token_text(corrupted)}" if clean != corrupted
+                      else f"{p} {token_text(clean)}")
     return labels, differ
 
 
@@ -217,8 +286,8 @@ def effect_panels(panels: list[tuple[str, np.ndarray]], rows: list[str], marked:
         image = ax.imshow(grid, cmap=TRACE_COLORS.get(kind, "Blues"), aspect="auto",
                           vmin=min(0.0, float(np.nanmin(grid))), vmax=max(float(np.nanmax(grid)), 1e-9))
         ax.set_title(name, fontsize=8)
-        step = max(1, len(layers) // 10)
-        ax.set_xticks(range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=7)
+        ticks = layer_ticks(len(layers))
+        ax.set_xticks(ticks, [str(layers[i]) for i in ticks], fontsize=6 if len(layers) > 24 else 7)
         ax.set_xlabel("layer")
         fig.colorbar(image, ax=ax, label=label, shrink=0.8)
     axes[0].set_yticks(range(len(rows)), rows, fontsize=7)
@@ -242,7 +311,7 @@ def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: 
     first = results[0]
     layers, positions = first.axis_values("layer"), first.axis_values("position")
     subject = set(first.corruption.get("positions", []))
-    rows = [f"{first.tokens[0][p]!r}{' *' if p in subject else ''}" for p in positions]
+    rows = [f"{token_text(first.tokens[0][p])}{' *' if p in subject else ''}" for p in positions]
     answer = first.answer_tokens[0][0] if first.answer_tokens else "the answer"
     panels = []
     for result in results:
@@ -264,11 +333,6 @@ def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: 
 # -- lenses and heads ----------------------------------------------------------------------------
 
 
-def _cell_text(token: str, width: int = 8) -> str:
-    text = token.replace("\n", "\\n")
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
 def plot_lens(result, path: str | Path | None = None, overwrite: bool = False):
     """The lens grid: layers up the side (last on top), positions across labelled with the input
     tokens, each cell the top token, coloured by its probability (0 to 1).
@@ -284,13 +348,13 @@ def plot_lens(result, path: str | Path | None = None, overwrite: bool = False):
     ax = fig.subplots()
     image = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
     for (row, column), prob in np.ndenumerate(probs):
-        ax.text(column, row, _cell_text(result.top_tokens[row][column][0]), ha="center", va="center",
+        ax.text(column, row, token_text(result.top_tokens[row][column][0], 8), ha="center", va="center",
                 fontsize=6, color="white" if prob > 0.6 else "black")
     ax.set_xticks(range(len(result.positions)),
-                  [_cell_text(repr(result.tokens[p])[1:-1], 10) for p in result.positions],
+                  [token_text(result.tokens[p], 10) for p in result.positions],
                   rotation=60, ha="right", fontsize=7)
-    step = max(1, len(result.layers) // 15)
-    ax.set_yticks(range(0, len(result.layers), step), [str(x) for x in result.layers[::step]], fontsize=7)
+    ticks = layer_ticks(len(result.layers))
+    ax.set_yticks(ticks, [str(result.layers[i]) for i in ticks], fontsize=7)
     ax.set_xlabel("input token (position)")
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="probability of the top token", shrink=0.8)
@@ -320,8 +384,8 @@ def plot_heads(result, path: str | Path | None = None, overwrite: bool = False):
         ax.set_title(kind, fontsize=8)
         ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)], fontsize=7)
         ax.set_xlabel("head")
-    step = max(1, n_layers // 15)
-    axes[0].set_yticks(range(0, n_layers, step), [str(x) for x in range(0, n_layers, step)], fontsize=7)
+    ticks = layer_ticks(n_layers)
+    axes[0].set_yticks(ticks, [str(x) for x in ticks], fontsize=7)
     axes[0].set_ylabel("layer")
     fig.colorbar(image, ax=axes, label="attention on the kind's target tokens", shrink=0.8)
     model = result.provenance.get("model", "")

@@ -120,13 +120,16 @@ function label(parent, x, y, text, anchor, rotate) {{
   if (rotate) t.setAttribute("transform", `rotate(${{rotate}} ${{x}} ${{y}})`);
   t.textContent = text;
 }}
+function fit(svg, group) {{  // the drawing moved and the svg sized so that every label is inside it
+  const box = group.getBBox();
+  group.setAttribute("transform", `translate(${{4 - box.x}} ${{4 - box.y}})`);
+  svg.setAttribute("width", Math.ceil(box.width + 8));
+  svg.setAttribute("height", Math.ceil(box.height + 8));
+}}
 function drawGrid() {{
   const cell = data.sites.length > 5000 ? 6 : data.sites.length > 1000 ? 14 : 22, left = 70, top = 10;
-  const columns = data.bars ? data.sites.length : data.columns.length;
-  const rows = data.bars ? 1 : data.rows.length;
-  const height = data.bars ? 160 : rows * cell, bottom = data.bars ? 60 : 140;
-  const svg = node("svg", {{width: left + columns * cell + 20, height: top + height + bottom}},
-                   document.getElementById("grid"));
+  const height = data.bars ? 160 : data.rows.length * cell;
+  const frame = node("svg", {{}}, document.getElementById("grid")), svg = node("g", {{}}, frame);
   data.sites.forEach((s, i) => {{
     let el;
     if (data.bars) {{
@@ -144,12 +147,12 @@ function drawGrid() {{
     data.rows.forEach((r, j) => label(svg, left - 4, top + j * cell + cell * 0.7, r, "end"));
     data.columns.forEach((c, j) => label(svg, left + j * cell + cell / 2, top + height + 8, c, "end", -60));
   }}
+  fit(frame, svg);
 }}
 function drawRanking() {{
   const order = data.sites.map((s, i) => i).sort((a, b) => data.sites[b].value - data.sites[a].value);
   const shown = order.slice(0, 200), left = 200, width = 400, row = 16;
-  const svg = node("svg", {{width: left + width + 80, height: shown.length * row + 10}},
-                   document.getElementById("ranking"));
+  const frame = node("svg", {{}}, document.getElementById("ranking")), svg = node("g", {{}}, frame);
   shown.forEach((i, k) => {{
     const s = data.sites[i], w = Math.min(Math.abs(s.value), data.limit) / data.limit * width / 2;
     label(svg, left - 6, k * row + 12, `${{k + 1}}. ${{s.label}}`, "end");
@@ -158,6 +161,9 @@ function drawRanking() {{
     label(svg, left + width + 6, k * row + 12, s.value.toFixed(1) + "%", "start");
     hover(el, i);
   }});
+  document.getElementById("ranking").style.display = "";  // getBBox needs it laid out
+  fit(frame, svg);
+  document.getElementById("ranking").style.display = "none";
 }}
 function show(which) {{
   for (const name of ["grid", "ranking"]) {{
