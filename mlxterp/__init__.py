@@ -56,13 +56,25 @@ from mlxterp.errors import (  # noqa: E402
     UnknownModuleError,
 )
 from mlxterp.experiments.analyses.attribution import verify_top  # noqa: E402
+from mlxterp.experiments.analyses.causal_tracing import (  # noqa: E402
+    TokenClassSummary,
+    answered_facts,
+    token_class_summary,
+)
 from mlxterp.experiments.analyses.generation import Generation  # noqa: E402
 from mlxterp.experiments.analyses.heads import HeadScores  # noqa: E402
 from mlxterp.experiments.analyses.lenses import LensResult  # noqa: E402
 from mlxterp.experiments.analyses.steering import SteeringVector  # noqa: E402
 from mlxterp.experiments.analyses.tuned_lens import TunedLens, train_tuned_lens  # noqa: E402
 from mlxterp.experiments.data.corruption import Ablate, Noise  # noqa: E402
-from mlxterp.experiments.data.pairs import Fact, PromptPair, ioi_pairs, load_pairs, save_pairs  # noqa: E402
+from mlxterp.experiments.data.pairs import (  # noqa: E402
+    Fact,
+    PromptPair,
+    ioi_pairs,
+    load_facts,
+    load_pairs,
+    save_pairs,
+)
 from mlxterp.experiments.pipeline.options import SweepOptions  # noqa: E402
 from mlxterp.experiments.pipeline.results import PatchingResult  # noqa: E402
 from mlxterp.experiments.pipeline.sweep import answered_pairs  # noqa: E402
@@ -78,7 +90,8 @@ __all__ = [
     "interventions", "Site", "SiteGroup",
     # experiments: options, data, results
     "SweepOptions", "PromptPair", "Fact", "ioi_pairs", "answered_pairs", "load_pairs", "save_pairs",
-    "Noise", "Ablate", "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens",
+    "Noise", "Ablate", "load_facts", "answered_facts", "token_class_summary", "TokenClassSummary",
+    "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens",
     "HeadScores", "SteeringVector", "Generation",
     # errors and warnings
     "MlxterpError", "InputError", "InputTypeError", "SiteError", "MetricError", "BaselineError",

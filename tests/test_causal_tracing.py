@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from conftest import assert_model_untouched, parameters_snapshot
 
-from mlxterp import Fact, InterpretableModel
+from mlxterp import Fact, InterpretableModel, TokenClassSummary, answered_facts, token_class_summary
 from mlxterp.errors import BaselineError, InputError, InputTypeError
+from mlxterp.experiments.analyses.causal_tracing import TOKEN_CLASSES, token_classes
 from mlxterp.experiments.data.corruption import Ablate, Noise, embedding_statistics, subject_positions
 from mlxterp.experiments.pipeline.results import PatchingResult
 from mlxterp.experiments.pipeline.sites import site_at
 from mlxterp.presentation import cli
-from mlxterp.presentation.plots import plot_causal_trace
+from mlxterp.presentation.plots import plot_causal_trace, plot_token_classes
 from mlxterp.tracing.names import Site, SiteGroup
 
 PROMPT, SUBJECT, ANSWER = "The iPhone is made by", "The iPhone", " Apple"  # 5 tokens
@@ -238,3 +239,43 @@ def test_facts_trace_each_as_alone(wrapped):
         wrapped.causal_trace(pairs=facts, answer=ANSWER)
     with pytest.raises(InputTypeError, match="give a Fact, a dict or a tuple"):
         wrapped.causal_trace(pairs=[3])
+
+
+def test_token_classes_follow_the_paper():
+    classes = token_classes((1, 2, 3), 8)  # a BOS, a three-token subject, four more tokens
+    assert classes == {"first subject token": [1], "middle subject tokens": [2], "last subject token": [3],
+                       "first subsequent token": [4], "further tokens": [5, 6], "last token": [7]}
+    one = token_classes((0,), 2)  # a one-token subject right before the last token
+    assert one["first subject token"] == one["last subject token"] == [0] and one["further tokens"] == []
+
+
+def test_the_summary_over_facts_averages_each_class_as_computed_by_hand(wrapped, tmp_path):
+    facts = [Fact(PROMPT, Noise(SUBJECT, samples=2), ANSWER),
+             Fact("The Eiffel Tower is located in the city of", Noise("The Eiffel Tower", samples=2))]
+    results = wrapped.causal_trace(pairs=facts, kind="hidden")
+    summary = token_class_summary(results)
+    assert summary.classes == list(TOKEN_CLASSES) and summary.samples == 2 and len(summary.prompts) == 2
+    for f, result in enumerate(results):  # by hand: the effect at each class's positions, averaged
+        effect = result.effect.mean(axis=0).reshape(len(summary.layers), len(result.tokens[0]))
+        classes = token_classes(result.corruption["positions"], effect.shape[1])
+        for c, positions in enumerate(classes.values()):
+            expected = effect[:, positions].mean(axis=1) if positions else np.full(effect.shape[0], np.nan)
+            np.testing.assert_array_equal(summary.effect[f, c], expected)
+    low, high = summary.interval()
+    finite = np.isfinite(summary.mean)
+    assert np.all(low[finite] <= summary.mean[finite] + 1e-12)
+    assert np.all(summary.mean[finite] <= high[finite] + 1e-12)
+    again = TokenClassSummary.from_json(summary.to_json())
+    np.testing.assert_array_equal(again.effect, summary.effect)
+    fig = plot_token_classes([summary], tmp_path / "facts.png")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "first subject token (2)"
+    with pytest.raises(InputError, match="summarises causal traces"):
+        token_class_summary([wrapped.patching_sweep("The capital of France is", "The capital of Italy is")])
+
+
+def test_answered_facts_keep_what_the_model_knows(wrapped):
+    facts = [Fact("The capital of France is", "France", " Paris"),
+             Fact("The capital of France is", "France", " Rome")]
+    assert answered_facts(wrapped, facts) == facts[:1]
+    with pytest.raises(InputError, match="has no answer"):
+        answered_facts(wrapped, [Fact("The capital of France is", "France")])

@@ -330,6 +330,26 @@ def plot_causal_trace(results: list, path: str | Path | None = None, overwrite: 
     return _show_or_save(fig, path, f"mlxterp-causal-trace-{model}")
 
 
+def plot_token_classes(summaries: list, path: str | Path | None = None, overwrite: bool = False):
+    """The paper's summary figure (fig. 2): for each kind (`TokenClassSummary`), the mean
+    indirect effect over facts by token class (rows, the subject's marked) x layer.
+
+    Example:
+        >>> plot_token_classes([token_class_summary(r) for r in (hidden, mlp, attn)], "facts.png")
+    """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
+    first = summaries[0]
+    model = first.provenance.get("model", "")
+    text = (f"Causal tracing{', ' + model if model else ''}: mean indirect effect on P(answer) over "
+            f"{len(first.prompts)} facts ({first.samples} noise samples each)")
+    rows = [f"{name} ({count})" for name, count in zip(first.classes, first.facts_per_class, strict=True)]
+    fig = effect_panels([(summary.kind, summary.mean) for summary in summaries], rows,
+                        ["subject" in name for name in first.classes], first.layers, text,
+                        "mean indirect effect")
+    return _show_or_save(fig, path, f"mlxterp-causal-tracing-facts-{model}")
+
+
 # -- lenses and heads ----------------------------------------------------------------------------
 
 

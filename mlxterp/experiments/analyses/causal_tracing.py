@@ -15,9 +15,13 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from mlxterp.errors import InputError, InputTypeError
 from mlxterp.experiments.data.corruption import Noise, describe, make_corruption
@@ -25,7 +29,7 @@ from mlxterp.experiments.data.pairs import Fact, load_facts
 from mlxterp.experiments.pipeline.metrics import probability
 from mlxterp.experiments.pipeline.options import SweepOptions
 from mlxterp.experiments.pipeline.plan import Plan, SweepValues
-from mlxterp.experiments.pipeline.results import PatchingResult
+from mlxterp.experiments.pipeline.results import PatchingResult, read_json, write_json
 from mlxterp.experiments.pipeline.sites import check_component, component_key
 from mlxterp.experiments.pipeline.sweep import Sweep, sweep_result, token_id
 from mlxterp.experiments.runners.engine import run_engine
@@ -159,3 +163,146 @@ def _answer(model, tokens: mx.array, answer: str | int | None) -> int:
     if answer is not None:
         return token_id(model, answer, "answer")
     return int(mx.argmax(model.model(tokens)[0, -1]).item())
+
+
+def answered_facts(model, facts) -> list[Fact]:
+    """The facts whose answer is the model's greedy next token (the facts a causal-tracing study
+    keeps, as the paper does).
+
+    Raises:
+        InputError: a fact without an answer; the errors of `load_facts`.
+
+    Example:
+        >>> facts = [Fact("The Eiffel Tower is in the city of", "The Eiffel Tower", " Paris")]
+        >>> known = answered_facts(model, facts)
+    """
+    kept = []
+    for fact in load_facts(facts):
+        if fact.answer is None:
+            raise InputError(f"fact {fact.prompt!r} has no answer; give one to tell whether the model "
+                             "knows it.")
+        tokens = mx.array([tokenise(model.tokenizer, fact.prompt)])
+        if _answer(model, tokens, None) == token_id(model, fact.answer, "answer"):
+            kept.append(fact)
+    return kept
+
+
+TOKEN_CLASSES = ("first subject token", "middle subject tokens", "last subject token",
+                 "first subsequent token", "further tokens", "last token")
+
+
+def token_classes(subject: Sequence[int], length: int) -> dict[str, list[int]]:
+    """The positions of each of the paper's token classes in a prompt of `length` tokens whose
+    subject is at `subject`. Tokens before the subject belong to none (the paper's prompts begin
+    with it); a one-token subject is both its first and last token.
+
+    Example:
+        >>> token_classes((1, 2, 3), 8)["further tokens"]
+        [5, 6]
+    """
+    last = length - 1
+    after = list(range(subject[-1] + 1, last))
+    return {"first subject token": [subject[0]], "middle subject tokens": list(subject[1:-1]),
+            "last subject token": [subject[-1]], "first subsequent token": after[:1],
+            "further tokens": after[1:], "last token": [last]}
+
+
+@dataclass
+class TokenClassSummary:
+    """Causal tracing over many facts as the paper summarises it (fig. 2): each fact's indirect
+    effect (mean over its noise samples) averaged over the positions of each token class, per
+    layer; then the mean over facts, with a bootstrap interval over facts.
+
+    `effect[fact, class, layer]` is NaN where a fact has no token of that class.
+    """
+
+    kind: str
+    classes: list[str]
+    layers: list[int]
+    effect: np.ndarray  # (facts, classes, layers)
+    prompts: list[str]
+    samples: int
+    provenance: dict = field(default_factory=dict)
+
+    ARRAYS = {"effect": np.float64}
+
+    @property
+    def mean(self) -> np.ndarray:
+        """(classes, layers): the mean indirect effect over the facts that have the class."""
+        with np.errstate(invalid="ignore"):
+            return np.nanmean(self.effect, axis=0)
+
+    @property
+    def facts_per_class(self) -> list[int]:
+        return np.isfinite(self.effect[:, :, 0]).sum(axis=0).tolist()
+
+    def interval(self, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> np.ndarray:
+        """(2, classes, layers): a bootstrap percentile interval of `mean`, facts resampled.
+
+        Example:
+            >>> low, high = summary.interval()
+        """
+        if not 0 < confidence < 1:
+            raise InputError(f"confidence={confidence!r}: give a fraction between 0 and 1, e.g. 0.95.")
+        facts = self.effect.shape[0]
+        draws = np.random.default_rng(seed).integers(0, facts, size=(resamples, facts))
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample without a class: NaN
+            means = np.nanmean(self.effect[draws], axis=1)
+        tail = (1 - confidence) / 2 * 100
+        return np.nanpercentile(means, [tail, 100 - tail], axis=0)
+
+    def __str__(self) -> str:
+        low, high = self.interval()
+        mean = self.mean
+        lines = [f"{self.kind}: mean indirect effect on P(answer) over {len(self.prompts)} facts "
+                 f"({self.samples} noise samples each), peak per token class, 95% interval over facts"]
+        for i, (name, count) in enumerate(zip(self.classes, self.facts_per_class, strict=True)):
+            if count:
+                layer = int(np.nanargmax(mean[i]))
+                lines.append(f"  {name:<24} {mean[i, layer]:.3f} [{low[i, layer]:.3f}, "
+                             f"{high[i, layer]:.3f}] at layer {self.layers[layer]:>2} ({count} facts)")
+        return "\n".join(lines)
+
+    def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
+        """The summary as JSON (written to `path` when given); `from_json` reads it back."""
+        return write_json(self, path, overwrite)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> TokenClassSummary:
+        """Read a summary written by `to_json` (JSON text or a file path)."""
+        return read_json(cls, text_or_path)
+
+
+def token_class_summary(results: Sequence[PatchingResult]) -> TokenClassSummary:
+    """The paper's summary of one kind's causal traces of many facts (`causal_trace(pairs=...)`
+    or one call per fact): the indirect effect by token class x layer, averaged over facts.
+
+    Raises:
+        InputError: no results, results of different kinds or models, or results that are not
+        causal traces.
+
+    Example:
+        >>> traces = model.causal_trace(pairs=answered_facts(model, facts), kind="mlp")
+        >>> print(token_class_summary(traces))
+    """
+    if not results:
+        raise InputError("give the causal traces of at least one fact.")
+    if any(r.metric != "prob" or r.corruption.get("kind") != "noise" for r in results):
+        raise InputError("token_class_summary summarises causal traces (metric 'prob', noised subject).")
+    kinds = {r.component for r in results}
+    models = {r.provenance.get("model_sha256") for r in results}
+    if len(kinds) > 1 or len(models) > 1:
+        raise InputError(f"summarise one kind of one model at a time; got kinds {sorted(kinds)}.")
+    layers = results[0].axis_values("layer")
+    effect = np.full((len(results), len(TOKEN_CLASSES), len(layers)), np.nan)
+    for f, result in enumerate(results):
+        grid = np.full((len(layers), len(result.tokens[0])), np.nan)
+        for site, value in zip(result.sites, result.effect.mean(axis=0), strict=True):
+            grid[site["layer"], site["position"]] = value
+        classes = token_classes(result.corruption["positions"], grid.shape[1])
+        for c, name in enumerate(TOKEN_CLASSES):
+            if classes[name]:
+                effect[f, c] = grid[:, classes[name]].mean(axis=1)
+    return TokenClassSummary(results[0].component, list(TOKEN_CLASSES), layers, effect,
+                             [r.clean[0] for r in results], len(results[0].clean), results[0].provenance)
