@@ -165,8 +165,7 @@ def blas_status() -> BlasStatus:
     in effect rather than what was attempted. It never imports mlx itself and
     runs no computation.
 
-    Raises:
-        Nothing: an unreadable library list reports the BLAS as unknown.
+    It raises nothing: an unreadable library list reports the BLAS as unknown.
     """
     mlx_imported = "mlx.core" in sys.modules
     if sys.platform == "darwin":

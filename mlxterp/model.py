@@ -100,9 +100,11 @@ class InterpretableModel:
                 that in `capture` records one layer's.
 
         Raises:
-            InputTypeError / InputError: inputs or keys of the wrong type or value;
-            UnknownModuleError: a key that names no module, or several; NotReachedError: an
-            intervention whose module never ran; TraceError: a trace inside another.
+            InputTypeError: inputs or keys of the wrong type.
+            InputError: inputs that cannot run (empty, of different token lengths).
+            UnknownModuleError: a key that names no module, or several.
+            NotReachedError: an intervention whose module never ran.
+            TraceError: a trace inside another.
 
         Example:
             >>> with model.trace(corrupted, interventions={"layers.10.mlp": iv.zero_out}):
@@ -121,7 +123,8 @@ class InterpretableModel:
         over every forward pass since it was made (as in generation, which uses it).
 
         Raises:
-            The errors of `trace` for the keys; TraceError: interventions installed twice.
+            UnknownModuleError: a key that names no module, or several.
+            TraceError: interventions installed inside a trace or other installed interventions.
 
         Example:
             >>> with model.intervening({"layers.6": iv.add_vector(1.0 * v)}):
@@ -167,8 +170,7 @@ class InterpretableModel:
     def module_names(self) -> list[str]:
         """Full names of every module, in tree order.
 
-        Raises:
-            Nothing.
+        It raises nothing.
         """
         return list(self.tree.modules)
 
@@ -188,7 +190,7 @@ class InterpretableModel:
         """`{layer: recovery %}`; see `mlxterp.experiments.analyses.patching.activation_patching`.
 
         Raises:
-            The errors of `patching_sweep`.
+            InputError: see `patching_sweep`, which lists each case.
 
         Example:
             >>> model.activation_patching("Paris is the capital of France",
@@ -202,8 +204,9 @@ class InterpretableModel:
         """A `PatchingResult`; see `mlxterp.experiments.analyses.patching.patching_sweep`.
 
         Raises:
-            The errors of `patching_sweep`; InputTypeError for an unknown option (naming the
-            closest).
+            InputTypeError: an unknown option (naming the closest), or an argument of the wrong
+                type.
+            InputError: see `patching_sweep`, which lists each case.
 
         Example:
             >>> model.patching_sweep(clean, corrupted, component="input", over=("layer", "position"))
@@ -218,7 +221,7 @@ class InterpretableModel:
         `mlxterp.experiments.analyses.attribution.attribution_patching`.
 
         Raises:
-            The errors of `attribution_patching`.
+            InputError: see `attribution_patching`, which lists each case.
 
         Example:
             >>> model.attribution_patching(clean, corrupted, component="input",
@@ -233,7 +236,7 @@ class InterpretableModel:
         prompt with its subject noised; see `mlxterp.experiments.analyses.causal_tracing.causal_trace`.
 
         Raises:
-            The errors of `causal_trace`.
+            InputError: see `causal_trace`, which lists each case.
 
         Example:
             >>> model.causal_trace("The Eiffel Tower is located in the city of",
@@ -247,7 +250,7 @@ class InterpretableModel:
         `mlxterp.experiments.analyses.lenses.logit_lens` (a tuned lens: `lens=TunedLens.load(...)`).
 
         Raises:
-            The errors of `logit_lens`.
+            LensError: see `logit_lens`, which lists each case.
 
         Example:
             >>> model.logit_lens("The Eiffel Tower is in the city of", target=" Paris").plot()
@@ -260,7 +263,7 @@ class InterpretableModel:
         `HeadScores`; see `mlxterp.experiments.analyses.heads.detect_heads`.
 
         Raises:
-            The errors of `detect_heads`.
+            InputError: see `detect_heads`, which lists each case.
 
         Example:
             >>> model.detect_heads().top("induction", 3)
@@ -273,7 +276,7 @@ class InterpretableModel:
         `mlxterp.experiments.analyses.generation.generate`.
 
         Raises:
-            The errors of `generate`.
+            GenerationError: see `generate`, which lists each case.
 
         Example:
             >>> model.generate("I went to the", max_tokens=20, interventions=v.interventions(1.0)).text
@@ -286,7 +289,7 @@ class InterpretableModel:
         `mlxterp.experiments.analyses.steering.steering_vector`.
 
         Raises:
-            The errors of `steering_vector`.
+            SteeringVectorError: see `steering_vector`, which lists each case.
 
         Example:
             >>> v = model.steering_vector(["I love weddings"], ["I love meetings"], layer=6)
@@ -305,8 +308,8 @@ class InterpretableModel:
         """Token ids of `text`, as the model sees it (with BOS where the model adds one).
 
         Raises:
-            InputTypeError: text that is no string; TraceError: a model wrapped without a
-            tokenizer.
+            InputTypeError: text that is no string.
+            TraceError: a model wrapped without a tokenizer.
         """
         if not isinstance(text, str):
             raise InputTypeError(f"encode takes a string; got {type(text).__name__} {text!r}.")
@@ -332,7 +335,8 @@ class InterpretableModel:
         """Each token of a text (or id list) as its own string.
 
         Raises:
-            The errors of `encode`.
+            InputTypeError: text that is no string.
+            TraceError: a model wrapped without a tokenizer.
         """
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
         return [self.token_to_str(i) for i in ids]

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+import mlx.core as mx
+
 import mlxterp
 from mlxterp import InterpretableModel, Noise, PatchingResult, answered_facts, load_facts, token_class_summary
 from mlxterp.experiments.analyses.causal_tracing import KINDS
@@ -29,22 +31,33 @@ FACTS = ROOT / "tests" / "fixtures" / "facts.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="a bundled name or a .gguf file")
+    parser.add_argument("--name", help="the name results record (default: --model)")
+    parser.add_argument("--dtype", default="float32", help="float32 (as on this CPU), bfloat16, float16")
     parser.add_argument("--samples", type=int, default=10, help="noise samples per fact (the paper: 10)")
     parser.add_argument("--work", type=Path, default=ROOT / "test-artifacts" / "causal-tracing")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--done-only", action="store_true",
+                        help="summarise the facts already traced under --work, trace none")
     args = parser.parse_args()
-    model = InterpretableModel(*mlxterp.load(args.model))
+    base, tokenizer = mlxterp.load(args.model, dtype=args.dtype)
+    if args.name:  # a GGUF copied elsewhere (the GPU machine) records the bundled model's name
+        object.__setattr__(base, "mlxterp_name", args.name)
+    model = InterpretableModel(base, tokenizer)
+    print(f"{args.model} ({args.dtype}) on {mx.default_device()}", flush=True)
     facts = load_facts(json.loads(FACTS.read_text(encoding="utf-8")))
     kept = answered_facts(model, facts)
     print(f"{args.model}: {len(kept)} of {len(facts)} facts answered", flush=True)
-    folder = args.work / f"{args.model}-{args.samples}"
+    folder = args.work / f"{args.name or args.model}-{args.samples}"
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, list[PatchingResult]] = {kind: [] for kind in KINDS}
     for n, fact in enumerate(kept):
-        for kind in KINDS:
-            path = folder / f"fact-{facts.index(fact):03d}-{kind}.json"
+        paths = {kind: folder / f"fact-{facts.index(fact):03d}-{kind}.json" for kind in KINDS}
+        if args.done_only and not all(path.exists() for path in paths.values()):
+            print(f"summarising the {n} facts traced so far")
+            break
+        for kind, path in paths.items():
             if path.exists():
                 result = PatchingResult.from_json(path)
             else:
@@ -57,10 +70,11 @@ def main() -> None:
     for summary in summaries:
         print(f"\n{summary}")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"causal-tracing-{args.model}"
+    stem = args.out / f"causal-tracing-{args.name or args.model}"
     plot_token_classes(summaries, stem.with_suffix(".png"), overwrite=True)
     stem.with_suffix(".json").write_text(json.dumps(
-        {"model": args.model, "samples": args.samples, "facts": len(kept),
+        {"model": args.name or args.model, "dtype": args.dtype, "device": str(mx.default_device()),
+         "samples": args.samples, "facts": len(kept),
          "summaries": [json.loads(summary.to_json()) for summary in summaries]}, indent=1))
     print(f"\nwrote {stem.with_suffix('.png')} and {stem.with_suffix('.json')} "
           f"({time.perf_counter() - started:.0f} s)")

@@ -192,4 +192,5 @@ def public_functions() -> list:
 
 @pytest.mark.parametrize("fn", public_functions(), ids=lambda fn: fn.__qualname__)
 def test_every_public_function_says_what_it_raises(fn):
-    assert "Raises:" in inspect.getdoc(fn)
+    doc = inspect.getdoc(fn)
+    assert "Raises:" in doc or "It raises nothing" in doc

@@ -25,8 +25,7 @@ _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16
 def cache_dir() -> Path:
     """Where converted models live: `$MLXTERP_CACHE`, else `~/.cache/mlxterp`.
 
-    Raises:
-        Nothing: the folder is made on first use by `load`.
+    It raises nothing: the folder is made on first use by `load`.
     """
     return Path(os.environ.get("MLXTERP_CACHE") or "~/.cache/mlxterp").expanduser()
 
@@ -120,8 +119,9 @@ def load(
         `(model, tokenizer)`, the tokenizer being mlx-lm's `TokenizerWrapper`.
 
     Raises:
-        ModelLoadError: a name that is neither bundled nor a local folder or GGUF file,
-        or a file that cannot be converted; InputTypeError: a dtype or name of the wrong type.
+        ModelLoadError: a name that is neither bundled nor a local folder or GGUF file, or a file
+            that cannot be converted.
+        InputTypeError: a dtype or name of the wrong type.
 
     Example:
         >>> model, tokenizer = mlxterp.load("smollm2-135m")

@@ -278,7 +278,7 @@ def effect_panels(panels: list[tuple[str, np.ndarray]], rows: list[str], marked:
     """Causal tracing's figure: one heatmap per kind of state (name, grid (rows, layers)), the
     tokens (or token categories) down the side with the subject's marked, layers across, each
     panel on its own scale from min(0, lowest) to its highest value."""
-    width = 3.2 * len(panels) + 1.2
+    width = max(3.2, 0.13 * len(layers) + 1.2) * len(panels) + 1.2  # room for every layer's label
     fig = _figure(width, max(3.0, 0.22 * len(rows) + 1.8))
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (name, grid) in zip(axes, panels, strict=True):

@@ -51,10 +51,12 @@ def attribution_patching(
         steps: points of the integrated gradients (method "ig").
 
     Raises:
-        The errors of `patching_sweep`; `InputError` for an engine option (max_batch,
-        memory_budget, progress), which estimates do not use, or a bad `method` or `steps`;
-        `GradientError` for a backward pass that overflows; `MetricError` for a metric with a
-        zero gradient everywhere.
+        InputTypeError: an argument of the wrong type, or an unknown option.
+        InputError: a value that cannot work (as for `patching_sweep`), an engine option
+            (max_batch, memory_budget, progress), which estimates do not use, or a bad `method` or
+            `steps`.
+        GradientError: a backward pass that overflows.
+        MetricError: a metric with a zero gradient everywhere.
 
     Example:
         >>> est = attribution_patching(model, clean, corrupted, component="input",
@@ -79,8 +81,9 @@ def verify_top(model, estimate: PatchingResult, k: int, options: SweepOptions | 
     where the estimate's was a callable (a result records only its name).
 
     Raises:
-        The errors of `patching_sweep`; `InputError` for `k` below 1, or for options that
-        would change what the estimate measured (sites, position, direction).
+        InputTypeError: `k` that is no whole number.
+        InputError: `k` below 1, options that would change what the estimate measured (sites,
+            position, direction), or the errors `patching_sweep` lists.
 
     Example:
         >>> exact = verify_top(model, estimate, 10)

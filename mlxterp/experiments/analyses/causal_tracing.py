@@ -106,9 +106,10 @@ def causal_trace(
     effect as a percentage of clean - corrupted.
 
     Raises:
-        InputTypeError: an argument of the wrong type. InputError: a subject that does not occur
-        once in the prompt, an answer that is not one token, noise 0, a window out of range, an
-        option causal tracing does not use.
+        InputTypeError: an argument of the wrong type.
+        InputError: a subject that does not occur once in the prompt, an answer that is not one
+            token, a window out of range, an option causal tracing does not use.
+        BaselineError: noise 0, which leaves nothing to recover.
 
     Example:
         >>> result = causal_trace(model, "The Eiffel Tower is located in the city of",
@@ -170,7 +171,8 @@ def answered_facts(model, facts) -> list[Fact]:
     keeps, as the paper does).
 
     Raises:
-        InputError: a fact without an answer; the errors of `load_facts`.
+        InputError: a fact without an answer, or a list `load_facts` refuses.
+        InputTypeError: facts of the wrong type.
 
     Example:
         >>> facts = [Fact("The Eiffel Tower is in the city of", "The Eiffel Tower", " Paris")]
@@ -280,7 +282,7 @@ def token_class_summary(results: Sequence[PatchingResult]) -> TokenClassSummary:
 
     Raises:
         InputError: no results, results of different kinds or models, or results that are not
-        causal traces.
+            causal traces.
 
     Example:
         >>> traces = model.causal_trace(pairs=answered_facts(model, facts), kind="mlp")

@@ -61,9 +61,10 @@ def generate(model, prompt: str | Sequence[int], max_tokens: int = 256,
             `.logprobs`), one per token as it is generated, instead of a `Generation`.
 
     Raises:
-        InputTypeError / GenerationError: an option of the wrong type or value; the
-        errors of `trace` for the interventions' keys; InstalledInterventionError: an
-        intervention that fails on one step.
+        InputTypeError: an option of the wrong type.
+        GenerationError: an option with a value that cannot work.
+        UnknownModuleError: an intervention key that names no module, or several.
+        InstalledInterventionError: an intervention that fails on one step.
 
     Example:
         >>> model.generate("The capital of France is", max_tokens=2).text

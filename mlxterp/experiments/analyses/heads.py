@@ -167,8 +167,10 @@ def detect_heads(model, tokens: Inputs | None = None, length: int = 25, batch: i
             by default `batch` rows of `length` random tokens repeated once (seeded).
 
     Raises:
-        InputTypeError: tokens or counts of the wrong type; InputError: tokens with no
-        repeated token; AttentionCaptureError: an attention mlxterp cannot rebuild.
+        InputTypeError: tokens or counts of the wrong type.
+        InputError: tokens with no repeated token, or rows longer than the model's context or too
+            large for the memory budget.
+        AttentionCaptureError: an attention mlxterp cannot rebuild.
 
     Example:
         >>> detect_heads(model).top("induction")

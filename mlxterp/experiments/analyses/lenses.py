@@ -240,9 +240,11 @@ def logit_lens(model, prompt: Inputs, layers: Sequence[int] | None = None,
             it (see `Unembedding`).
 
     Raises:
-        InputTypeError: an argument of the wrong type; SiteError: a layer or position out
-        of range; LensError: a head that does not reproduce the model's logits, or a tuned lens
-        of another model; InputError: a target that is not one token.
+        InputTypeError: an argument of the wrong type.
+        SiteError: a layer or position out of range.
+        LensError: a head that does not reproduce the model's logits, or a tuned lens of another
+            model.
+        InputError: a target that is not one token.
 
     Example:
         >>> result = logit_lens(model, "The Eiffel Tower is in the city of", target=" Paris")

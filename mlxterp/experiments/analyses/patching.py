@@ -55,10 +55,11 @@ def patching_sweep(
 
     Raises:
         InputTypeError: an argument of the wrong type, or an unknown option name.
-        InputError: a value that cannot work (empty prompts, prompts of different token
-            lengths, an option out of range); `SiteError` (a subclass) for sites that cannot be
-            patched, `MetricError` for a metric, `BaselineError` for prompts the metric cannot
-            tell apart.
+        InputError: a value that cannot work (empty prompts, prompts of different token lengths,
+            an option out of range).
+        SiteError: a site that cannot be patched (an InputError).
+        MetricError: an unknown metric, or answers it cannot take (an InputError).
+        BaselineError: prompts the metric cannot tell apart (an InputError).
         NotReachedError: a site whose module never ran.
 
     Example:
@@ -101,8 +102,9 @@ def activation_patching(
     ...) and `naive`. With `plot=True` a bar chart is shown (notebook) or saved (script).
 
     Raises:
-        The errors of `patching_sweep`; `InputError` for `over=` or `sites=`, which this helper
-        does not take.
+        InputError: `over=` or `sites=`, which this helper does not take, or the errors
+            `patching_sweep` lists.
+        InputTypeError: `plot` that is not a bool, or an argument of the wrong type.
 
     Example:
         >>> results = model.activation_patching("Paris is the capital of France",

@@ -160,7 +160,8 @@ def steering_vector(model, positive: str | Sequence[str], negative: str | Sequen
             a module inside the block ("mlp", "self_attn").
 
     Raises:
-        InputTypeError: prompts of the wrong type; SiteError: a layer out of range;
+        InputTypeError: prompts of the wrong type.
+        SiteError: a layer out of range.
         SteeringVectorError: unequal numbers of positive and negative prompts.
 
     Example:

@@ -208,8 +208,9 @@ def train_tuned_lens(model, texts: Sequence[str], steps: int = 60, batch: int = 
     `lens.trained_on` records the run, and the texts by their sha256.
 
     Raises:
-        InputTypeError: a step, batch or length count that is no whole number;
-        InputError: texts too short for one window; LensError: a model whose head is not found.
+        InputTypeError: a step, batch or length count that is no whole number.
+        InputError: texts too short for one window.
+        LensError: a model whose head is not found.
 
     Example:
         >>> training, held_out = python_reference_text()

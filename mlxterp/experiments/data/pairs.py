@@ -85,6 +85,10 @@ def load_facts(facts: Sequence) -> list[Fact]:
     """Facts from `Fact`s, dicts with the keys prompt, subject and optionally answer, or
     (prompt, subject[, answer]) tuples.
 
+    Raises:
+        InputTypeError: a list that is empty or no list, or a fact of the wrong type.
+        InputError: a dict with unknown keys.
+
     Example:
         >>> load_facts([("The Eiffel Tower is located in the city of", "The Eiffel Tower")])
     """
@@ -153,8 +157,9 @@ def load_pairs(source: str | Path | Sequence) -> list[PromptPair]:
     or tuples; each checked, with the line or index of a bad one in the error.
 
     Raises:
-        InputTypeError: a source that is no list or path; InputError: a missing file,
-        an unknown suffix, or a record without clean / corrupted (the error names the line).
+        InputTypeError: a source that is no list or path.
+        InputError: a missing file, an unknown suffix, or a record without clean / corrupted (the
+            error names the line).
 
     Example:
         >>> load_pairs([("The capital of France is", "The capital of Italy is", " Paris", " Rome")])
@@ -182,8 +187,8 @@ def save_pairs(pairs: Sequence[PromptPair], path: str | Path, overwrite: bool = 
     """Write pairs as .csv or .jsonl (by the extension), the columns `load_pairs` reads.
 
     Raises:
-        OutputPathError: an existing file without `overwrite=True`, or a suffix other
-        than .csv / .jsonl.
+        OutputPathError: an existing file without `overwrite=True`, or a suffix other than
+            .csv / .jsonl.
 
     Example:
         >>> save_pairs(ioi_pairs(64), "ioi.csv")
@@ -237,8 +242,8 @@ def ioi_pairs(n: int, seed: int = 0, corruption: str = "swap") -> list[PromptPai
     other names in the IO, S1 and S2 places (Wang et al.'s ABC distribution: no answer is implied).
 
     Raises:
-        InputTypeError: `n` or `seed` not a whole number; InputError: `n` below 1 or an
-        unknown `corruption`.
+        InputTypeError: `n` or `seed` not a whole number.
+        InputError: `n` below 1 or an unknown `corruption`.
 
     Example:
         >>> ioi_pairs(2, seed=1)[0]

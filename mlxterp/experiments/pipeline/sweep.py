@@ -235,7 +235,7 @@ def answered_pairs(model, pairs) -> list[PromptPair]:
     `wrong_answer` at the last position (the pairs a logit-difference study should keep).
 
     Raises:
-        InputError: a pair without both answers; the errors of `load_pairs`.
+        InputError: a pair without both answers, or pairs `load_pairs` refuses.
 
     Example:
         >>> pairs = answered_pairs(model, ioi_pairs(80))
