@@ -74,7 +74,7 @@ def main() -> None:
     plot_token_classes(summaries, stem.with_suffix(".png"), overwrite=True)
     stem.with_suffix(".json").write_text(json.dumps(
         {"model": args.name or args.model, "dtype": args.dtype, "device": str(mx.default_device()),
-         "samples": args.samples, "facts": len(kept),
+         "samples": args.samples, "facts": len(results["hidden"]), "answered": len(kept),
          "summaries": [json.loads(summary.to_json()) for summary in summaries]}, indent=1))
     print(f"\nwrote {stem.with_suffix('.png')} and {stem.with_suffix('.json')} "
           f"({time.perf_counter() - started:.0f} s)")

@@ -109,7 +109,8 @@ def test_several_pairs_and_noising(wrapped):
     both = wrapped.attribution_patching(clean, corrupted, component="mlp", metric="kl")
     alone = wrapped.attribution_patching(clean[1], corrupted[1], component="mlp", metric="kl")
     np.testing.assert_allclose(both.recovery[1], alone.recovery[0], atol=1e-6)
-    np.testing.assert_allclose(both.mean, both.recovery.mean(axis=0))
+    # the normalised mean: the pairs' recoveries weighted by their baselines
+    np.testing.assert_allclose(both.mean, np.average(both.recovery, axis=0, weights=both.baseline))
     options = dict(component="self_attn", over=("layer", "head"), metric="kl", direction="noise")
     noise = wrapped.attribution_patching(*NAMES, **options)
     exact = wrapped.patching_sweep(*NAMES, **options)

@@ -153,7 +153,7 @@ def test_figure_has_three_panels_with_the_subject_marked(traces, tmp_path):
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["hidden", "mlp (window 10)", "attn (window 10)"]
     labels = panels[0].get_yticklabels()
-    assert [t.get_text() for t in labels] == ["'The' *", "' iPhone' *", "' is'", "' made'", "' by'"]
+    assert [t.get_text() for t in labels] == ["The *", "\u2423iPhone *", "\u2423is", "\u2423made", "\u2423by"]
     assert [t.get_color() for t in labels][:2] == ["#c53030"] * 2 and labels[2].get_color() != "#c53030"
     fig.canvas.draw()
     title = fig._suptitle.get_window_extent()

@@ -89,7 +89,8 @@ def test_several_pairs_give_per_pair_and_mean(wrapped):
     assert both.recovery.shape == (2, 2)
     np.testing.assert_allclose(both.recovery[1], single.recovery[0],
                                atol=max(0.01, both.noise[1].max() + single.noise.max()))
-    np.testing.assert_allclose(both.mean, both.recovery.mean(axis=0))
+    # the normalised mean: the pairs' recoveries weighted by their baselines
+    np.testing.assert_allclose(both.mean, np.average(both.recovery, axis=0, weights=both.baseline))
 
 
 def test_output_component_recovers_everything(wrapped):
@@ -267,15 +268,15 @@ def test_sites_and_options_are_checked(wrapped):
         wrapped.patching_sweep(*PARIS, sites=[site, "model.model.layers.3.mlp"])
     with pytest.raises(SiteError, match="positions is empty"):
         Site("layers.3.mlp", positions=())
-    with pytest.raises(SiteError, match="does not sweep over positions"):
+    with pytest.raises(InputError, match="does not sweep over positions"):
         wrapped.patching_sweep(*PARIS, positions=[3])
-    with pytest.raises(SiteError, match="sweep over one of"):
+    with pytest.raises(InputError, match="sweep over one of"):
         wrapped.patching_sweep(*PARIS, over=("position", "layer"))
     with pytest.raises(MetricError, match="apply to metrics"):
         wrapped.patching_sweep(*PARIS, metric="kl", answer=" Paris")
-    with pytest.raises(SiteError, match="direction='sideways'"):
+    with pytest.raises(InputError, match="direction=.sideways."):
         wrapped.patching_sweep(*PARIS, direction="sideways")
-    with pytest.raises(SiteError, match="max_batch=0"):
+    with pytest.raises(InputError, match="max_batch=0"):
         wrapped.patching_sweep(*PARIS, max_batch=0)
     for naive in (False, True):  # rope is called twice per block (queries, keys) on 4-d arrays
         with pytest.raises(SiteError, match="called more than once|patch sites must be"):

@@ -129,16 +129,16 @@ def test_one_pair_is_shared_by_sites(model, tmp_path):
 
 @launched
 def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
-    """Measured at token 3, the second pair's prompts agree there (they differ at token 6): a
-    BaselineError on the rank that runs it. Both ranks raise it, none waits for the other."""
+    """The runner fails on the rank that runs pair 1 (a fault injected there alone): both ranks
+    raise, the other with a RankFailedError carrying the message; none waits for the other."""
     pairs = [PromptPair("When Mary and John went to the store", "When John and Mary went to the store"),
              PromptPair("When Mary and John went to the store", "When Mary and John went to the park")]
     save_pairs(pairs, tmp_path / "pairs.jsonl")
-    output, seconds = _finish(_launch([sys.executable, str(SWEEP), "pairs.jsonl", "out.json", "3"], tmp_path))
+    output, seconds = _finish(_launch([sys.executable, str(SWEEP), "pairs.jsonl", "out.json", "-1", "1"],
+                                      tmp_path))
     lines = sorted(line for line in output.splitlines() if " raised " in line)
     assert len(lines) == 2, output
-    assert "BaselineError: clean and corrupted prompts give the same kl" in output
-    assert "(pair 1:" in output  # the pair's number in the dataset
+    assert "MlxterpError: pair 1: a fault on this rank alone" in output
     assert any(line.startswith("rank ") and "RankFailedError: rank " in line for line in lines)
     assert not (tmp_path / "out.json").exists()
 
