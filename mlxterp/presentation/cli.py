@@ -95,20 +95,15 @@ def _is_first_rank(group) -> bool:
 
 
 def _model_label(result) -> str:
-    from pathlib import Path
-
     return Path(result.provenance["model"]).name.removesuffix(".gguf")
 
 
 def _save(result, out: str, parts: list[str], html: bool = False) -> None:
-    """Write the result's JSON and plot into `out` (created if missing), named by `parts` (the
+    """Write the result's JSON and plot into `out` (made by `_check_writable`), named by `parts` (the
     verb, the model, what was run), numbered so that no earlier result is overwritten."""
-    from pathlib import Path
-
     from mlxterp.paths import numbered
 
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     json_path = numbered(folder, "-".join(parts).replace("/", "_"), ".json")
     result.to_json(json_path)
     result.plot(json_path.with_suffix(".png"), overwrite=True)  # beside a JSON numbered just now
@@ -158,8 +153,6 @@ def _sweep_name(verb: str, result) -> list[str]:
 def trace_fact(args: argparse.Namespace) -> int:
     """Causal tracing of a fact: the three kinds of state restored at each layer and token; print
     the largest effects, write the paper's three-panel figure and one JSON per kind."""
-    from pathlib import Path
-
     import numpy as np
 
     from mlxterp.experiments.analyses.causal_tracing import KINDS
@@ -184,7 +177,6 @@ def trace_fact(args: argparse.Namespace) -> int:
         cells = ", ".join(f"{tables.site_label(result, result.sites[i])} {effect[i]:+.3f}" for i in best)
         print(f"{result.component:<16} largest indirect effects: {cells}")
     folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
     model_name = Path(first.provenance["model"]).name.removesuffix(".gguf")
     figure = numbered(folder, f"trace-fact-{model_name}", ".png")
     plot_causal_trace(results, figure)
