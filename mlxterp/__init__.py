@@ -31,8 +31,10 @@ from mlxterp.blas import blas_status  # noqa: E402
 from mlxterp.errors import (  # noqa: E402
     AttentionCaptureError,
     BaselineError,
+    DisconnectedCircuitWarning,
     GenerationError,
     GradientError,
+    GraphError,
     InputError,
     InputTypeError,
     InstalledInterventionError,
@@ -60,6 +62,13 @@ from mlxterp.experiments.analyses.causal_tracing import (  # noqa: E402
     TokenClassSummary,
     answered_facts,
     token_class_summary,
+)
+from mlxterp.experiments.analyses.circuits import (  # noqa: E402
+    Circuit,
+    edge_attribution,
+    edge_patching,
+    faithfulness_curve,
+    top_circuit,
 )
 from mlxterp.experiments.analyses.generation import Generation  # noqa: E402
 from mlxterp.experiments.analyses.heads import HeadScores  # noqa: E402
@@ -93,13 +102,15 @@ __all__ = [
     "Noise", "Ablate", "load_facts", "answered_facts", "token_class_summary", "TokenClassSummary",
     "PatchingResult", "verify_top", "LensResult", "TunedLens", "train_tuned_lens",
     "HeadScores", "SteeringVector", "Generation",
+    # circuits
+    "edge_attribution", "edge_patching", "top_circuit", "faithfulness_curve", "Circuit",
     # errors and warnings
     "MlxterpError", "InputError", "InputTypeError", "SiteError", "MetricError", "BaselineError",
     "ModelLoadError", "OutputPathError", "InterventionError", "InstalledInterventionError",
     "AttentionCaptureError", "SteeringVectorError", "GenerationError", "LensError",
     "ResultFormatError", "UnknownModuleError", "NotRecordedError", "LayerIndexError", "TraceError",
     "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "PairBaselineWarning",
-    "SlowBlasWarning",
+    "SlowBlasWarning", "GraphError", "DisconnectedCircuitWarning",
     "__version__",
 ]
 

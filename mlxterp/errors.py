@@ -90,6 +90,10 @@ class LensError(InputError):
     """A lens that cannot be made or applied: no head found, a tuned lens of another model."""
 
 
+class GraphError(InputError):
+    """A model mlxterp cannot split into a graph of heads and MLPs, or an edge not in its graph."""
+
+
 class ResultFormatError(InputError):
     """A saved result this version of mlxterp cannot read."""
 
@@ -142,6 +146,11 @@ class NoisyBaselineWarning(UserWarning):
 class PairBaselineWarning(UserWarning):
     """Pairs of a dataset whose baseline is within float32 noise, or of the sign opposite to the
     others': their own recoveries are not comparable (the normalised mean is not moved by them)."""
+
+
+class DisconnectedCircuitWarning(UserWarning):
+    """A circuit with no path from the embeddings to the logits: its faithfulness is the
+    corrupted run's."""
 
 
 class SlowBlasWarning(RuntimeWarning):

@@ -14,6 +14,7 @@ from mlxterp.errors import InputTypeError, LayerIndexError, TraceError, UnknownM
 from mlxterp.experiments.analyses import (
     attribution,
     causal_tracing,
+    circuits,
     generation,
     heads,
     lenses,
@@ -229,6 +230,47 @@ class InterpretableModel:
         """
         _check_options(keywords, attribution.attribution_patching)
         return attribution.attribution_patching(self, clean, corrupted, options, **keywords)
+
+    def edge_attribution(self, clean=None, corrupted=None, options: SweepOptions | None = None,
+                         **keywords):
+        """Every edge's estimated recovery (EAP, EAP-IG), a `PatchingResult` of edges; see
+        `mlxterp.experiments.analyses.circuits.edge_attribution`.
+
+        Raises:
+            InputError: see `edge_attribution`, which lists each case.
+
+        Example:
+            >>> model.edge_attribution(pairs=pairs, metric="logit_diff", method="eap-ig", steps=8)
+        """
+        _check_options(keywords, circuits.edge_attribution)
+        return circuits.edge_attribution(self, clean, corrupted, options, **keywords)
+
+    def edge_patching(self, clean=None, corrupted=None, options: SweepOptions | None = None,
+                      **keywords):
+        """The exact recovery of patching each given edge alone (path patching); see
+        `mlxterp.experiments.analyses.circuits.edge_patching`.
+
+        Raises:
+            InputError: see `edge_patching`, which lists each case.
+
+        Example:
+            >>> model.edge_patching(clean, corrupted, edges=["L0.mlp->logits"], metric="kl")
+        """
+        _check_options(keywords, circuits.edge_patching)
+        return circuits.edge_patching(self, clean, corrupted, options, **keywords)
+
+    def faithfulness_curve(self, scores, sizes=None, options: SweepOptions | None = None, **keywords):
+        """The faithfulness of the top-n circuits of edge scores; see
+        `mlxterp.experiments.analyses.circuits.faithfulness_curve`.
+
+        Raises:
+            InputError: see `faithfulness_curve`, which lists each case.
+
+        Example:
+            >>> model.faithfulness_curve(scores, sizes=[10, 100, 1000]).mean
+        """
+        _check_options(keywords, circuits.faithfulness_curve)
+        return circuits.faithfulness_curve(self, scores, sizes, options, **keywords)
 
     def causal_trace(self, prompt: str | None = None, subject=None, options: SweepOptions | None = None,
                      **keywords):

@@ -51,7 +51,12 @@ def provenance(module) -> dict:
 
 
 def site_label(result, site: dict) -> str:
-    """A site's short name: `L3`, `L3 H2`, `L3 pos 5 ' to'` (the clean token at the position)."""
+    """A site's short name: `L3`, `L3 H2`, `L3 pos 5 ' to'` (the clean token at the position),
+    an edge's name, or a circuit's size."""
+    if "edge" in site:
+        return site["edge"]
+    if "edges" in site:
+        return f"{site['edges']} edges"
     parts = [f"L{site['layer']}"]
     if "head" in site:
         parts.append(f"H{site['head']}")

@@ -200,8 +200,11 @@ def _measured_position(sweeps: list[Sweep]) -> int:
 
 
 def sweep_result(model, sweeps: list[Sweep], values: SweepValues, method: str = "exact",
-                 resources: dict | None = None) -> PatchingResult:
-    """The `PatchingResult` of the sweeps' values (in the order of all pairs)."""
+                 resources: dict | None = None,
+                 described: tuple[list[dict], str, tuple[str, ...]] | None = None) -> PatchingResult:
+    """The `PatchingResult` of the sweeps' values (in the order of all pairs). `described` =
+    (site records, component, over) for sites that are no `Site`s (a graph's edges, circuits);
+    default: the sweeps' own."""
     first = sweeps[0]
     plan = first.plan
     order = np.argsort([i for sweep in sweeps for i in sweep.plan.numbers], kind="stable")
@@ -213,11 +216,13 @@ def sweep_result(model, sweeps: list[Sweep], values: SweepValues, method: str = 
     answers = in_order(lambda sweep: sweep.answers) if first.answers else []
     if plan.total_pairs > 1:
         values.check_pairs(plan.direction, plan.metric.name)
+    records, component, over = described or (
+        [{**label, "location": location(site)} for label, site in zip(first.labels, plan.sites, strict=True)],
+        first.component, first.over)
     return PatchingResult(
-        sites=[{**label, "location": location(site)}
-               for label, site in zip(first.labels, plan.sites, strict=True)],
-        over=first.over,
-        component=first.component, metric=plan.metric.name, direction=plan.direction,
+        sites=records,
+        over=over,
+        component=component, metric=plan.metric.name, direction=plan.direction,
         clean=in_order(lambda sweep: sweep.clean), corrupted=in_order(lambda sweep: sweep.corrupted),
         tokens=in_order(lambda sweep: map(model.to_str_tokens, sweep.plan.clean.tolist())),
         corrupted_tokens=in_order(lambda sweep: map(model.to_str_tokens, sweep.plan.corrupted.tolist())),

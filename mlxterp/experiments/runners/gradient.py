@@ -26,7 +26,7 @@ from mlxterp.tracing.inputs import is_index
 METHODS = ("atp", "ig")
 
 
-def _check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype) -> None:
+def check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype) -> None:
     finite = all(mx.all(mx.isfinite(g)).item() for g in gradients.values())
     if not finite:
         raise GradientError(
@@ -92,7 +92,7 @@ def _gradient_pass(model, plan: Plan, pair: int, tokens: mx.array, donor_logits:
     rows = tokens.shape[0]
     zeros = {key: mx.zeros((rows, *like[key].shape[1:]), dtype=like[key].dtype) for key in keys}
     (_, (logits, acts)), gradients = mx.value_and_grad(metric_sum)(zeros)
-    _check_gradients(gradients, plan, like[keys[0]].dtype)
+    check_gradients(gradients, plan, like[keys[0]].dtype)
     mean = {key: np.array(g.astype(mx.float32).mean(axis=0, keepdims=True)) for key, g in gradients.items()}
     return mean, logits, acts
 
