@@ -192,8 +192,8 @@ def _bias(linear: nn.Module) -> mx.array | None:
 
 @dataclass(frozen=True)
 class _Block:
-    """What a block computes with, split into heads: (H, Dh, d) query weights, (G, Dh, d) key and
-    value weights, (d, H, Dh) output weights, and the modules used whole."""
+    """What a block computes with, split into heads: (H, d, Dh) query weights, (G, d, Dh) key and
+    value weights, (H, Dh, d) output weights, and the modules used whole."""
 
     module: nn.Module
     attention: nn.Module
@@ -241,13 +241,20 @@ def _block(tree, index: int, layout) -> _Block:
         out_weight = out_norm(mx.ones((d,), dtype=mx.float32)) * (1 + eps) ** 0.5
     return _Block(
         module=module, attention=attention,
-        wq=wq.reshape(heads, -1, d), wk=wk.reshape(groups, -1, d), wv=wv.reshape(groups, -1, d),
-        wo=wo.reshape(d, heads, -1),
+        wq=wq.reshape(heads, -1, d).swapaxes(1, 2), wk=wk.reshape(groups, -1, d).swapaxes(1, 2),
+        wv=wv.reshape(groups, -1, d).swapaxes(1, 2), wo=wo.reshape(d, heads, -1).transpose(1, 2, 0),
         biases=tuple(_bias(getattr(attention, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
         mlp_norm=module.pre_feedforward_layernorm if sandwich else module.post_attention_layernorm,
         attention_out_norm=out_norm, attention_out_weight=out_weight,
         mlp_out_norm=module.post_feedforward_layernorm if sandwich else None,
     )
+
+
+# Node groups (a block's heads, a block's MLP) whose differences from the donor are stacked into
+# one array at a time: a product per group costs many small products, stacking after every group
+# copies the growing stack 61 times. Measured on SmolLM2, 20 patched rows of 15 tokens: 5.5 s
+# stacking after every group; 2.9, 2.5 and 2.7 s stacking every 4, 8 and 16 groups.
+STACK_EVERY = 8
 
 
 def wide(dtype: mx.Dtype) -> mx.Dtype:
@@ -256,28 +263,27 @@ def wide(dtype: mx.Dtype) -> mx.Dtype:
 
 
 def _project(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """(B, L, n, d) inputs through per-head weights (n, Dh, d): (B, L, n, Dh)."""
-    out = mx.einsum("blnd,ned->blne", x, weight)
-    return out if bias is None else out + bias.reshape(weight.shape[0], -1)
+    """(B, n, L, d) inputs through per-head weights (n, d, Dh): (B, n, L, Dh)."""
+    out = x @ weight
+    return out if bias is None else out + bias.reshape(weight.shape[0], 1, -1)
 
 
 def _heads(block: _Block, norm: nn.Module, q_in: mx.array, k_in: mx.array, v_in: mx.array,
            mask) -> mx.array:
-    """Each head's output (B, H, L, d) from its query input (B, L, H, d) and its group's key and
-    value inputs (B, L, G, d): the attention module's own computation, head by head."""
+    """Each head's output (B, H, L, d) from its query input (B, H, L, d) and its group's key and
+    value inputs (B, G, L, d): the attention module's own computation, head by head."""
     attention = block.attention
     q_bias, k_bias, v_bias, o_bias = block.biases
     queries = _project(norm(q_in), block.wq, q_bias)
     keys = _project(norm(k_in), block.wk, k_bias)
     values = _project(norm(v_in), block.wv, v_bias)
-    if "q_norm" in attention:  # Qwen 3, Gemma 3
+    if "q_norm" in attention:  # Qwen 3, Gemma 3: a norm of each head's vector
         queries, keys = attention.q_norm(queries), attention.k_norm(keys)
-    queries, keys, values = (t.transpose(0, 2, 1, 3) for t in (queries, keys, values))
     queries, keys = attention.rope(queries), attention.rope(keys)
     mixed = scaled_dot_product_attention(queries, keys, values, cache=None, scale=attention.scale, mask=mask)
-    out = mx.einsum("bhle,dhe->bhld", mixed, block.wo)
+    out = mixed @ block.wo
     if o_bias is not None:
-        out = out + o_bias / block.wo.shape[1]
+        out = out + o_bias / block.wo.shape[0]
     if block.attention_out_norm is not None:
         total = out.sum(axis=1, keepdims=True).astype(mx.float32)
         mean_square = mx.mean(mx.square(total), axis=-1, keepdims=True)
@@ -327,14 +333,26 @@ class EdgeRunner:
                              "head count for every block.")
         self.blocks = [_block(model.tree, i, layout) for i, layout in enumerate(layouts)]
         self.graph = Graph(len(layouts), layouts[0].n_heads, layouts[0].n_kv_heads)
-        self.width = self.blocks[0].wq.shape[-1]  # of the residual stream
+        self.width = self.blocks[0].wq.shape[1]  # of the residual stream
         self.dtype = self.blocks[0].wq.dtype
         self.block_index = {name: i for i, name in enumerate(model.tree.blocks)}
         self.checked = False
 
     def __call__(self, tokens: mx.array, run: GraphRun) -> mx.array:
         """Logits (rows, L, V) of one forward of the graph, `tokens` (rows, L)."""
-        graph, state = self.graph, {"groups": [], "diffs": None}
+        graph, state = self.graph, {"groups": [], "diffs": [], "stacked": None}
+
+        def differences(nodes: int) -> list[tuple[int, mx.array]]:
+            """(first node, (rows, n, L * d) donor-minus-current outputs) of the first `nodes`
+            upstream nodes: the differences stacked so far, then the groups added since."""
+            parts = [] if state["stacked"] is None else [(0, state["stacked"])]
+            start = 0 if state["stacked"] is None else state["stacked"].shape[1]
+            for diff in state["diffs"]:
+                if start >= nodes:
+                    break
+                parts.append((start, diff))
+                start += diff.shape[1]
+            return parts
 
         def patch(x: mx.array, slots: slice, nodes: int) -> mx.array:
             """Inputs `slots` (rows, s, L, d): x plus the patched edges from the first `nodes`
@@ -343,9 +361,11 @@ class EdgeRunner:
             count = slots.stop - slots.start
             out = mx.broadcast_to(x[:, None], (rows, count, length, width))
             if run.weights is not None:
-                weights = run.weights[:, :nodes, slots].swapaxes(1, 2)
-                moved = weights @ state["diffs"][:, :nodes]  # one product over every upstream node
-                out = out + moved.reshape(-1, count, length, width).astype(x.dtype)
+                for start, diff in differences(nodes):
+                    stop = min(nodes, start + diff.shape[1])
+                    weights = run.weights[:, start:stop, slots].swapaxes(1, 2)
+                    moved = weights @ diff[:, :stop - start]
+                    out = out + moved.reshape(-1, count, length, width).astype(x.dtype)
             if run.deltas is not None:
                 out = out + run.deltas[:, slots]
             return out
@@ -356,9 +376,13 @@ class EdgeRunner:
             if run.weights is not None:
                 donor = run.donor[:, start:start + outputs.shape[1]]
                 kept = wide(outputs.dtype)
-                diff = (donor.astype(kept) - outputs.astype(kept)).reshape(*outputs.shape[:2], -1)
-                previous = state["diffs"]
-                state["diffs"] = diff if previous is None else mx.concatenate([previous, diff], axis=1)
+                difference = donor.astype(kept) - outputs.astype(kept)
+                state["diffs"].append(difference.reshape(*outputs.shape[:2], -1))
+                # Stacked every few blocks: one product per block over most nodes, few copies.
+                if len(state["diffs"]) == STACK_EVERY:
+                    previous = [] if state["stacked"] is None else [state["stacked"]]
+                    state["stacked"] = mx.concatenate([*previous, *state["diffs"]], axis=1)
+                    state["diffs"] = []
 
         def block_call(name: str, module: nn.Module, args: tuple, kwargs: dict) -> mx.array:
             layer = self.block_index[name]
@@ -372,7 +396,7 @@ class EdgeRunner:
                 add_nodes(x[:, None])
             attention_in = patch(x, graph.attention_inputs(layer), graph.node_count(layer))
             heads, groups = graph.heads, graph.groups
-            q_in, k_in, v_in = (attention_in[:, part].swapaxes(1, 2) for part in
+            q_in, k_in, v_in = (attention_in[:, part] for part in
                                 (slice(0, heads), slice(heads, heads + groups), slice(heads + groups, None)))
             head_outputs = _heads(block, module.input_layernorm, q_in, k_in, v_in, mask)
             add_nodes(head_outputs)
