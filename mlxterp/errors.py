@@ -9,6 +9,7 @@ them:
   layer, head or position that cannot be patched or read), `MetricError`, `BaselineError`,
   `ModelLoadError`, `OutputPathError`, `InterventionError`, `InstalledInterventionError`,
   `AttentionCaptureError`, `SteeringVectorError`, `GenerationError`, `LensError`,
+  `GraphError` (a model that is no plain sum of heads and MLPs, an edge not in its graph),
   `ResultFormatError`.
 - Bad types (`TypeError`): `InputTypeError`.
 - Names (`KeyError`): `UnknownModuleError` (no module, or several, match a key),
@@ -17,7 +18,8 @@ them:
 - A run that went wrong (`RuntimeError`): `TraceError`, `NotReachedError` (a site whose module
   never ran: going on would measure nothing), `RankFailedError`.
 - Arithmetic (`ArithmeticError`): `GradientError`.
-- Warnings: `NoisyBaselineWarning`, `PairBaselineWarning`, `SlowBlasWarning`.
+- Warnings: `NoisyBaselineWarning`, `PairBaselineWarning`, `DisconnectedCircuitWarning`,
+  `SlowBlasWarning`.
 
 Example:
     >>> try:

@@ -289,3 +289,36 @@ def test_bad_input(wrapped):
     with pytest.raises(InputError, match="one of them"):
         top_circuit(scores)
     assert_model_untouched(wrapped.model, before)
+
+
+def test_the_circuit_figure_and_page(wrapped, tmp_path):
+    """The figure is written in each format; the page draws one line per (edge, reader) with
+    the edge's name, its score and, given the exact result, its exact recovery on hover."""
+    scores = edge_attribution(wrapped, CLEAN, CORRUPTED, **ANSWERS)
+    circuit = top_circuit(scores, edges=20)
+    for suffix in (".png", ".svg"):
+        circuit.plot(tmp_path / f"circuit{suffix}")
+        assert (tmp_path / f"circuit{suffix}").stat().st_size > 1000
+    exact = edge_patching(wrapped, CLEAN, CORRUPTED, edges=list(circuit.edges), **ANSWERS)
+    page = circuit.to_html(tmp_path / "circuit.html", exact=exact).read_text()
+    edge = circuit.edges[0]
+    assert f'data-edge="{edge.replace(">", "&gt;")}"' in page
+    assert f"exact recovery {exact.mean[0]:.2f}%" in page
+    assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing from other hosts
+
+
+def test_cli_circuit_prints_the_top_edges_and_writes_the_files(tmp_path, capsys, monkeypatch, wrapped):
+    from mlxterp.presentation import cli
+
+    monkeypatch.setattr(cli, "_model", lambda name: wrapped)
+    code = cli.main(["circuit", CLEAN, CORRUPTED, "--metric", "logit_diff", "--answer", " Mary",
+                     "--wrong-answer", " John", "--edges", "50", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "L23.H3->logits" in out and "faithfulness (%)" in out and "70651 edges" in out
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["circuit-smollm2-135m-eap-logit_diff-faithfulness.json",
+                     "circuit-smollm2-135m-eap-logit_diff-faithfulness.png",
+                     "circuit-smollm2-135m-eap-logit_diff.json", "circuit-smollm2-135m-eap-logit_diff.png"]
+    circuit = mlxterp.Circuit.from_json(tmp_path / "circuit-smollm2-135m-eap-logit_diff.json")
+    assert circuit.requested == 50 and circuit.provenance["model"] == "smollm2-135m"

@@ -150,6 +150,10 @@ VERBS = {
     "attribute": st.tuples(TEXT, TEXT, st.fixed_dictionaries({}, optional={
         "--layers": LAYERS, "--steps": COUNT, "--verify": COUNT,
         "--method": st.sampled_from(["atp", "ig", "x"])})),
+    "circuit": st.tuples(TEXT, TEXT, st.fixed_dictionaries({}, optional={
+        "--edges": COUNT, "--steps": COUNT, "--top": COUNT,
+        "--method": st.sampled_from(["eap", "eap-ig", "x"]),
+        "--metric": st.sampled_from(["kl", "logit_diff", "l3"])})),
     "trace-fact": st.tuples(TEXT, st.fixed_dictionaries({"--subject": TEXT}, optional={
         "--samples": COUNT, "--window": COUNT, "--noise": NUMBER, "--answer": TEXT})),
     "lens": st.tuples(TEXT, st.fixed_dictionaries({}, optional={
@@ -165,6 +169,7 @@ VERBS = {
     "demo": st.tuples(TEXT, st.fixed_dictionaries({}, optional={"--top": COUNT})),
 }
 SMALL = {"patch": ["--layers", "0"], "attribute": ["--layers", "0"], "heads": ["--length", "4"],
+         "circuit": ["--steps", "2"],
          "generate": ["--max-tokens", "2"], "trace-fact": ["--samples", "1"]}
 
 

@@ -7,7 +7,8 @@ what draws it.
 """
 
 from mlxterp.experiments.pipeline.results import VIEWS
-from mlxterp.presentation import plots, report
+from mlxterp.presentation import circuits, plots, report
 
-VIEWS.update(patching=plots.plot_patching, html=report.write_html, lens=plots.plot_lens,
-             heads=plots.plot_heads)
+VIEWS.update(patching=circuits.plot_any_patching, html=report.write_html, lens=plots.plot_lens,
+             heads=plots.plot_heads, circuit=circuits.plot_circuit,
+             circuit_html=circuits.write_circuit_html)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from mlxterp.errors import MlxterpError, OutputPathError, RankFailedError
@@ -70,15 +71,21 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep_options(args: argparse.Namespace) -> dict:
-    """The options `patching_sweep` and `attribution_patching` share, from the command line:
-    the prompts or the pairs, and the process group when run under `mlx.launch`."""
+def _pair_options(args: argparse.Namespace) -> dict:
+    """The options every experiment over prompt pairs takes, from the command line: the prompts
+    or the pairs, the metric and direction, and the process group when run under `mlx.launch`."""
     if (args.pairs is None) == (args.clean is None or args.corrupted is None):
         raise MlxterpError("give CLEAN and CORRUPTED prompts, or --pairs FILE (.csv or .jsonl), not both.")
     return dict(clean=args.clean, corrupted=args.corrupted, pairs=args.pairs, group=_group(),
-                component=args.component, over=tuple(axis.strip() for axis in args.over.split(",")),
-                layers=args.layers, metric=args.metric, answer=args.answer,
-                wrong_answer=args.wrong_answer, direction=args.direction)
+                metric=args.metric, answer=args.answer, wrong_answer=args.wrong_answer,
+                direction=args.direction)
+
+
+def _sweep_options(args: argparse.Namespace) -> dict:
+    """The options `patching_sweep` and `attribution_patching` share: the pairs' options and the
+    sites (component, over, layers)."""
+    return dict(_pair_options(args), component=args.component,
+                over=tuple(axis.strip() for axis in args.over.split(",")), layers=args.layers)
 
 
 def _group():
@@ -143,6 +150,36 @@ def attribute(args: argparse.Namespace) -> int:
         print(tables.summary(result))
         print(tables.verified(result, exact) if exact else tables.ranking(result, args.top))
         _save(result, args.out, _sweep_name("attribute", result), args.html)
+    return 0
+
+
+def circuit(args: argparse.Namespace) -> int:
+    """Score every edge (EAP or EAP-IG), keep the top --edges as a circuit; print its top edges,
+    write the circuit's figure and JSON and its faithfulness curve (figure and JSON)."""
+    from mlxterp.experiments.analyses.circuits import top_circuit
+    from mlxterp.paths import numbered
+
+    model = _model(args.model)
+    options = _pair_options(args)
+    scores = model.edge_attribution(method=args.method, steps=args.steps, **options)
+    chosen = top_circuit(scores, edges=min(args.edges, len(scores.sites)))
+    curve = model.faithfulness_curve(scores, group=options["group"])
+    if _is_first_rank(options["group"]):
+        print(tables.summary(scores))
+        print(tables.ranking(scores, args.top))
+        kept = {site["edges"]: i for i, site in enumerate(curve.sites)}
+        print(f"circuit: {len(chosen.edges)} edges of the top {chosen.requested} after pruning, "
+              f"{len(chosen.nodes)} nodes")
+        print("faithfulness (%): " + ", ".join(f"{n} edges {curve.mean[i]:.1f}" for n, i in kept.items()))
+        stem = "-".join(["circuit", _model_label(scores), args.method, scores.metric])
+        path = numbered(Path(args.out), stem, ".json")
+        chosen.to_json(path)
+        chosen.plot(path.with_suffix(".png"), overwrite=True)
+        curve.to_json(path.with_name(path.stem + "-faithfulness.json"), overwrite=True)
+        curve.plot(path.with_name(path.stem + "-faithfulness.png"), overwrite=True)
+        if args.html:
+            print(f"report saved to {chosen.to_html(path.with_suffix('.html'), overwrite=True)}")
+        print(f"circuit saved to {path}")
     return 0
 
 
@@ -320,8 +357,8 @@ def _command(commands, name: str, help_text: str, out: str | None = "folder for 
     return sub
 
 
-def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A sub-command that takes a prompt pair (or a file of them) and the options of a sweep;
+def _pairs_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command that takes a prompt pair (or a file of them), a metric and a direction;
     under `mlx.launch` its processes share the work and rank 0 prints and writes."""
     sub = _command(commands, name, help_text)
     sub.add_argument("clean", nargs="?", help="the clean prompt")
@@ -329,11 +366,20 @@ def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParse
     sub.add_argument("--pairs", metavar="FILE",
                      help="prompt pairs instead: a .csv or .jsonl file with the columns clean, corrupted "
                           "and optionally answer, wrong_answer")
-    sub.add_argument("--component", default="mlp",
-                     help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
     sub.add_argument("--metric", default="kl", help="kl (default here), l2, cosine, mse, logit_diff")
     sub.add_argument("--answer", help="logit_diff: the clean answer token, e.g. ' Paris'")
     sub.add_argument("--wrong-answer", help="logit_diff: the corrupted answer token")
+    sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    sub.add_argument("--top", type=_count(1, 100_000), default=10, help="rows of the ranking to print")
+    sub.add_argument("--html", action="store_true", help="also write an interactive HTML report")
+    return sub
+
+
+def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-command over prompt pairs that sweeps sites (component, over, layers)."""
+    sub = _pairs_parser(commands, name, help_text)
+    sub.add_argument("--component", default="mlp",
+                     help="mlp, self_attn, input, output, or a sub-module (mlp.down_proj)")
     sub.add_argument("--over", default="layer",
                      help="layer | layer,position | layer,head | layer,head,position")
     sub.add_argument("--layers", type=_layers,
@@ -341,9 +387,6 @@ def _sweep_parser(commands, name: str, help_text: str) -> argparse.ArgumentParse
     # argparse reads "-1,0" as an option, not as the value of --layers; let it read lists of
     # whole numbers, negative ones too, as values (its own rule covers "-1" alone).
     sub._negative_number_matcher = re.compile(r"^-\d+(,-?\d+)*$|^-\d*\.\d+$")
-    sub.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
-    sub.add_argument("--top", type=_count(1, 100_000), default=10, help="rows of the ranking to print")
-    sub.add_argument("--html", action="store_true", help="also write an interactive HTML report")
     return sub
 
 
@@ -359,6 +402,13 @@ def _parser() -> argparse.ArgumentParser:
                                   help="ig: steps along the path")
     attribute_parser.add_argument("--verify", type=_count(0, 100_000), default=0, metavar="K",
                                   help="patch the top K sites exactly and print both columns")
+    circuit_parser = _pairs_parser(
+        commands, "circuit", "circuit discovery: every edge scored from gradients, the top ones kept")
+    circuit_parser.add_argument("--method", default="eap", choices=["eap", "eap-ig"],
+                                help="eap (one backward pass) or eap-ig (integrated gradients)")
+    circuit_parser.add_argument("--steps", type=_count(1, 1024), default=16, help="eap-ig: steps")
+    circuit_parser.add_argument("--edges", type=_count(1, 10_000_000), default=100,
+                                help="the circuit's size: top edges kept (before pruning)")
     fact = _command(commands, "trace-fact", "causal tracing: noise the subject, restore each state",
                     out="folder for the figure and JSON")
     fact.add_argument("prompt", help="e.g. 'The Eiffel Tower is located in the city of'")
@@ -413,8 +463,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"patch": patch, "attribute": attribute, "trace-fact": trace_fact, "lens": lens,
-            "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
+COMMANDS = {"patch": patch, "attribute": attribute, "circuit": circuit, "trace-fact": trace_fact,
+            "lens": lens, "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
             "demo": demo, "ioi-pairs": ioi}
 
 
@@ -498,11 +548,17 @@ def main(argv: list[str] | None = None) -> int:
     not a traceback (MLXTERP_TRACEBACK=1 shows the traceback of an unexpected one)."""
     parser = _parser()
     args = parser.parse_args(argv)
+
+    def one_line(message, *_) -> None:  # a warning as one line, not the code that raised it
+        print(f"mlxterp {args.command}: warning: {message}", file=sys.stderr)
+
     try:
-        if threading.current_thread() is threading.main_thread():
-            with _InterruptWatch(args.command):
-                return _run(args)
-        return _run(args)
+        with warnings.catch_warnings():  # restores how warnings show when the command ends
+            warnings.showwarning = one_line
+            if threading.current_thread() is threading.main_thread():
+                with _InterruptWatch(args.command):
+                    return _run(args)
+            return _run(args)
     except RankFailedError:  # another rank's error, which that rank prints
         return 2
     except MlxterpError as err:  # our own errors already say what to do: no traceback

@@ -7,7 +7,8 @@ import numpy as np
 from mlxterp.experiments.pipeline.results import site_label
 
 METHOD_NAMES = {"exact": "activation patching", "atp": "attribution patching (AtP)",
-                "ig": "integrated gradients (IG)"}
+                "ig": "integrated gradients (IG)", "eap": "edge attribution patching (EAP)",
+                "eap-ig": "edge attribution with integrated gradients (EAP-IG)", "random": "random circuits"}
 
 
 def summary(result) -> str:
@@ -22,15 +23,17 @@ def summary(result) -> str:
             else f" (+{pairs - 1} more pairs)" if pairs > 1 else ""),
         f"corrupted: {result.corrupted[0]!r}",
         f"patching {result.component} over {' x '.join(result.over)} ({result.direction}), "
-        f"{len(result.sites)} sites",
+        f"{len(result.sites)} {'edges' if result.component == 'edges' else 'sites'}",
         f"baseline {result.metric}: {what} = " + (
             ", ".join(f"{b:.4g}" for b in result.baseline) if pairs <= 8 else
             f"mean {result.baseline.mean():.4g}, from {result.baseline.min():.4g} to "
             f"{result.baseline.max():.4g} over {pairs} pairs"),
     ]
-    if result.method != "exact":
+    if result.method in ("atp", "ig"):
         lines.append(f"method: {METHOD_NAMES[result.method]} (estimates; --verify K patches the top "
                      "K exactly)")
+    elif result.method != "exact":
+        lines.append(f"method: {METHOD_NAMES[result.method]} (estimates)")
     elif result.noise is not None:
         lines.append(f"float32 noise: each recovery within {result.noise.max():.2g} points")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from mlxterp.errors import DisconnectedCircuitWarning, InputError, InputTypeErro
 from mlxterp.experiments.data.corruption import Ablate, Noise
 from mlxterp.experiments.data.pairs import PromptPair
 from mlxterp.experiments.pipeline.options import SweepOptions
-from mlxterp.experiments.pipeline.results import PatchingResult, draw
+from mlxterp.experiments.pipeline.results import VIEWS, PatchingResult, draw
 from mlxterp.experiments.pipeline.sweep import prepare_sweeps, sweep_result
 from mlxterp.experiments.runners.edges import (
     EdgeRunner,
@@ -221,11 +221,13 @@ class Circuit:
 
     @property
     def nodes(self) -> list[str]:
-        """The nodes the circuit's edges join, in the graph's order, with 'logits' last."""
+        """The nodes the circuit's edges join, in the graph's order, with 'logits' last: the
+        upstream node of each edge, and the logits where an edge reads into them (a key/value
+        group's heads that feed nothing in the circuit are left out)."""
         graph = Graph(**self.graph)
         used = {edge.split("->")[0] for edge in self.edges}
-        for edge in self.edges:
-            used.update(graph.readers(graph.inputs.index(edge.split("->")[1])))
+        if any(edge.endswith("->logits") for edge in self.edges):
+            used.add("logits")
         return [node for node in [*graph.upstream, "logits"] if node in used]
 
     def to_json(self, path: str | Path | None = None, overwrite: bool = False) -> str:
@@ -249,6 +251,16 @@ class Circuit:
         """The circuit as a layered graph: nodes placed by layer (heads labelled L.H), edges
         weighted by score; PNG, PDF or SVG by the path's extension."""
         return draw("circuit", self, path, overwrite)
+
+    def to_html(self, path: str | Path, overwrite: bool = False, exact: PatchingResult | None = None) -> Path:
+        """One self-contained HTML page of the circuit: hover an edge for its score and, with
+        `exact` (`edge_patching` of the circuit's edges), its exact recovery.
+
+        Example:
+            >>> circuit.to_html("circuit.html", exact=model.edge_patching(
+            ...     pairs=pairs, metric="logit_diff", edges=list(circuit.edges)))
+        """
+        return VIEWS["circuit_html"](self, path, overwrite=overwrite, exact=exact)
 
 
 def top_circuit(scores: PatchingResult, edges: int | None = None, *,
@@ -337,11 +349,11 @@ def faithfulness_curve(
         scored = [graph.edge_index(site["edge"]) for site in scores.sites]
         rng = np.random.default_rng(random_seed)
         kept = [prune(graph, list(rng.choice(scored, n, replace=False))) for n in sizes]
-    for n, circuit in zip(sizes, kept, strict=True):
-        if not circuit:
-            warnings.warn(f"the circuit of {n} edge{'s' if n > 1 else ''} has no path from the embeddings "
-                          "to the logits: its faithfulness is the corrupted run's (0 %).",
-                          DisconnectedCircuitWarning, stacklevel=2)
+    disconnected = [n for n, circuit in zip(sizes, kept, strict=True) if not circuit]
+    if disconnected:
+        warnings.warn(f"the circuits of {', '.join(map(str, disconnected))} edges have no path from the "
+                      "embeddings to the logits: their faithfulness is the corrupted run's (0 %).",
+                      DisconnectedCircuitWarning, stacklevel=2)
     metric = options.metric if "metric" in options.changed() else scores.metric
 
     def described(graph: Graph, sites: tuple) -> tuple[list[dict], str, tuple[str, ...]]:
