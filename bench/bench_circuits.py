@@ -3,7 +3,7 @@ as multiples of one plain forward of one prompt measured in the same run, per pa
 as a multiple of one forward with every site (each block's input, attention and MLP output)
 captured.
 
-    .venv/bin/python bench/bench_circuits.py [--dtype float32|bfloat16] [--pairs 4]
+    .venv/bin/python bench/bench_circuits.py [--dtype float32|bfloat16] [--pairs 4] [--model PATH]
 
 The pairs: IOI pairs of one length that the model answers. Per pair, EAP runs both prompts once
 plainly and the receiving prompt forward and backward; EAP-IG runs `steps` rows forward and
@@ -40,8 +40,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="bundled name or .gguf path")
     args = parser.parse_args()
-    base, tokenizer = mlxterp.load("smollm2-135m", dtype=args.dtype)
+    base, tokenizer = mlxterp.load(args.model, dtype=args.dtype)
     model = InterpretableModel(base, tokenizer)
     found = answered_pairs(model, ioi_pairs(40, seed=0))
     length = len(model.encode(found[0].clean))
@@ -62,7 +63,8 @@ def main() -> None:
     _, captured_peak = timed(captured, repeats=2)
     options = dict(pairs=pairs, metric="logit_diff")
     scores = model.edge_attribution(**options)
-    print(f"SmolLM2-135M {args.dtype}, BLAS: {blas_status().kind}; {len(pairs)} IOI pairs of {length} "
+    print(f"SmolLM2-135M {args.dtype} on {mx.default_device()}, BLAS: {blas_status().kind}; {len(pairs)} "
+          f"IOI pairs of {length} "
           "tokens; "
           f"{len(scores.sites)} edges; one plain forward {one * 1000:.0f} ms; with every site captured "
           f"peak {captured_peak:.2f} GiB")

@@ -299,7 +299,8 @@ class GraphRun:
     `weights` (rows or 1, upstream, inputs): W, with `donor` (rows or 1, upstream, L, d) the
     other run's node outputs; `deltas` (rows, inputs, L, d): added to each input (zeros, to take
     gradients); `start` (rows, L, d): the first block's input instead of the embeddings;
-    `record`: keep every node's output in `outputs` (rows, upstream, L, d).
+    `record`: keep every node's output in `outputs` (rows, upstream, L, d); `position`: compute
+    the logits at this position only (rows, 1, V), sparing the unembedding of the others.
     """
 
     weights: mx.array | None = None
@@ -307,6 +308,7 @@ class GraphRun:
     deltas: mx.array | None = None
     start: mx.array | None = None
     record: bool = False
+    position: int | None = None
     outputs: mx.array | None = None
 
 
@@ -413,7 +415,8 @@ class EdgeRunner:
                 if run.record:
                     run.outputs = mx.concatenate(state["groups"], axis=1)
                 logits_slot = slice(graph.logits_input, graph.logits_input + 1)
-                return patch(out, logits_slot, graph.node_count(graph.layers))[:, 0]
+                out = patch(out, logits_slot, graph.node_count(graph.layers))[:, 0]
+                return out if run.position is None else out[:, run.position:run.position + 1]
             return out
 
         with intercepted(self.model.tree, self.model.tree.blocks, block_call):
@@ -497,42 +500,47 @@ def run_edge_patches(runner: EdgeRunner, plan: Plan, rows: int, circuits: bool =
     graph = runner.graph
     for pair in range(plan.pairs):
         logits, outputs = _base(runner, plan, pair, values)
-        run, source = (CLEAN, CORRUPTED) if circuits else (plan.receiver, plan.donor)
-        tokens = plan.tokens(pair)[run:run + 1]
+        base, source = (CLEAN, CORRUPTED) if circuits else (plan.receiver, plan.donor)
+        tokens = plan.tokens(pair)[base:base + 1]
         for start in range(0, len(plan.sites), rows):
             chunk = plan.sites[start:start + rows]
             weights = edge_weights(graph, chunk, complement=circuits)
-            patched = runner(mx.repeat(tokens, len(chunk), axis=0),
-                             GraphRun(weights=weights, donor=outputs[source:source + 1]))
-            measured, noise = measure(plan.metric_of(pair), patched[:, plan.position], logits[plan.donor])
+            run = GraphRun(weights=weights, donor=outputs[source:source + 1], position=plan.position)
+            patched = runner(mx.repeat(tokens, len(chunk), axis=0), run)
+            measured, noise = measure(plan.metric_of(pair), patched[:, 0], logits[plan.donor])
             values.patched[pair, start:start + len(chunk)] = measured
             values.patched_noise[pair, start:start + len(chunk)] = noise
     return values
 
 
 def _input_gradients(runner: EdgeRunner, plan: Plan, pair: int, tokens: mx.array, start: mx.array | None,
-                     reference: mx.array) -> mx.array:
-    """(inputs, L * d) float32: dm/d(input) of the graph's run of `tokens`, averaged over its rows."""
+                     reference: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """dm/d(input) of the graph's run of `tokens`, averaged over its rows ((inputs, L * d), float32
+    or float64), with the run's logits at the measured position (rows, V) and node outputs."""
     metric = plan.metric_of(pair)
 
-    def total(deltas: mx.array) -> mx.array:
-        patched = runner(tokens, GraphRun(deltas=deltas, start=start))
-        return mx.sum(evaluate(metric, patched[:, plan.position], reference))
+    def total(deltas: mx.array):
+        run = GraphRun(deltas=deltas, start=start, record=True, position=plan.position)
+        logits = runner(tokens, run)[:, 0]
+        return mx.sum(evaluate(metric, logits, reference)), (logits, run.outputs)
 
     rows, length = tokens.shape
     zeros = mx.zeros((rows, len(runner.graph.inputs), length, runner.width), dtype=runner.dtype)
-    gradients = mx.grad(total)(zeros)
+    (_, (logits, outputs)), gradients = mx.value_and_grad(total)(zeros)
     check_gradients({"inputs": gradients}, plan, runner.dtype)
-    return gradients.astype(wide(runner.dtype)).mean(axis=0).reshape(len(runner.graph.inputs), -1)
+    gradients = gradients.astype(wide(runner.dtype)).mean(axis=0).reshape(len(runner.graph.inputs), -1)
+    return gradients, logits, outputs
 
 
 def run_edge_gradients(runner: EdgeRunner, plan: Plan, method: str, steps: int) -> SweepValues:
     """Estimated metric values of patching each edge of `plan.sites` (one edge number each):
     the receiver's value plus (donor's - receiver's upstream output) . dm/d(input).
 
-    `method="eap"`: the gradient at the receiving run (one forward and backward per pair).
-    `method="eap-ig"`: its mean over `steps` runs whose first-block input lies on the line from the
-    receiver's embeddings to the donor's (midpoints), as EAP-IG integrates on the inputs.
+    `method="eap"`: the gradient at the receiving run (a plain forward of the donor prompt, one
+    forward and backward of the receiving prompt, per pair). `method="eap-ig"`: its mean over
+    `steps` runs whose first-block input lies on the line from the receiver's embeddings to the
+    donor's (midpoints), as EAP-IG integrates on the inputs (a plain forward of both prompts,
+    then `steps` rows forward and backward, per pair).
 
     Example:
         >>> run_edge_gradients(runner, plan, "eap-ig", steps=8).patched
@@ -541,16 +549,25 @@ def run_edge_gradients(runner: EdgeRunner, plan: Plan, method: str, steps: int) 
     graph = runner.graph
     chosen = graph.edges[[edges[0] for edges in plan.sites]]
     for pair in range(plan.pairs):
-        logits, outputs = _base(runner, plan, pair, values)
-        receiver, donor = outputs[plan.receiver], outputs[plan.donor]
-        tokens = plan.tokens(pair)[plan.receiver:plan.receiver + 1]
-        start = None
-        if method == "eap-ig":
+        tokens = plan.tokens(pair)
+        receiver_tokens = tokens[plan.receiver:plan.receiver + 1]
+        if method == "eap":  # the receiver's plain run is the gradient pass itself
+            donor_logits, outputs = runner.node_outputs(tokens[plan.donor:plan.donor + 1])
+            donor, reference = outputs, donor_logits[0, plan.position]
+            gradients, receiver_logits, receiver = _input_gradients(runner, plan, pair, receiver_tokens,
+                                                                    None, reference)
+            logits = mx.stack([reference, receiver_logits[0]])
+            logits = logits if plan.donor == CLEAN else logits[::-1]
+            values.set_base(pair, *measure(plan.metric_of(pair), logits, reference))
+            values.check_baseline(plan, pair)
+        else:
+            logits, outputs = _base(runner, plan, pair, values)
+            receiver, donor = outputs[plan.receiver:plan.receiver + 1], outputs[plan.donor:plan.donor + 1]
             alphas = ((mx.arange(steps) + 0.5) / steps)[:, None, None]
-            start = receiver[0] + alphas * (donor[0] - receiver[0])
-            tokens = mx.repeat(tokens, steps, axis=0)
-        gradients = _input_gradients(runner, plan, pair, tokens, start, logits[plan.donor])
-        change = (donor - receiver).astype(gradients.dtype).reshape(len(graph.upstream), -1)
+            start = receiver[0, 0] + alphas * (donor[0, 0] - receiver[0, 0])  # node 0: the embeddings
+            gradients, _, _ = _input_gradients(runner, plan, pair, mx.repeat(receiver_tokens, steps, axis=0),
+                                               start, logits[plan.donor])
+        change = (donor[0] - receiver[0]).astype(gradients.dtype).reshape(len(graph.upstream), -1)
         scores = np.array(change @ gradients.T, dtype=np.float64)
         receiver_value = (values.clean, values.corrupted)[plan.receiver][pair]
         values.patched[pair] = receiver_value + scores[chosen[:, 0], chosen[:, 1]]
