@@ -279,18 +279,18 @@ def top_circuit(scores: PatchingResult, edges: int | None = None, *,
     graph = _graph_of(scores)
     if (edges is None) == (threshold is None):
         raise InputError("give the circuit's size as edges=N or threshold=PERCENT (one of them).")
-    order = np.argsort(-np.abs(scores.mean), kind="stable")
+    mean = scores.mean  # computed from every pair's values: once
+    order = np.argsort(-np.abs(mean), kind="stable")
     if edges is not None:
         if not is_index(edges) or edges < 1:
             raise InputError(f"edges={edges!r}: give how many top edges to take, a whole number >= 1.")
         order = order[:edges]
     else:
-        order = order[np.abs(scores.mean[order]) >= threshold]
-    numbers = {graph.edge_index(site["edge"]): i for i, site in enumerate(scores.sites)}
-    chosen = [graph.edge_index(scores.sites[i]["edge"]) for i in order]
-    kept = prune(graph, chosen)
+        order = order[np.abs(mean[order]) >= threshold]
+    chosen = {graph.edge_index(scores.sites[i]["edge"]): i for i in order}
+    kept = prune(graph, list(chosen))
     return Circuit(edges=tuple(graph.edge_names[n] for n in kept),
-                   scores=tuple(float(scores.mean[numbers[n]]) for n in kept),
+                   scores=tuple(float(mean[chosen[n]]) for n in kept),
                    requested=len(chosen), method=scores.method, metric=scores.metric,
                    graph=asdict(graph), provenance=dict(scores.provenance))
 
