@@ -297,15 +297,16 @@ class GraphRun:
     """What one forward of the graph does beyond the plain model.
 
     `weights` (rows or 1, upstream, inputs): W, with `donor` (rows or 1, upstream, L, d) the
-    other run's node outputs; `deltas` (rows, inputs, L, d): added to each input (zeros, to take
-    gradients); `start` (rows, L, d): the first block's input instead of the embeddings;
-    `record`: keep every node's output in `outputs` (rows, upstream, L, d); `position`: compute
-    the logits at this position only (rows, 1, V), sparing the unembedding of the others.
+    other run's node outputs; `deltas`: added to each input (zeros, to take gradients), one array
+    per group of inputs read together, in the order of `Graph.inputs` (`EdgeRunner.delta_shapes`);
+    `start` (rows, L, d): the first block's input instead of the embeddings; `record`: keep every
+    node's output in `outputs` (rows, upstream, L, d); `position`: compute the logits at this
+    position only (rows, 1, V), sparing the unembedding of the others.
     """
 
     weights: mx.array | None = None
     donor: mx.array | None = None
-    deltas: mx.array | None = None
+    deltas: list[mx.array] | None = None
     start: mx.array | None = None
     record: bool = False
     position: int | None = None
@@ -342,7 +343,7 @@ class EdgeRunner:
 
     def __call__(self, tokens: mx.array, run: GraphRun) -> mx.array:
         """Logits (rows, L, V) of one forward of the graph, `tokens` (rows, L)."""
-        graph, state = self.graph, {"groups": [], "diffs": [], "stacked": None}
+        graph, state = self.graph, {"groups": [], "diffs": [], "stacked": None, "reads": 0}
 
         def differences(nodes: int) -> list[tuple[int, mx.array]]:
             """(first node, (rows, n, L * d) donor-minus-current outputs) of the first `nodes`
@@ -368,8 +369,9 @@ class EdgeRunner:
                     weights = run.weights[:, start:stop, slots].swapaxes(1, 2)
                     moved = weights @ diff[:, :stop - start]
                     out = out + moved.reshape(-1, count, length, width).astype(x.dtype)
-            if run.deltas is not None:
-                out = out + run.deltas[:, slots]
+            if run.deltas is not None:  # one array per read: a slice of one array costs its size to backprop
+                out = out + run.deltas[state["reads"]]
+            state["reads"] += 1
             return out
 
         def add_nodes(outputs: mx.array) -> None:
@@ -416,11 +418,18 @@ class EdgeRunner:
                     run.outputs = mx.concatenate(state["groups"], axis=1)
                 logits_slot = slice(graph.logits_input, graph.logits_input + 1)
                 out = patch(out, logits_slot, graph.node_count(graph.layers))[:, 0]
-                return out if run.position is None else out[:, run.position:run.position + 1]
+                return out if run.position is None else out[:, run.position][:, None]
             return out
 
         with intercepted(self.model.tree, self.model.tree.blocks, block_call):
             return self.model.model(tokens)
+
+    def delta_shapes(self, rows: int, length: int) -> list[tuple[int, ...]]:
+        """The shapes of `GraphRun.deltas` for `rows` rows of `length` tokens: per block its
+        attention inputs, then its MLP input; last, the logits."""
+        graph, width = self.graph, self.width
+        per_block = [(rows, graph.block_inputs - 1, length, width), (rows, 1, length, width)]
+        return per_block * graph.layers + [(rows, 1, length, width)]
 
     def node_outputs(self, tokens: mx.array, start: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """(logits (rows, L, V), every node's output (rows, upstream, L, d)) of a plain forward,
@@ -519,14 +528,14 @@ def _input_gradients(runner: EdgeRunner, plan: Plan, pair: int, tokens: mx.array
     or float64), with the run's logits at the measured position (rows, V) and node outputs."""
     metric = plan.metric_of(pair)
 
-    def total(deltas: mx.array):
+    def total(deltas: list[mx.array]):
         run = GraphRun(deltas=deltas, start=start, record=True, position=plan.position)
         logits = runner(tokens, run)[:, 0]
         return mx.sum(evaluate(metric, logits, reference)), (logits, run.outputs)
 
-    rows, length = tokens.shape
-    zeros = mx.zeros((rows, len(runner.graph.inputs), length, runner.width), dtype=runner.dtype)
+    zeros = [mx.zeros(shape, dtype=runner.dtype) for shape in runner.delta_shapes(*tokens.shape)]
     (_, (logits, outputs)), gradients = mx.value_and_grad(total)(zeros)
+    gradients = mx.concatenate(gradients, axis=1)
     check_gradients({"inputs": gradients}, plan, runner.dtype)
     gradients = gradients.astype(wide(runner.dtype)).mean(axis=0).reshape(len(runner.graph.inputs), -1)
     return gradients, logits, outputs
