@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -188,18 +189,32 @@ def prune(graph: Graph, chosen: Sequence[int]) -> list[int]:
         >>> prune(graph, [graph.edge_index("embed->L0.mlp")])   # L0.mlp reaches nothing: pruned
         []
     """
-    edges = [(int(graph.edges[n][0]), int(graph.edges[n][1]), n) for n in chosen]
-    reaches = {"logits"}  # nodes with a path to the logits
-    for u in reversed(range(len(graph.upstream))):
-        if any(up == u and any(r in reaches for r in graph.readers(i)) for up, i, _ in edges):
-            reaches.add(graph.upstream[u])
-    reached = {"embed"}  # nodes with a path from the embeddings
-    for up, i, _ in sorted(edges):
-        if graph.upstream[up] in reached:
-            reached.update(graph.readers(i))
-    return [n for up, i, n in edges
-            if graph.upstream[up] in reached and graph.upstream[up] in reaches
-            and any(r in reaches for r in graph.readers(i))]
+    chosen = list(chosen)
+    edges = graph.edges[chosen] if chosen else np.zeros((0, 2), dtype=int)
+    readers = graph.reader_nodes
+    leaving = defaultdict(list)  # upstream node -> inputs its chosen edges go into
+    for up, i in edges.tolist():
+        leaving[up].append(i)
+    reaches = np.zeros(len(graph.upstream) + 1, dtype=bool)  # with a path to the logits (last)
+    reaches[-1] = True
+    for up in sorted(leaving, reverse=True):  # later nodes first: their answer is known
+        reaches[up] = any(reaches[list(readers[i])].any() for i in leaving[up])
+    reached = np.zeros(len(graph.upstream) + 1, dtype=bool)  # with a path from the embeddings
+    reached[0] = True
+    for up in sorted(leaving):  # earlier nodes first
+        if reached[up]:
+            for i in leaving[up]:
+                reached[list(readers[i])] = True
+    return [n for n, (up, i) in zip(chosen, edges.tolist(), strict=True)
+            if reached[up] and reaches[up] and reaches[list(readers[i])].any()]
+
+
+def _ranked(scores: PatchingResult, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
+    """(the scored edges' numbers, highest |mean recovery| first; their mean recoveries)."""
+    mean = scores.mean  # computed from every pair's values: once
+    order = np.argsort(-np.abs(mean), kind="stable")
+    numbers = np.array([graph.edge_index(scores.sites[i]["edge"]) for i in order], dtype=int)
+    return numbers, mean[order]
 
 
 @dataclass(frozen=True)
@@ -279,19 +294,22 @@ def top_circuit(scores: PatchingResult, edges: int | None = None, *,
     graph = _graph_of(scores)
     if (edges is None) == (threshold is None):
         raise InputError("give the circuit's size as edges=N or threshold=PERCENT (one of them).")
-    mean = scores.mean  # computed from every pair's values: once
-    order = np.argsort(-np.abs(mean), kind="stable")
+    numbers, means = _ranked(scores, graph)
     if edges is not None:
         if not is_index(edges) or edges < 1:
             raise InputError(f"edges={edges!r}: give how many top edges to take, a whole number >= 1.")
-        order = order[:edges]
+        count = edges
     else:
-        order = order[np.abs(mean[order]) >= threshold]
-    chosen = {graph.edge_index(scores.sites[i]["edge"]): i for i in order}
-    kept = prune(graph, list(chosen))
-    return Circuit(edges=tuple(graph.edge_names[n] for n in kept),
-                   scores=tuple(float(mean[chosen[n]]) for n in kept),
-                   requested=len(chosen), method=scores.method, metric=scores.metric,
+        count = int(np.sum(np.abs(means) >= threshold))
+    return _circuit(scores, graph, numbers[:count], means[:count])
+
+
+def _circuit(scores: PatchingResult, graph: Graph, numbers: np.ndarray, means: np.ndarray) -> Circuit:
+    """The circuit of the edges `numbers` (with their mean recoveries), pruned."""
+    score_of = dict(zip(numbers.tolist(), means.tolist(), strict=True))
+    kept = prune(graph, numbers.tolist())
+    return Circuit(edges=tuple(graph.edge_names[n] for n in kept), scores=tuple(score_of[n] for n in kept),
+                   requested=len(numbers), method=scores.method, metric=scores.metric,
                    graph=asdict(graph), provenance=dict(scores.provenance))
 
 
@@ -344,7 +362,8 @@ def faithfulness_curve(
     if not sizes or not all(is_index(n) and 1 <= n <= total for n in sizes):
         raise InputError(f"sizes={sizes!r}: give circuit sizes from 1 to {total} edges (the scored edges).")
     if random_seed is None:
-        kept = [[graph.edge_index(edge) for edge in top_circuit(scores, n).edges] for n in sizes]
+        ranked, _ = _ranked(scores, graph)
+        kept = [prune(graph, ranked[:n].tolist()) for n in sizes]
     else:
         scored = [graph.edge_index(site["edge"]) for site in scores.sites]
         rng = np.random.default_rng(random_seed)

@@ -161,6 +161,14 @@ class Graph:
         raise GraphError(f"edge {name!r} runs from a later node into an earlier input ({upstream} is "
                          f"computed after {downstream} is read); an edge goes forward through the model.")
 
+    @cached_property
+    def reader_nodes(self) -> list[tuple[int, ...]]:
+        """For each input, the upstream numbers of the nodes it feeds; the logits are number
+        `len(upstream)`."""
+        number = {name: n for n, name in enumerate(self.upstream)}
+        number["logits"] = len(self.upstream)
+        return [tuple(number[node] for node in self.readers(i)) for i in range(len(self.inputs))]
+
     def readers(self, i: int) -> list[str]:
         """The nodes that input `i` feeds: its head, its group's heads, its MLP or 'logits'."""
         if i == self.logits_input:
