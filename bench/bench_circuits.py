@@ -3,7 +3,10 @@ as multiples of one plain forward of one prompt measured in the same run, per pa
 as a multiple of one forward with every site (each block's input, attention and MLP output)
 captured.
 
-    .venv/bin/python bench/bench_circuits.py [--dtype float32|bfloat16] [--pairs 4] [--model PATH]
+    .venv/bin/python bench/bench_circuits.py [--dtype float32|bfloat16] [--pairs 4] [--random FOLDER]
+
+`--random .gpu/model` times a model of SmolLM2's shape with random weights and its tokenizer
+(bench/random_model.py), for the lent GPU machine, where the bundled weights do not travel.
 
 The pairs: IOI pairs of one length that the model answers. Per pair, EAP runs both prompts once
 plainly and the receiving prompt forward and backward; EAP-IG runs `steps` rows forward and
@@ -40,9 +43,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--model", default="smollm2-135m", help="bundled name or .gguf path")
+    parser.add_argument("--random", metavar="FOLDER", help="random weights of the shape in FOLDER")
     args = parser.parse_args()
-    base, tokenizer = mlxterp.load(args.model, dtype=args.dtype)
+    if args.random:
+        from random_model import random_model
+
+        base, tokenizer = random_model(args.random, args.dtype)
+    else:
+        base, tokenizer = mlxterp.load("smollm2-135m", dtype=args.dtype)
     model = InterpretableModel(base, tokenizer)
     found = answered_pairs(model, ioi_pairs(40, seed=0))
     length = len(model.encode(found[0].clean))
@@ -63,9 +71,9 @@ def main() -> None:
     _, captured_peak = timed(captured, repeats=2)
     options = dict(pairs=pairs, metric="logit_diff")
     scores = model.edge_attribution(**options)
-    print(f"SmolLM2-135M {args.dtype} on {mx.default_device()}, BLAS: {blas_status().kind}; {len(pairs)} "
-          f"IOI pairs of {length} "
-          "tokens; "
+    weights = " (random weights)" if args.random else ""
+    print(f"SmolLM2-135M{weights} {args.dtype} on {mx.default_device()}, BLAS: {blas_status().kind}; "
+          f"{len(pairs)} IOI pairs of {length} tokens; "
           f"{len(scores.sites)} edges; one plain forward {one * 1000:.0f} ms; with every site captured "
           f"peak {captured_peak:.2f} GiB")
     rows = {
