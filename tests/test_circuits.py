@@ -315,7 +315,7 @@ def test_cli_circuit_prints_the_top_edges_and_writes_the_files(tmp_path, capsys,
                      "--wrong-answer", " John", "--edges", "50", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "L23.H3->logits" in out and "faithfulness (%)" in out and "70651 edges" in out
+    assert "L23.H3->logits" in out and "faithfulness (%)" in out and "70651 edges of the model" in out
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["circuit-smollm2-135m-eap-logit_diff-faithfulness.json",
                      "circuit-smollm2-135m-eap-logit_diff-faithfulness.png",

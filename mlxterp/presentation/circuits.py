@@ -2,10 +2,10 @@
 their scores on hover), the faithfulness curves, and the top edges of edge scores.
 
 Nodes sit in columns by layer (the embeddings left, the logits right), heads stacked by index
-with the MLP on top; head nodes are labelled `L.H`. An edge is drawn from its upstream node to
-each node its input feeds (the heads of a key/value group share one input): solid into a query
-or an MLP, dashed into a key, dotted into a value; its width grows with |score|, blue where
-patching it recovers, red where it moves away.
+with the MLP on top; head nodes are labelled `L.H` (23.3), MLPs `M` and their layer (M23). An
+edge is drawn from its upstream node to each node its input feeds (the heads of a key/value
+group share one input): solid into a query or an MLP, dashed into a key, dotted into a value;
+its width grows with |score|, blue where patching it recovers, red where it moves away.
 
 Example:
     >>> top_circuit(scores, edges=100).plot("circuit.png")
@@ -103,7 +103,8 @@ def plot_circuit(circuit, path: str | Path | None = None, overwrite: bool = Fals
         is_head = ".H" in node
         ax.scatter([x], [y], s=60 if is_head else 90, marker="o" if is_head else "s", color="white",
                    edgecolors="black", zorder=3, linewidths=0.8)
-        label = node.replace("L", "").replace(".H", ".") if is_head else node.replace(".mlp", " mlp")
+        # heads "23.3", MLPs "M23": short enough not to overlap at one label per layer
+        label = node[1:] if is_head else node.replace("L", "M").removesuffix(".mlp")
         ax.annotate(label, (x, y), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=6,
                     zorder=4)
     ax.set_xticks(range(-1, layers + 1), ["emb", *[str(n) for n in range(layers)], "out"], fontsize=6)

@@ -170,7 +170,9 @@ def circuit(args: argparse.Namespace) -> int:
         kept = {site["edges"]: i for i, site in enumerate(curve.sites)}
         print(f"circuit: {len(chosen.edges)} edges of the top {chosen.requested} after pruning, "
               f"{len(chosen.nodes)} nodes")
-        print("faithfulness (%): " + ", ".join(f"{n} edges {curve.mean[i]:.1f}" for n, i in kept.items()))
+        # round(x, 1) + 0.0: a value just below zero prints as 0.0, not -0.0
+        print("faithfulness (%): " + ", ".join(f"{n} edges {round(curve.mean[i], 1) + 0.0:.1f}"
+                                               for n, i in kept.items()))
         stem = "-".join(["circuit", _model_label(scores), args.method, scores.metric])
         path = numbered(Path(args.out), stem, ".json")
         chosen.to_json(path)

@@ -22,8 +22,10 @@ def summary(result) -> str:
             f" ({pairs} noise samples)" if result.corruption.get("kind") == "noise"
             else f" (+{pairs - 1} more pairs)" if pairs > 1 else ""),
         f"corrupted: {result.corrupted[0]!r}",
+        f"{len(result.sites)} edges of the model's graph ({result.direction})"
+        if result.component == "edges" else
         f"patching {result.component} over {' x '.join(result.over)} ({result.direction}), "
-        f"{len(result.sites)} {'edges' if result.component == 'edges' else 'sites'}",
+        f"{len(result.sites)} sites",
         f"baseline {result.metric}: {what} = " + (
             ", ".join(f"{b:.4g}" for b in result.baseline) if pairs <= 8 else
             f"mean {result.baseline.mean():.4g}, from {result.baseline.min():.4g} to "
