@@ -11,10 +11,8 @@ of those components (420 sites), and integrated gradients at 4 and 16 steps (cos
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import mlx.core as mx
+from timing import timed
 
 import mlxterp
 from mlxterp import InterpretableModel
@@ -24,18 +22,6 @@ from mlxterp.tracing import Site
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPTED = "When John and Mary went to the store, Mary gave a drink to"
 COMPONENTS = ("input", "mlp", "self_attn")
-
-
-def timed(fn, repeats: int = 3) -> tuple[float, float]:
-    """(median seconds, peak GiB) of `fn()` over `repeats` runs."""
-    times, peak = [], 0.0
-    for _ in range(repeats):
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        peak = max(peak, mx.get_peak_memory() / 2**30)
-    return statistics.median(times), peak
 
 
 def main() -> None:

@@ -16,26 +16,13 @@ backward; a curve runs one patched row per circuit.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
+from timing import timed
 
 import mlxterp
 from mlxterp import InterpretableModel, answered_pairs, ioi_pairs
 from mlxterp.blas import blas_status
-
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median seconds, peak GiB) of `fn()` over `repeats` runs."""
-    times, peak = [], 0.0
-    for _ in range(repeats):
-        mx.reset_peak_memory()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        peak = max(peak, mx.get_peak_memory() / 2**30)
-    return statistics.median(times), peak
 
 
 def main() -> None:
