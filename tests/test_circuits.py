@@ -23,7 +23,7 @@ from mlxterp import (
     top_circuit,
 )
 from mlxterp.experiments.analyses.circuits import prune
-from mlxterp.experiments.pipeline.metrics import logit_diff
+from mlxterp.experiments.pipeline.metrics import METRICS, logit_diff, probability
 from mlxterp.experiments.pipeline.plan import Plan
 from mlxterp.experiments.runners.edges import EdgeRunner, GraphRun, edge_weights, run_edge_gradients
 
@@ -153,7 +153,9 @@ def test_edge_patching_equals_the_naive_procedure(wrapped):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_eap_is_the_derivative_along_each_edge(family):
+@pytest.mark.parametrize("metric", [logit_diff(3, 4), METRICS["kl"], probability(3)],
+                         ids=["logit_diff", "kl", "prob"])
+def test_eap_is_the_derivative_along_each_edge(family, metric):
     """An edge's EAP score equals the central finite difference of the metric along that edge
     (W = +-h on it), in float64 weights. The difference's own error is estimated from two step
     sizes, as in the attribution tests, plus the float32 rounding of the metric (which is always
@@ -164,7 +166,6 @@ def test_eap_is_the_derivative_along_each_edge(family):
     model.model.set_dtype(mx.float64)
     runner = EdgeRunner(model)
     graph = runner.graph
-    metric = logit_diff(3, 4)
     chosen = list(range(0, graph.edge_count, max(1, graph.edge_count // 40)))
     plan = Plan(TOKENS[:1], TOKENS[1:], tuple((n,) for n in chosen), metric, "denoise")
     values = run_edge_gradients(runner, plan, "eap", 1)
