@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_model_untouched, parameters_snapshot, tiny_model
+from conftest import SMOLLM2_VOCAB, assert_model_untouched, parameters_snapshot, tiny_model
 
 import mlxterp
 from mlxterp import (
@@ -212,7 +212,8 @@ def test_faithfulness_runs_from_corrupted_to_clean(wrapped):
     assert curve.sites[0]["kept"] <= 40
     graph = EdgeRunner(wrapped).graph
     top = [graph.edge_index(scores.sites[i]["edge"]) for i in np.argsort(-np.abs(scores.mean))[:40]]
-    unpruned = _faithfulness(wrapped, top, curve)
+    tokens = mx.array([wrapped.encode(text) for text in (CLEAN, CORRUPTED)])
+    unpruned = _faithfulness(wrapped, top, tokens, *curve.answers[0])
     assert abs(unpruned - curve.mean[0]) < 0.01, (unpruned, curve.mean[0])
     lonely = scores.sites.index({"edge": "embed->L0.mlp"})
     lonely_scores = scores
@@ -223,17 +224,35 @@ def test_faithfulness_runs_from_corrupted_to_clean(wrapped):
     assert abs(empty.mean[0]) < 0.01
 
 
-def _faithfulness(model, edge_numbers: list[int], curve) -> float:
-    """The faithfulness (percent) of a circuit given as edge numbers, without pruning."""
+def _faithfulness(model, edge_numbers: list[int], tokens: mx.array, answer: int, wrong: int) -> float:
+    """The logit-difference faithfulness (percent) of a circuit given as edge numbers, without
+    pruning; `tokens` (2, L) holds the clean and the corrupted prompt."""
     runner = EdgeRunner(model)
-    tokens = mx.array([model.encode(text) for text in (CLEAN, CORRUPTED)])
     logits, outputs = runner.node_outputs(tokens)
     weights = edge_weights(runner.graph, [edge_numbers], complement=True)
     patched = runner(tokens[:1], GraphRun(weights=weights, donor=outputs[1:]))
-    answer, wrong = curve.answers[0]
     clean, corrupted, circuit = ((row[answer] - row[wrong]).item()
                                  for row in (logits[0, -1], logits[1, -1], patched[0, -1]))
     return (circuit - corrupted) / (clean - corrupted) * 100
+
+
+def test_pruning_changes_no_faithfulness_on_gemma3_whose_heads_are_coupled(smollm2):
+    """Gemma 3 scales a block's heads by the rms of their sum: an edge into one head changes
+    its siblings too, and pruning keeps their edges (4 key/value groups, so that each head has
+    inputs of its own; SmolLM2's tokenizer and vocabulary)."""
+    model = InterpretableModel(tiny_model("gemma3_text", seed=4, num_key_value_heads=4,
+                                          vocab_size=SMOLLM2_VOCAB), tokenizer=smollm2[1])
+    graph = EdgeRunner(model).graph
+    number = graph.edge_index
+    chosen = [number(e) for e in ("embed->L5.G0.k", "embed->L5.G0.v", "L5.H0->logits", "L5.H1->logits")]
+    assert graph.coupled_heads and prune(graph, chosen) == chosen
+    scores = edge_attribution(model, CLEAN, CORRUPTED, **ANSWERS)
+    curve = faithfulness_curve(model, scores, sizes=[40, 200])
+    tokens = mx.array([model.encode(text) for text in (CLEAN, CORRUPTED)])
+    top = [number(scores.sites[i]["edge"]) for i in np.argsort(-np.abs(scores.mean), kind="stable")]
+    for column, size in enumerate((40, 200)):
+        unpruned = _faithfulness(model, top[:size], tokens, *curve.answers[0])
+        assert abs(unpruned - curve.mean[column]) < 0.01, (size, unpruned, curve.mean[column])
 
 
 def test_pruning_keeps_only_paths_from_embeddings_to_logits():
@@ -266,7 +285,7 @@ def test_families_that_are_not_a_plain_sum_are_refused(family, found):
         EdgeRunner(model)
 
 
-def test_bad_input(wrapped):
+def test_bad_input(wrapped, tiny_smol):
     before = parameters_snapshot(wrapped.model)
     with pytest.raises(GraphError, match="later node"):
         edge_patching(wrapped, CLEAN, CORRUPTED, edges=["L5.mlp->L2.H0.q"], **ANSWERS)
@@ -289,6 +308,19 @@ def test_bad_input(wrapped):
         faithfulness_curve(wrapped, scores, direction="noise")
     with pytest.raises(InputError, match="one of them"):
         top_circuit(scores)
+    with pytest.raises(InputError, match="no edge has"):
+        top_circuit(scores, threshold=1e9)
+    with pytest.raises(InputError, match="a number >= 0"):
+        top_circuit(scores, threshold="high")
+    with pytest.raises(InputTypeError, match="list of circuit sizes"):
+        faithfulness_curve(wrapped, scores, sizes=1)
+    with pytest.raises(InputTypeError, match="random_seed"):
+        faithfulness_curve(wrapped, scores, sizes=[1], random_seed="x")
+    with pytest.raises(InputTypeError, match="edge_patching result"):
+        top_circuit(scores, edges=1).to_html("c.html", exact=scores.metric_values)
+    tiny_scores = edge_patching(tiny_smol, CLEAN, CORRUPTED, edges=["L0.mlp->logits"], **ANSWERS)
+    with pytest.raises(InputError, match="score this model's edges first"):
+        faithfulness_curve(wrapped, tiny_scores, sizes=[1])
     assert_model_untouched(wrapped.model, before)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxterp.experiments.runners.edges import Graph
 from mlxterp.paths import output_path, write_atomically
 from mlxterp.presentation.plots import (
     SUFFIXES,
@@ -51,21 +52,6 @@ def node_xy(node: str, layers: int, heads: int) -> tuple[float, float]:
     return float(layer[1:]), float(heads + 0.5) if part == "mlp" else float(part[1:])
 
 
-def _readers(edge: str, heads: int, groups: int) -> list[str]:
-    """The nodes an edge's input feeds, and its kind (q, k, v, mlp, logits)."""
-    downstream = edge.split("->")[1]
-    if downstream == "logits":
-        return ["logits"]
-    layer, unit, *kind = downstream.split(".")
-    if unit == "mlp":
-        return [f"{layer}.mlp"]
-    if kind == ["q"]:
-        return [f"{layer}.{unit}"]
-    size = heads // groups
-    group = int(unit[1:])
-    return [f"{layer}.H{h}" for h in range(group * size, (group + 1) * size)]
-
-
 def _kind(edge: str) -> str:
     downstream = edge.split("->")[1]
     return downstream.rsplit(".", 1)[-1] if downstream != "logits" else "logits"
@@ -74,10 +60,10 @@ def _kind(edge: str) -> str:
 def _segments(circuit):
     """(edge, kind, score, (x0, y0), (x1, y1)) of every line the circuit draws."""
     layers, heads = _graph(circuit)
-    groups, nodes = circuit.graph["groups"], set(circuit.nodes)
+    graph, nodes = Graph(**circuit.graph), set(circuit.nodes)
     for edge, score in zip(circuit.edges, circuit.scores, strict=True):
         start = node_xy(edge.split("->")[0], layers, heads)
-        for reader in _readers(edge, heads, groups):
+        for reader in graph.readers(graph.inputs.index(edge.split("->")[1])):
             if reader in nodes:  # a group's head that feeds nothing in the circuit is not drawn
                 yield edge, _kind(edge), score, start, node_xy(reader, layers, heads)
 
@@ -104,7 +90,7 @@ def plot_circuit(circuit, path: str | Path | None = None, overwrite: bool = Fals
         ax.scatter([x], [y], s=60 if is_head else 90, marker="o" if is_head else "s", color="white",
                    edgecolors="black", zorder=3, linewidths=0.8)
         # heads "23.3", MLPs "M23": short enough not to overlap at one label per layer
-        label = node[1:] if is_head else node.replace("L", "M").removesuffix(".mlp")
+        label = node[1:].replace(".H", ".") if is_head else node.replace("L", "M").removesuffix(".mlp")
         ax.annotate(label, (x, y), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=6,
                     zorder=4)
     ax.set_xticks(range(-1, layers + 1), ["emb", *[str(n) for n in range(layers)], "out"], fontsize=6)

@@ -1,4 +1,4 @@
-"""The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp trace-fact`,
+"""The `mlxterp` command line: `mlxterp patch`, `mlxterp attribute`, `mlxterp circuit`, `mlxterp trace-fact`,
 `mlxterp lens`, `mlxterp heads`, `mlxterp train-lens`, `mlxterp generate`, `mlxterp ioi-pairs`,
 `mlxterp doctor`, `mlxterp demo`."""
 
@@ -167,12 +167,12 @@ def circuit(args: argparse.Namespace) -> int:
     if _is_first_rank(options["group"]):
         print(tables.summary(scores))
         print(tables.ranking(scores, args.top))
-        kept = {site["edges"]: i for i, site in enumerate(curve.sites)}
+        row_of_size = {site["edges"]: i for i, site in enumerate(curve.sites)}
         print(f"circuit: {len(chosen.edges)} edges of the top {chosen.requested} after pruning, "
               f"{len(chosen.nodes)} nodes")
         # round(x, 1) + 0.0: a value just below zero prints as 0.0, not -0.0
         print("faithfulness (%): " + ", ".join(f"{n} edges {round(curve.mean[i], 1) + 0.0:.1f}"
-                                               for n, i in kept.items()))
+                                               for n, i in row_of_size.items()))
         stem = "-".join(["circuit", _model_label(scores), args.method, scores.metric])
         path = numbered(Path(args.out), stem, ".json")
         chosen.to_json(path)

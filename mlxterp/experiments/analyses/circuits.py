@@ -33,6 +33,7 @@ import numpy as np
 from mlxterp.errors import DisconnectedCircuitWarning, InputError, InputTypeError
 from mlxterp.experiments.data.corruption import Ablate, Noise
 from mlxterp.experiments.data.pairs import PromptPair
+from mlxterp.experiments.pipeline.metrics import ANSWER_METRICS, METRICS
 from mlxterp.experiments.pipeline.options import SweepOptions
 from mlxterp.experiments.pipeline.results import VIEWS, PatchingResult, draw
 from mlxterp.experiments.pipeline.sweep import prepare_sweeps, sweep_result
@@ -137,7 +138,8 @@ def edge_attribution(
     """Estimate every edge's recovery at once, from gradients.
 
     `method="eap"`: (donor's - receiver's upstream output) . dm/d(downstream input) at the
-    receiving run: one plain forward of both prompts, one forward and backward per pair.
+    receiving run: one plain forward of the donor prompt, one forward and backward of the
+    receiving prompt, per pair.
     `method="eap-ig"`: the gradient averaged over `steps` runs whose embeddings lie between the
     receiver's and the donor's, which follows the metric where it curves (saturated softmax,
     KL at its minimum) and finds more faithful circuits.
@@ -182,8 +184,10 @@ def _graph_of(scores: PatchingResult) -> Graph:
 
 def prune(graph: Graph, chosen: Sequence[int]) -> list[int]:
     """The edges of `chosen` (edge numbers) on a path from the embeddings to the logits within
-    them. The others change nothing: a node that no kept edge reads is computed from corrupted
-    inputs only, and a node with no path to the logits reaches them through corrupted edges.
+    them. The others change nothing: a node that no kept edge changes is computed from
+    corrupted inputs only, and a node with no path to the logits reaches them through corrupted
+    edges. (An edge into a head of Gemma 3 changes every head of its block: their outputs are
+    scaled by the rms of their sum.)
 
     Example:
         >>> prune(graph, [graph.edge_index("embed->L0.mlp")])   # L0.mlp reaches nothing: pruned
@@ -191,7 +195,7 @@ def prune(graph: Graph, chosen: Sequence[int]) -> list[int]:
     """
     chosen = list(chosen)
     edges = graph.edges[chosen] if chosen else np.zeros((0, 2), dtype=int)
-    readers = graph.reader_nodes
+    readers = graph.changed_by
     leaving = defaultdict(list)  # upstream node -> inputs its chosen edges go into
     for up, i in edges.tolist():
         leaving[up].append(i)
@@ -206,7 +210,7 @@ def prune(graph: Graph, chosen: Sequence[int]) -> list[int]:
             for i in leaving[up]:
                 reached[list(readers[i])] = True
     return [n for n, (up, i) in zip(chosen, edges.tolist(), strict=True)
-            if reached[up] and reaches[up] and reaches[list(readers[i])].any()]
+            if reached[up] and reaches[list(readers[i])].any()]
 
 
 def _ranked(scores: PatchingResult, graph: Graph) -> tuple[np.ndarray, np.ndarray]:
@@ -271,10 +275,16 @@ class Circuit:
         """One self-contained HTML page of the circuit: hover an edge for its score and, with
         `exact` (`edge_patching` of the circuit's edges), its exact recovery.
 
+        Raises:
+            InputTypeError: `exact` that is no edge_patching result.
+
         Example:
             >>> circuit.to_html("circuit.html", exact=model.edge_patching(
             ...     pairs=pairs, metric="logit_diff", edges=list(circuit.edges)))
         """
+        if exact is not None and (not isinstance(exact, PatchingResult) or exact.component != "edges"):
+            raise InputTypeError(f"exact={type(exact).__name__}: give the edge_patching result of the "
+                                 "circuit's edges, or None.")
         return VIEWS["circuit_html"](self, path, overwrite=overwrite, exact=exact)
 
 
@@ -286,7 +296,8 @@ def top_circuit(scores: PatchingResult, edges: int | None = None, *,
 
     Raises:
         InputTypeError: `scores` that are no edge scores.
-        InputError: neither or both of `edges` and `threshold`, or a count below 1.
+        InputError: neither or both of `edges` and `threshold`, a count below 1, or a threshold
+            that is no number >= 0 or that no edge reaches.
 
     Example:
         >>> top_circuit(scores, edges=100).edges[:3]
@@ -300,7 +311,12 @@ def top_circuit(scores: PatchingResult, edges: int | None = None, *,
             raise InputError(f"edges={edges!r}: give how many top edges to take, a whole number >= 1.")
         count = edges
     else:
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not threshold >= 0:
+            raise InputError(f"threshold={threshold!r}: give a recovery in percent, a number >= 0.")
         count = int(np.sum(np.abs(means) >= threshold))
+        if count == 0:
+            raise InputError(f"threshold={threshold!r}: no edge has |recovery| that large; the largest is "
+                             f"{abs(means[0]):.3g} %.")
     return _circuit(scores, graph, numbers[:count], means[:count])
 
 
@@ -340,9 +356,11 @@ def faithfulness_curve(
         random_seed: draw random circuits of the same sizes with this seed.
 
     Raises:
-        InputTypeError: `scores` that are no edge scores.
+        InputTypeError: `scores` that are no edge scores, `sizes` that is no list, a
+            `random_seed` that is no whole number.
         InputError: a size below 1 or above the number of scored edges, a direction (faithfulness
-            is measured from the corrupted run toward the clean one), a site option.
+            is measured from the corrupted run toward the clean one), a site option, scores of
+            another model's graph, or scores of a custom metric not passed again (`metric=`).
 
     Warns:
         DisconnectedCircuitWarning: a circuit with no path from the embeddings to the logits; its
@@ -358,9 +376,16 @@ def faithfulness_curve(
     options.refuse(("direction", "position", "answer", "wrong_answer"),
                    "faithfulness_curve (it measures on the scores' own pairs and position)")
     total = len(scores.sites)
+    if sizes is not None and (isinstance(sizes, str) or not isinstance(sizes, Sequence)):
+        raise InputTypeError(f"sizes={sizes!r}: give a list of circuit sizes, e.g. [10, 100, 1000].")
     sizes = log_sizes(total) if sizes is None else list(sizes)
     if not sizes or not all(is_index(n) and 1 <= n <= total for n in sizes):
         raise InputError(f"sizes={sizes!r}: give circuit sizes from 1 to {total} edges (the scored edges).")
+    if random_seed is not None and not is_index(random_seed):
+        raise InputTypeError(f"random_seed={random_seed!r}: give a whole number (or None for the top edges).")
+    if "metric" not in options.changed() and scores.metric not in (*METRICS, *ANSWER_METRICS):
+        raise InputError(f"the scores were measured with a custom metric ({scores.metric!r}), which a result "
+                         "records by name only; pass it again: metric=your_function.")
     if random_seed is None:
         ranked, _ = _ranked(scores, graph)
         kept = [prune(graph, ranked[:n].tolist()) for n in sizes]
@@ -368,19 +393,25 @@ def faithfulness_curve(
         scored = [graph.edge_index(site["edge"]) for site in scores.sites]
         rng = np.random.default_rng(random_seed)
         kept = [prune(graph, list(rng.choice(scored, n, replace=False))) for n in sizes]
-    disconnected = [n for n, circuit in zip(sizes, kept, strict=True) if not circuit]
-    if disconnected:
-        warnings.warn(f"the circuits of {', '.join(map(str, disconnected))} edges have no path from the "
-                      "embeddings to the logits: their faithfulness is the corrupted run's (0 %).",
-                      DisconnectedCircuitWarning, stacklevel=2)
     metric = options.metric if "metric" in options.changed() else scores.metric
 
     def described(graph: Graph, sites: tuple) -> tuple[list[dict], str, tuple[str, ...]]:
         records = [{"edges": n, "kept": len(circuit)} for n, circuit in zip(sizes, kept, strict=True)]
         return records, "circuit", ("edges",)
 
+    def sites(model_graph: Graph) -> tuple:
+        if model_graph != graph:
+            raise InputError(f"the scores are of a graph of {graph.layers} blocks of {graph.heads} heads in "
+                             f"{graph.groups} key/value groups; this model has {model_graph.layers} of "
+                             f"{model_graph.heads} in {model_graph.groups}: score this model's edges first.")
+        disconnected = [n for n, circuit in zip(sizes, kept, strict=True) if not circuit]
+        if disconnected:
+            warnings.warn(f"the circuits of {', '.join(map(str, disconnected))} edges have no path from the "
+                          "embeddings to the logits: their faithfulness is the corrupted run's (0 %).",
+                          DisconnectedCircuitWarning, stacklevel=4)
+        return tuple(tuple(circuit) for circuit in kept)
+
     options = replace(options, metric=metric, position=scores.position)
-    return _edge_result(model, None, None, options, scores.prompt_pairs(), "faithfulness_curve",
-                        lambda graph: tuple(tuple(circuit) for circuit in kept),
+    return _edge_result(model, None, None, options, scores.prompt_pairs(), "faithfulness_curve", sites,
                         lambda runner, rows: lambda plan: run_edge_patches(runner, plan, rows, circuits=True),
                         "random" if random_seed is not None else scores.method, described)

@@ -22,8 +22,9 @@ The runner. In a run of the graph, input i is
 where resid_i is the sum of this run's node outputs before i (what the model computes), A_u is
 node u's output in another run (the donor), W holds one weight in [0, 1] per edge and row, and
 delta is zero (its gradient is dm/d in_i, for every input at once). W = 0 is the plain forward;
-W = 1 on one edge patches that edge alone (path patching); W = 1 on every edge outside a circuit
-runs the circuit.
+W = 1 on one edge patches that edge alone (path patching; on Gemma 3 the other heads of the
+block the edge enters are rescaled with it, as the model's norm of their sum does); W = 1 on
+every edge outside a circuit runs the circuit.
 
 The blocks are rebuilt from the model's own modules (the block's norms, projections, rotary
 embedding, q/k norms and MLP), each block standing in for the model's through the one
@@ -72,6 +73,9 @@ class Graph:
     layers: int
     heads: int
     groups: int
+    # Gemma 3: a block's heads are scaled by the rms of their sum, so changing one head's input
+    # changes every head's output in that block
+    coupled_heads: bool = False
 
     @property
     def block_nodes(self) -> int:
@@ -162,12 +166,20 @@ class Graph:
                          f"computed after {downstream} is read); an edge goes forward through the model.")
 
     @cached_property
-    def reader_nodes(self) -> list[tuple[int, ...]]:
-        """For each input, the upstream numbers of the nodes it feeds; the logits are number
-        `len(upstream)`."""
+    def changed_by(self) -> list[tuple[int, ...]]:
+        """For each input, the upstream numbers of the nodes whose output it changes (the logits
+        are number `len(upstream)`): its readers, and with coupled heads every head of the
+        block it enters."""
         number = {name: n for n, name in enumerate(self.upstream)}
         number["logits"] = len(self.upstream)
-        return [tuple(number[node] for node in self.readers(i)) for i in range(len(self.inputs))]
+        changed = []
+        for i in range(len(self.inputs)):
+            nodes = self.readers(i)
+            if self.coupled_heads and ".H" in nodes[0]:
+                layer = nodes[0].split(".")[0]
+                nodes = [f"{layer}.H{h}" for h in range(self.heads)]
+            changed.append(tuple(number[node] for node in nodes))
+        return changed
 
     def readers(self, i: int) -> list[str]:
         """The nodes that input `i` feeds: its head, its group's heads, its MLP or 'logits'."""
@@ -293,7 +305,7 @@ def _heads(block: _Block, norm: nn.Module, q_in: mx.array, k_in: mx.array, v_in:
     if o_bias is not None:
         out = out + o_bias / block.wo.shape[0]
     if block.attention_out_norm is not None:
-        total = out.sum(axis=1, keepdims=True).astype(mx.float32)
+        total = out.astype(mx.float32).sum(axis=1, keepdims=True)
         mean_square = mx.mean(mx.square(total), axis=-1, keepdims=True)
         inverse_rms = mx.rsqrt(mean_square + block.attention_out_norm.eps)
         out = (out * (block.attention_out_weight * inverse_rms)).astype(out.dtype)
@@ -343,7 +355,8 @@ class EdgeRunner:
             raise GraphError("the blocks have different numbers of heads; mlxterp's graph has one "
                              "head count for every block.")
         self.blocks = [_block(model.tree, i, layout) for i, layout in enumerate(layouts)]
-        self.graph = Graph(len(layouts), layouts[0].n_heads, layouts[0].n_kv_heads)
+        self.graph = Graph(len(layouts), layouts[0].n_heads, layouts[0].n_kv_heads,
+                           coupled_heads=self.blocks[0].attention_out_norm is not None)
         self.width = self.blocks[0].wq.shape[1]  # of the residual stream
         self.dtype = self.blocks[0].wq.dtype
         self.block_index = {name: i for i, name in enumerate(model.tree.blocks)}
@@ -353,30 +366,30 @@ class EdgeRunner:
         """Logits (rows, L, V) of one forward of the graph, `tokens` (rows, L)."""
         graph, state = self.graph, {"groups": [], "diffs": [], "stacked": None, "reads": 0}
 
-        def differences(nodes: int) -> list[tuple[int, mx.array]]:
-            """(first node, (rows, n, L * d) donor-minus-current outputs) of the first `nodes`
-            upstream nodes: the differences stacked so far, then the groups added since."""
+        def differences() -> list[tuple[int, mx.array]]:
+            """(first node, (rows, n, L * d) donor-minus-current outputs) of every upstream node
+            so far (each input reads all of them): the stacked differences, then the groups
+            added since."""
             parts = [] if state["stacked"] is None else [(0, state["stacked"])]
             start = 0 if state["stacked"] is None else state["stacked"].shape[1]
             for diff in state["diffs"]:
-                if start >= nodes:
-                    break
                 parts.append((start, diff))
                 start += diff.shape[1]
             return parts
 
-        def patch(x: mx.array, slots: slice, nodes: int) -> mx.array:
-            """Inputs `slots` (rows, s, L, d): x plus the patched edges from the first `nodes`
-            upstream nodes, plus the deltas."""
+        def patch(x: mx.array, slots: slice) -> mx.array:
+            """Inputs `slots` (rows, s, L, d): x plus the patched edges from every upstream node
+            so far, plus the deltas. The patch is summed in float32 (float64 for a float64
+            model) and rounded to the model's dtype once."""
             rows, length, width = x.shape
             count = slots.stop - slots.start
             out = mx.broadcast_to(x[:, None], (rows, count, length, width))
             if run.weights is not None:
-                for start, diff in differences(nodes):
-                    stop = min(nodes, start + diff.shape[1])
-                    weights = run.weights[:, start:stop, slots].swapaxes(1, 2)
-                    moved = weights @ diff[:, :stop - start]
-                    out = out + moved.reshape(-1, count, length, width).astype(x.dtype)
+                moved = 0
+                for start, diff in differences():
+                    weights = run.weights[:, start:start + diff.shape[1], slots].swapaxes(1, 2)
+                    moved = moved + weights @ diff
+                out = (out.astype(wide(x.dtype)) + moved.reshape(-1, count, length, width)).astype(x.dtype)
             if run.deltas is not None:  # one array per read: a slice of one array costs its size to backprop
                 out = out + run.deltas[state["reads"]]
             state["reads"] += 1
@@ -406,7 +419,7 @@ class EdgeRunner:
                 if run.start is not None:
                     x = run.start.astype(x.dtype)
                 add_nodes(x[:, None])
-            attention_in = patch(x, graph.attention_inputs(layer), graph.node_count(layer))
+            attention_in = patch(x, graph.attention_inputs(layer))
             heads, groups = graph.heads, graph.groups
             q_in, k_in, v_in = (attention_in[:, part] for part in
                                 (slice(0, heads), slice(heads, heads + groups), slice(heads + groups, None)))
@@ -414,8 +427,7 @@ class EdgeRunner:
             add_nodes(head_outputs)
             middle = x + head_outputs.sum(axis=1)
             mlp_slot = graph.mlp_input(layer)
-            mlp_nodes = graph.node_count(layer, with_heads=True)
-            mlp_in = patch(middle, slice(mlp_slot, mlp_slot + 1), mlp_nodes)[:, 0]
+            mlp_in = patch(middle, slice(mlp_slot, mlp_slot + 1))[:, 0]
             mlp_out = module.mlp(block.mlp_norm(mlp_in))
             if block.mlp_out_norm is not None:
                 mlp_out = block.mlp_out_norm(mlp_out)
@@ -425,7 +437,7 @@ class EdgeRunner:
                 if run.record:
                     run.outputs = mx.concatenate(state["groups"], axis=1)
                 logits_slot = slice(graph.logits_input, graph.logits_input + 1)
-                out = patch(out, logits_slot, graph.node_count(graph.layers))[:, 0]
+                out = patch(out, logits_slot)[:, 0]
                 return out if run.position is None else out[:, run.position][:, None]
             return out
 
