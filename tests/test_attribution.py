@@ -26,6 +26,7 @@ CLEAN_IDS = mx.array([[5, 6, 7, 8, 9, 10, 11, 12]])
 CORRUPTED_IDS = mx.array([[5, 6, 30, 8, 9, 10, 11, 12]])
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("metric", [METRICS["kl"], logit_diff(3, 4), METRICS["l2"], METRICS["cosine"]],
                          ids=["kl", "logit_diff", "l2", "cosine"])
@@ -67,6 +68,7 @@ def test_atp_is_the_directional_derivative(family, metric):
                     family, metric.name, direction, component, i, estimate, fine)
 
 
+@pytest.mark.kernels
 def test_integrated_gradients_converge_to_the_exact_patch(wrapped):
     """At the first block's input, IG's straight path is the patch itself, so the midpoint rule
     converges to the exact recovery (error falling about 16-fold for 4x the steps), while AtP's
@@ -82,6 +84,7 @@ def test_integrated_gradients_converge_to_the_exact_patch(wrapped):
     assert abs(atp.recovery[0, 0] - exact.recovery[0, 0]) > 10  # measured: 32.6% against 100%
 
 
+@pytest.mark.kernels
 def test_estimates_track_the_exact_engine_and_say_they_are_estimates(wrapped, tmp_path):
     options = dict(component="self_attn", over=("layer", "head"), metric="logit_diff", **MARY)
     estimate = wrapped.attribution_patching(*NAMES, **options)

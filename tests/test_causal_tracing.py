@@ -44,6 +44,7 @@ def traces(smollm2):
 
 
 # The naive procedure is 150 forwards a kind; windows (mlp) are new to the engine: in the default run.
+@pytest.mark.kernels
 @pytest.mark.parametrize("kind", ["mlp", pytest.param("hidden", marks=pytest.mark.slow),
                                   pytest.param("attn", marks=pytest.mark.slow)])
 def test_engine_equals_naive(traces, wrapped, kind):
@@ -67,6 +68,7 @@ def test_sites_are_windows_of_the_papers_shape(traces, wrapped):
     assert all(len(site["location"]) == 5 for site in traces["hidden"].sites)  # one Site each
 
 
+@pytest.mark.kernels
 def test_restoring_every_hidden_state_of_the_last_layer_restores_the_clean_run(traces):
     """At the last layer a restored state at the last token is the clean run's final residual
     stream there: P(answer) comes back exactly (recovery 100% within the noise floor)."""
@@ -94,6 +96,7 @@ def test_noise_is_seeded_and_scaled_as_the_paper(wrapped):
 SUBJECT_EIFFEL = "The Eiffel Tower"
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("spec", [Noise(SUBJECT_EIFFEL, samples=2), Ablate(SUBJECT_EIFFEL, kind="mean"),
                                   Ablate((1, 2), kind="zero")], ids=["noise", "mean", "zero"])
 def test_patching_with_a_corruption_equals_naive_and_matches_a_trace(wrapped, spec):
@@ -128,6 +131,7 @@ def test_patching_with_a_corruption_equals_naive_and_matches_a_trace(wrapped, sp
         assert engine.metric_values.corrupted[pair] == pytest.approx(kl, rel=1e-4)
 
 
+@pytest.mark.kernels
 @pytest.mark.filterwarnings("ignore::mlxterp.errors.NoisyBaselineWarning")
 def test_attribution_with_a_corruption_converges_to_the_exact_effect_as_the_noise_shrinks(wrapped):
     """AtP is the first-order term, so under noise of sd s its error at the first block's input

@@ -40,6 +40,7 @@ def _mlp_input_key(model) -> str:
         else "layers.0.post_attention_layernorm"
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_the_nodes_add_up_to_every_input(family):
     """The embeddings plus every head and MLP before an input reproduce that input as the model
@@ -136,6 +137,7 @@ def _naive_edge(model, clean_ids, corrupted_ids, edge: str, metric):
     return metric.fn(patched[None].astype(mx.float32), clean_logits)[0].item()
 
 
+@pytest.mark.kernels
 def test_edge_patching_equals_the_naive_procedure(wrapped):
     """Each edge type on SmolLM2, patched by the batched graph runner and by hand-placed
     interventions (one forward each): equal to 0.01 percentage points of recovery."""
@@ -152,6 +154,7 @@ def test_edge_patching_equals_the_naive_procedure(wrapped):
     assert np.abs(exact.recovery).max() > 1  # some edge matters: the check compares real effects
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("metric", [logit_diff(3, 4), METRICS["kl"], probability(3)],
                          ids=["logit_diff", "kl", "prob"])
@@ -186,6 +189,7 @@ def test_eap_is_the_derivative_along_each_edge(family, metric):
             family, graph.edge_names[n], estimate, fine)
 
 
+@pytest.mark.kernels
 def test_eap_ig_integrates_to_the_whole_effect(wrapped):
     """EAP-IG integrates on the embeddings: its scores of the edges out of `embed` add up to the
     total effect of the embeddings, the clean-minus-corrupted metric, as the steps grow. Measured
@@ -200,6 +204,7 @@ def test_eap_ig_integrates_to_the_whole_effect(wrapped):
     assert abs(scores[16] - 100) < abs(scores[4] - 100) < abs(scores[2] - 100) < abs(scores[1] - 100)
 
 
+@pytest.mark.kernels
 def test_faithfulness_runs_from_corrupted_to_clean(wrapped):
     """Every edge in the circuit: the clean run (100 %); the circuit of one edge into an MLP
     that reaches nothing: pruned away, the corrupted run (0 %), with a warning. Pruning changes no
@@ -236,6 +241,7 @@ def _faithfulness(model, edge_numbers: list[int], tokens: mx.array, answer: int,
     return (circuit - corrupted) / (clean - corrupted) * 100
 
 
+@pytest.mark.kernels
 def test_pruning_changes_no_faithfulness_on_gemma3_whose_heads_are_coupled(smollm2):
     """Gemma 3 scales a block's heads by the rms of their sum: an edge into one head changes
     its siblings too, and pruning keeps their edges (4 key/value groups, so that each head has

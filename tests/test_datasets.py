@@ -89,6 +89,7 @@ def test_ioi_pairs_are_single_token_swaps_in_both_orders(smollm2, gemma3):
         ioi_pairs(2, corruption="xyz")
 
 
+@pytest.mark.kernels
 def test_a_dataset_sweep_equals_each_pair_swept_alone(model):
     """Pairs of two lengths with their own answers: each pair's recoveries equal its own
     single-pair sweep (another batch layout: to 0.01 points), in the dataset's order."""

@@ -303,6 +303,7 @@ def test_quick_example(quick_example, capsys):
     assert ns["clean_mlp"].shape == (1, 6, 576)
 
 
+@pytest.mark.kernels
 def test_manual_procedure_is_finite_and_reproducible(quick_example):
     ns = dict(quick_example)
     run(STEP_1, ns)
@@ -320,6 +321,7 @@ def test_manual_procedure_is_finite_and_reproducible(quick_example):
     assert ns["results"][10] == pytest.approx(quick_example["recovery"], abs=1e-9)
 
 
+@pytest.mark.kernels
 def test_patching_whole_layer_output_recovers_everything(quick_example):
     ns = dict(quick_example)
     with ns["model"].trace(ns["clean_text"]):

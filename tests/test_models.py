@@ -31,6 +31,7 @@ def max_error(logits: mx.array, result: dict) -> float:
     return float(np.abs(ours - np.array(result["top_logits"])).max())
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("result", REFERENCE["models"]["smollm2"]["results"],
                          ids=lambda r: r["prompt"][:24])
 def test_smollm2_matches_reference(smollm2, result):
@@ -49,6 +50,7 @@ def test_smollm2_says_paris(smollm2):
     assert tokenizer.decode([mx.argmax(logits).item()]) == " Paris"
 
 
+@pytest.mark.kernels
 def test_gemma3_matches_reference(gemma3):
     """mlx-lm's Gemma 3 rounds the embedding scale sqrt(640) to bfloat16 (25.25 instead of
     25.2982), as Google's bfloat16 reference does; transformers and llama.cpp do not. With that
@@ -68,6 +70,7 @@ def test_gemma3_matches_reference(gemma3):
         assert mx.argmax(as_loaded).item() == result["greedy_id"]
 
 
+@pytest.mark.kernels
 def test_quantized_keeps_affine_weights_and_close_logits(smollm2):
     model, tokenizer = smollm2
     quantized, _ = mlxterp.load("smollm2-135m", quantized=True)

@@ -66,6 +66,7 @@ CASES = {
 }
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("case", CASES)
 def test_engine_equals_naive(wrapped, case):
     (clean, corrupted), options = CASES[case]
@@ -81,6 +82,7 @@ def test_engine_equals_naive(wrapped, case):
     assert np.abs(engine.recovery).max() > 0.1
 
 
+@pytest.mark.kernels
 def test_several_pairs_give_per_pair_and_mean(wrapped):
     clean = [PARIS[0], "Rome is the capital of Italy"]
     corrupted = [PARIS[1], "Paris is the capital of Italy"]
@@ -93,6 +95,7 @@ def test_several_pairs_give_per_pair_and_mean(wrapped):
     np.testing.assert_allclose(both.mean, np.average(both.recovery, axis=0, weights=both.baseline))
 
 
+@pytest.mark.kernels
 def test_output_component_recovers_everything(wrapped):
     result = wrapped.patching_sweep(*PARIS, component="output", layers=[29])
     # The patched row holds the donor's last residual stream, computed in another batch row:
@@ -139,12 +142,14 @@ def test_explicit_sites(wrapped):
                             {"layer": 3, "component": "self_attn.o_proj:input", "head": 2}]
 
 
+@pytest.mark.kernels
 def test_chunking_gives_the_same_numbers(wrapped):
     whole = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl")
     chunked = wrapped.patching_sweep(*PARIS, layers=[0, 3, 7, 20, 29], metric="kl", max_batch=2)
     assert_same_recovery(whole, chunked)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("metric", ["kl", "logit_diff"])
 def test_a_result_does_not_depend_on_batching(wrapped, metric):
     """The same site gives the same recovery swept alone, in a chunk of three, one row per
@@ -224,6 +229,7 @@ def test_a_patch_that_never_runs_is_an_error():
         run_naive(model, plan)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gpt2", "ministral3", "gptj"])
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_engine_equals_naive_across_families(family, direction):
@@ -283,6 +289,7 @@ def test_sites_and_options_are_checked(wrapped):
             wrapped.patching_sweep(*PARIS, component="self_attn.rope", layers=[2], naive=naive)
 
 
+@pytest.mark.kernels
 def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
     """Recovery means the same in both directions: how far the patch moves the receiving run
     toward the donor's output. Checked by hand from traces for logit difference and KL."""

@@ -97,6 +97,7 @@ def model(smollm2):
     return InterpretableModel(*smollm2)
 
 
+@pytest.mark.kernels
 @launched
 def test_two_ranks_give_the_single_process_result(model, tmp_path):
     """The CLI's `patch --pairs` under `mlx.launch -n 2`: one result, written and printed by rank
@@ -117,6 +118,7 @@ def test_two_ranks_give_the_single_process_result(model, tmp_path):
     np.testing.assert_allclose(sharded.baseline, alone.baseline, rtol=1e-5)
 
 
+@pytest.mark.kernels
 @launched
 def test_one_pair_is_shared_by_sites(model, tmp_path):
     pair = ioi_pairs(1, seed=2)

@@ -29,6 +29,7 @@ CPU_LIKE = BlockCosts(fixed=1.5e-3, per_position=7.8e-5, per_shape=3e-4)
 GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("sweep", [dict(component="mlp", over="layer", metric="kl"),
                                    dict(component="input", over=("layer", "position"), layers=[0, 14, 29],
                                         metric="kl"),
@@ -41,6 +42,7 @@ def test_flat_equals_naive(wrapped, sweep):
     assert np.abs(naive.patched - naive.corrupted[:, None]).max() > 0.01 * abs(naive.gap("denoise")[0])
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "gptj"])
 def test_both_strategies_equal_naive_across_families(family):
     model = InterpretableModel(tiny_model(family, seed=3))
