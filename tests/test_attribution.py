@@ -175,6 +175,7 @@ def test_a_backward_pass_that_overflows_is_an_error():
         run_gradient(model, plan)
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 def test_half_precision_on_a_262k_vocabulary():
     """Gemma 3 in bfloat16: metrics are float32, the backward stays finite, and the estimate
     ranks the layers as the float32 model's does at the top."""

@@ -102,6 +102,7 @@ def test_patch_writes_the_html_report_when_asked(tmp_path, capsys):
     assert "give layer numbers separated by commas" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 def test_lens_heads_and_train_lens(tmp_path, capsys, monkeypatch):
     from mlxterp.experiments.analyses.heads import HeadScores
     from mlxterp.experiments.analyses.lenses import LensResult

@@ -118,6 +118,7 @@ def test_attribution_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch
     assert scope["ig"].method == "ig"
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 def test_causal_tracing_doc_code_runs(tmp_path, monkeypatch):
     """docs/causal-tracing.md's first block: the MLP windows at the subject's ' iffel' token
     carry the fact (the largest effect restores most of P(' Paris'), 0.70 clean)."""

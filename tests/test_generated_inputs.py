@@ -966,6 +966,7 @@ def sweep_case(model: InterpretableModel, clean, corrupted, options: dict, naive
     return engine, naive
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 @examples(2)
 @given(pair=prompts(valid=False), options=sweep_options(valid=False),
        naive_flag=st.sampled_from([False] * 17 + [None, 0, ""]))
@@ -973,6 +974,7 @@ def test_sweeps_on_generated_arguments(tiny_smol, pair, options, naive_flag):
     sweep_case(tiny_smol, *pair, options, naive_flag)
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 @examples(1)
 @given(pair=prompts(valid=True), options=sweep_options(valid=True))
 def test_valid_sweeps_engine_equals_naive(tiny_smol, pair, options):

@@ -324,6 +324,7 @@ def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
         assert abs(result.recovery[0, 0]) <= max(0.01, result.noise[0, 0])
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_metrics_stay_finite_on_a_262k_vocabulary_in_half_precision(dtype):
     """The guide's L2 overflows and its KL gives NaN only when computed in half precision;

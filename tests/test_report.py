@@ -92,6 +92,7 @@ def test_hovering_a_cell_shows_what_the_json_says(browser, wrapped, tmp_path):
         result.to_html(tmp_path / "report.txt")
 
 
+@pytest.mark.slow  # over 15 s here: CI's slow round runs it
 def test_tens_of_thousands_of_sites_still_open(browser, tmp_path, capsys):
     """A synthetic layer x head x position result of 40,320 sites (a 32-layer, 32-head model on
     a 40-token prompt): the page opens and draws every cell. Size and load time are printed."""
