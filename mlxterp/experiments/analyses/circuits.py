@@ -317,15 +317,10 @@ def top_circuit(scores: PatchingResult, edges: int | None = None, *,
         if count == 0:
             raise InputError(f"threshold={threshold!r}: no edge has |recovery| that large; the largest is "
                              f"{abs(means[0]):.3g} %.")
-    return _circuit(scores, graph, numbers[:count], means[:count])
-
-
-def _circuit(scores: PatchingResult, graph: Graph, numbers: np.ndarray, means: np.ndarray) -> Circuit:
-    """The circuit of the edges `numbers` (with their mean recoveries), pruned."""
-    score_of = dict(zip(numbers.tolist(), means.tolist(), strict=True))
-    kept = prune(graph, numbers.tolist())
+    score_of = dict(zip(numbers[:count].tolist(), means[:count].tolist(), strict=True))
+    kept = prune(graph, numbers[:count].tolist())
     return Circuit(edges=tuple(graph.edge_names[n] for n in kept), scores=tuple(score_of[n] for n in kept),
-                   requested=len(numbers), method=scores.method, metric=scores.metric,
+                   requested=count, method=scores.method, metric=scores.metric,
                    graph=asdict(graph), provenance=dict(scores.provenance))
 
 
