@@ -10,6 +10,7 @@ them:
   `ModelLoadError`, `OutputPathError`, `InterventionError`, `InstalledInterventionError`,
   `AttentionCaptureError`, `SteeringVectorError`, `GenerationError`, `LensError`,
   `GraphError` (a model that is no plain sum of heads and MLPs, an edge not in its graph),
+  `SAEError` (a sparse autoencoder that does not fit the site, model or file it meets),
   `ResultFormatError`.
 - Bad types (`TypeError`): `InputTypeError`.
 - Names (`KeyError`): `UnknownModuleError` (no module, or several, match a key),
@@ -94,6 +95,11 @@ class LensError(InputError):
 
 class GraphError(InputError):
     """A model mlxterp cannot split into a graph of heads and MLPs, or an edge not in its graph."""
+
+
+class SAEError(InputError):
+    """A sparse autoencoder that does not fit: another width, dtype, model or site than the one
+    it meets, an unknown architecture in its file, a feature out of range."""
 
 
 class ResultFormatError(InputError):

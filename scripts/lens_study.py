@@ -30,9 +30,9 @@ from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.experiments.analyses.tuned_lens import (  # noqa: E402
     kl_per_layer,
     python_reference_text,
-    token_windows,
     train_tuned_lens,
 )
+from mlxterp.experiments.data.corpus import token_windows  # noqa: E402
 from mlxterp.presentation.plots import _figure  # noqa: E402
 from mlxterp.tracing.attention import attention_layouts  # noqa: E402
 

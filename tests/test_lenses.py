@@ -16,7 +16,8 @@ from conftest import tiny_model
 from mlxterp import InterpretableModel
 from mlxterp.errors import InputError, InputTypeError, LensError, SiteError
 from mlxterp.experiments.analyses.lenses import LensResult, Unembedding, largest
-from mlxterp.experiments.analyses.tuned_lens import TunedLens, lens_kl, token_windows, train_tuned_lens
+from mlxterp.experiments.analyses.tuned_lens import TunedLens, lens_kl, train_tuned_lens
+from mlxterp.experiments.data.corpus import token_windows
 
 PROMPT = "The Eiffel Tower is located in the city of"
 # KL at the last block, where the lens is the model: float32 rounding of log-softmax over

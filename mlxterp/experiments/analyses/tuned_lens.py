@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 
 from mlxterp.errors import InputTypeError, LensError
 from mlxterp.experiments.analyses.lenses import Unembedding, kl_to_final
+from mlxterp.experiments.data.corpus import token_windows
 from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.models.load import cache_dir
 from mlxterp.paths import output_path, write_atomically
@@ -143,26 +144,6 @@ def python_reference_text(held_out_every: int = 4) -> tuple[list[str], list[str]
     held_out = [topics[name] for i, name in enumerate(names) if i % held_out_every == held_out_every - 1]
     training = [topics[name] for i, name in enumerate(names) if i % held_out_every != held_out_every - 1]
     return training, held_out
-
-
-def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
-    """The texts tokenised one after another and cut into windows (n, length) of token ids,
-    each starting with the tokenizer's BOS token when it has one.
-
-    Example:
-        >>> token_windows(model, python_reference_text()[1], 64).shape
-        (267, 64)
-    """
-    if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
-        raise InputTypeError("texts must be a non-empty list of strings.")
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    stream = [i for text in texts for i in model.tokenizer.encode(text, add_special_tokens=False)]
-    body = length - (bos is not None)
-    windows = [([bos] if bos is not None else []) + stream[i:i + body]
-               for i in range(0, len(stream) - body + 1, body)]
-    if not windows:
-        raise InputTypeError(f"the texts give {len(stream)} tokens, fewer than one window of {length}.")
-    return mx.array(windows)
 
 
 def lens_kl(model, lens: TunedLens | None, head: Unembedding, tokens: mx.array) -> mx.array:

@@ -1,0 +1,119 @@
+"""Splicing a sparse autoencoder into a model, as a new model value that shares every weight.
+
+`spliced(root, tree, sae)` returns a copy of the module tree in which only the path from the
+root to the SAE's host module is new (equinox-style surgery: the rest is shared, the original
+untouched). The host's copy runs the host's own code and then hands its activation to a
+`Splice`, a child named `sae`, so the spliced model names three new modules beside the old ones:
+
+- `layers.8.sae.features`: the latents (batch, positions, d_sae), read and intervened on like
+  any module output, and patched feature by feature as `Site(..., head=k, n_heads=d_sae)`;
+- `layers.8.sae.error`: what the SAE misses, activation minus reconstruction (its own site);
+- `layers.8.sae.autoencoder`: the SAE's weights.
+
+The forward goes on with reconstruction + error. Unchanged latents and error give back the
+activation itself, so the spliced model computes bit for bit what the model computes; a change
+to either adds exactly its difference.
+
+Example:
+    >>> root = spliced(model.model, model.tree, sae)       # sae.site == "model.model.layers.8"
+    >>> InterpretableModel(root, tokenizer).trace(...)      # what model.with_sae(sae) does
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlxterp.models.sae import SparseAutoencoder
+from mlxterp.tracing.intercept import call_input, with_call_input
+from mlxterp.tracing.names import ModuleTree
+
+
+class Features(nn.Identity):
+    """The hook of an SAE's latents: its output is what the splice decodes."""
+
+
+class Error(nn.Identity):
+    """The hook of an SAE's error term (activation minus reconstruction)."""
+
+
+class Splice(nn.Module):
+    """An SAE between its host module and the rest of the model (see the module docstring).
+
+    Example:
+        >>> Splice(sae)(x, x)      # x itself; with an intervention on `features`, changed by it
+    """
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        self.autoencoder = sae
+        self.features = Features()
+        self.error = Error()
+
+    def __call__(self, read: mx.array, replaced: mx.array) -> mx.array:
+        """`replaced` (the activation the SAE reconstructs) after the SAE has read `read` (the
+        same activation for an SAE, the MLP's input for a transcoder)."""
+        latents = self.autoencoder.encode(read)
+        reconstruction = self.autoencoder.decode(latents)
+        error = replaced.astype(reconstruction.dtype) - reconstruction
+        new_latents, new_error = self.features(latents), self.error(error)
+        if new_latents is latents and new_error is error:
+            return replaced
+        change = (new_error - error) if new_latents is latents else (
+            self.autoencoder.decode(new_latents) - reconstruction + (new_error - error))
+        return (replaced.astype(change.dtype) + change).astype(replaced.dtype)
+
+
+class SplicedModule:
+    """Mixed into a copy of the host's class: the host's own call, then the splice."""
+
+    def __call__(self, *args, **kwargs):
+        sae = self.sae.autoencoder
+        if sae.site.endswith(":input"):
+            x = call_input(self, args, kwargs)
+            args, kwargs = with_call_input(self, args, kwargs, self.sae(x, x))
+            return super().__call__(*args, **kwargs)
+        output = super().__call__(*args, **kwargs)
+        return self.sae(call_input(self, args, kwargs) if sae.is_transcoder else output, output)
+
+
+@cache
+def _spliced_class(host_class: type) -> type:
+    return type(f"Spliced{host_class.__name__}", (SplicedModule, host_class), {})
+
+
+def host_of(sae: SparseAutoencoder) -> str:
+    """The full name of the module whose call the SAE joins: its site's module (the MLP, for a
+    transcoder reading `mlp:input` and writing `mlp`)."""
+    return sae.site.removesuffix(":input") if not sae.is_transcoder else sae.site_out
+
+
+def spliced(root: nn.Module, tree: ModuleTree, sae: SparseAutoencoder) -> nn.Module:
+    """A copy of `root` with `sae` spliced at its site (a full name in `tree`); only the modules
+    on the path from the root to the host are copied, every weight is shared.
+
+    Example:
+        >>> new_root = spliced(model.model, model.tree, sae)
+        >>> new_root.model.layers[8].sae.autoencoder is sae
+        True
+    """
+    host_name = host_of(sae)
+    host = copy.copy(tree.modules[host_name])
+    host.__class__ = _spliced_class(type(tree.modules[host_name]))
+    host.sae = Splice(sae)
+    child, name = host, host_name
+    while "." in name:
+        name, _, attribute = name.rpartition(".")
+        if name in tree.modules:
+            parent = copy.copy(tree.modules[name])
+            parent[attribute] = child
+        else:  # `attribute` indexes a list held by the module two levels up
+            name, _, list_attribute = name.rpartition(".")
+            parent = copy.copy(tree.modules[name])
+            parent[list_attribute] = list(parent[list_attribute])
+            parent[list_attribute][int(attribute)] = child
+        child = parent
+    return child
