@@ -51,6 +51,7 @@ from mlxterp.errors import (  # noqa: E402
     PairBaselineWarning,
     RankFailedError,
     ResultFormatError,
+    SAEError,
     SiteError,
     SlowBlasWarning,
     SteeringVectorError,
@@ -73,8 +74,19 @@ from mlxterp.experiments.analyses.circuits import (  # noqa: E402
 from mlxterp.experiments.analyses.generation import Generation  # noqa: E402
 from mlxterp.experiments.analyses.heads import HeadScores  # noqa: E402
 from mlxterp.experiments.analyses.lenses import LensResult  # noqa: E402
+from mlxterp.experiments.analyses.sae_training import train_sae  # noqa: E402
+from mlxterp.experiments.analyses.saes import (  # noqa: E402
+    FeatureDashboards,
+    SAEEvaluation,
+    error_site,
+    evaluate_sae,
+    feature_dashboards,
+    feature_site,
+    frequent_features,
+)
 from mlxterp.experiments.analyses.steering import SteeringVector  # noqa: E402
 from mlxterp.experiments.analyses.tuned_lens import TunedLens, train_tuned_lens  # noqa: E402
+from mlxterp.experiments.data.corpus import debian_docs, token_windows  # noqa: E402
 from mlxterp.experiments.data.corruption import Ablate, Noise  # noqa: E402
 from mlxterp.experiments.data.pairs import (  # noqa: E402
     Fact,
@@ -90,6 +102,8 @@ from mlxterp.experiments.pipeline.sweep import answered_pairs  # noqa: E402
 from mlxterp.model import InterpretableModel  # noqa: E402
 from mlxterp.models import BUNDLED, cache_dir, load  # noqa: E402
 from mlxterp.models.load import converted_folder  # noqa: E402
+from mlxterp.models.sae import SparseAutoencoder  # noqa: E402
+from mlxterp.models.saelens import load_saelens, save_saelens  # noqa: E402
 from mlxterp.tracing.names import Site, SiteGroup  # noqa: E402
 
 __all__ = [
@@ -104,13 +118,17 @@ __all__ = [
     "HeadScores", "SteeringVector", "Generation",
     # circuits
     "edge_attribution", "edge_patching", "top_circuit", "faithfulness_curve", "Circuit",
+    # sparse autoencoders
+    "SparseAutoencoder", "load_saelens", "save_saelens", "train_sae", "debian_docs", "token_windows",
+    "feature_site", "error_site", "evaluate_sae", "SAEEvaluation", "feature_dashboards",
+    "frequent_features", "FeatureDashboards",
     # errors and warnings
     "MlxterpError", "InputError", "InputTypeError", "SiteError", "MetricError", "BaselineError",
     "ModelLoadError", "OutputPathError", "InterventionError", "InstalledInterventionError",
     "AttentionCaptureError", "SteeringVectorError", "GenerationError", "LensError",
     "ResultFormatError", "UnknownModuleError", "NotRecordedError", "LayerIndexError", "TraceError",
     "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "PairBaselineWarning",
-    "SlowBlasWarning", "GraphError", "DisconnectedCircuitWarning",
+    "SlowBlasWarning", "GraphError", "DisconnectedCircuitWarning", "SAEError",
     "__version__",
 ]
 

@@ -19,6 +19,7 @@ from mlxterp.experiments.analyses import (
     heads,
     lenses,
     patching,
+    saes,
     steering,
 )
 from mlxterp.experiments.pipeline.options import SweepOptions, check_names, option_names
@@ -286,6 +287,21 @@ class InterpretableModel:
         """
         _check_options(keywords, causal_tracing.causal_trace)
         return causal_tracing.causal_trace(self, prompt, subject, options, **keywords)
+
+    def with_sae(self, sae) -> InterpretableModel:
+        """This model with `sae` spliced at its site: a new model sharing every weight, with the
+        SAE's latents and error term as modules (`layers.8.sae.features`, `layers.8.sae.error`);
+        its output is bit for bit this model's until they are changed. See `saes.with_sae`.
+
+        Raises:
+            SAEError: an SAE whose width, dtype or model does not match, or a model that has one.
+            UnknownModuleError: a site this model does not have.
+            NotReachedError: a site the model never calls.
+
+        Example:
+            >>> spliced = model.with_sae(load_saelens("out/smollm2-l8-topk"))
+        """
+        return saes.with_sae(self, sae)
 
     def logit_lens(self, prompt: Inputs, **options) -> lenses.LensResult:
         """The model's prediction after each block at each position: a `LensResult`; see

@@ -44,13 +44,19 @@ def prepare_gpu(folder: Path) -> None:
     (folder / "model").mkdir(parents=True)
     quantized = Path(converted_folder(BUNDLED["smollm2-135m"].gguf_path(cache_dir()), mx.float32, True))
     weights = mx.load(str(quantized / "model.safetensors"))
-    kept = {name: array for name, array in weights.items()
-            if not name.startswith("model.layers.") or int(name.split(".")[2]) < LAYERS_NEEDED}
+    kept = {
+        name: array
+        for name, array in weights.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < LAYERS_NEEDED
+    }
     mx.save_safetensors(str(folder / "model" / "model.safetensors"), kept)
     config = json.loads((quantized / "config.json").read_text())
     config["num_hidden_layers"] = LAYERS_NEEDED
-    config["quantization"] = {key: value for key, value in config["quantization"].items()
-                              if not key.startswith("model.layers.") or int(key.split(".")[2]) < LAYERS_NEEDED}
+    config["quantization"] = {
+        key: value
+        for key, value in config["quantization"].items()
+        if not key.startswith("model.layers.") or int(key.split(".")[2]) < LAYERS_NEEDED
+    }
     (folder / "model" / "config.json").write_text(json.dumps(config))
     for file in quantized.iterdir():
         if file.name.startswith("tokenizer") or file.suffix == ".jinja":
@@ -62,7 +68,7 @@ def prepare_gpu(folder: Path) -> None:
         (folder / "corpus" / f"{name}.jsonl.gz").write_bytes(gzip.compress(source.read_bytes()))
     for path in sorted(folder.rglob("*")):
         if path.is_file():
-            print(f"{path.stat().st_size / 2 ** 20:7.1f} MiB  {path}")
+            print(f"{path.stat().st_size / 2**20:7.1f} MiB  {path}")
 
 
 def forward_throughput(model, texts, length: int, windows: int = 32, repeats: int = 5) -> dict:
@@ -70,8 +76,10 @@ def forward_throughput(model, texts, length: int, windows: int = 32, repeats: in
     batch = token_windows(model, texts, length)[:windows]
     site = model.tree.site(SITE)
     result = {}
-    for what, run in (("to_site", lambda: collect(model, batch, [site])),
-                      ("whole_model", lambda: model.model(batch))):
+    for what, run in (
+        ("to_site", lambda: collect(model, batch, [site])),
+        ("whole_model", lambda: model.model(batch)),
+    ):
         mx.eval(run())  # warm-up
         started = time.perf_counter()
         for _ in range(repeats):
@@ -84,25 +92,45 @@ def train(args) -> None:
     if args.corpus:  # the gzipped corpus carried to a machine without the registry
         (cache_dir() / "corpus").mkdir(parents=True, exist_ok=True)
         for file in Path(args.corpus).glob("*.jsonl.gz"):
-            (cache_dir() / "corpus" / file.name.removesuffix(".gz")).write_bytes(gzip.decompress(file.read_bytes()))
+            (cache_dir() / "corpus" / file.name.removesuffix(".gz")).write_bytes(
+                gzip.decompress(file.read_bytes())
+            )
     base, tokenizer = mlxterp.load(args.model, dtype="float32")
     model = InterpretableModel(base, tokenizer)
     texts, _ = debian_docs()
     started = time.perf_counter()
-    sae = train_sae(model, SITE, texts, architecture="topk", expansion=8, k=32, steps=args.steps,
-                    batch_tokens=4096, length=128, seed=0, checkpoint=args.checkpoint or args.out / "checkpoint",
-                    checkpoint_every=500, progress=True)
+    sae = train_sae(
+        model,
+        SITE,
+        texts,
+        architecture="topk",
+        expansion=8,
+        k=32,
+        steps=args.steps,
+        batch_tokens=4096,
+        length=128,
+        seed=0,
+        checkpoint=args.checkpoint or args.out / "checkpoint",
+        checkpoint_every=500,
+        progress=True,
+    )
     seconds = time.perf_counter() - started
     save_saelens(sae, args.out / "sae")
-    timing = {"device": str(mx.default_device()), "steps": args.steps, "seconds": round(seconds, 1),
-              "training_tokens_per_second": sae.trained_on["tokens_per_second"],
-              "forward_tokens_per_second": forward_throughput(model, texts, 128)}
+    timing = {
+        "device": str(mx.default_device()),
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+        "training_tokens_per_second": sae.trained_on["tokens_per_second"],
+        "forward_tokens_per_second": forward_throughput(model, texts, 128),
+    }
     (args.out / "timing.json").write_text(json.dumps(timing, indent=2))
     print(json.dumps(timing, indent=2))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("prepare-gpu").add_argument("--out", type=Path, default=Path(".gpu/sae"))
     trainer = verbs.add_parser("train")
@@ -110,7 +138,9 @@ def main() -> None:
     trainer.add_argument("--corpus", help="a folder of gzipped corpus files (prepare-gpu's corpus/)")
     trainer.add_argument("--steps", type=int, default=6000)
     trainer.add_argument("--out", type=Path, required=True)
-    trainer.add_argument("--checkpoint", type=Path, help="where the run's checkpoint lives (default OUT/checkpoint)")
+    trainer.add_argument(
+        "--checkpoint", type=Path, help="where the run's checkpoint lives (default OUT/checkpoint)"
+    )
     args = parser.parse_args()
     if args.verb == "prepare-gpu":
         prepare_gpu(args.out)

@@ -48,14 +48,28 @@ class SparseAutoencoder(nn.Module):
         ('topk', 4608)
     """
 
-    def __init__(self, architecture: str, site: str, d_in: int, d_sae: int, k: int | None = None,
-                 site_out: str | None = None, d_out: int | None = None, model: str = "",
-                 dtype: mx.Dtype = mx.float32, apply_b_dec_to_input: bool | None = None):
+    def __init__(
+        self,
+        architecture: str,
+        site: str,
+        d_in: int,
+        d_sae: int,
+        k: int | None = None,
+        site_out: str | None = None,
+        d_out: int | None = None,
+        model: str = "",
+        dtype: mx.Dtype = mx.float32,
+        apply_b_dec_to_input: bool | None = None,
+    ):
         super().__init__()
         if architecture not in ARCHITECTURES:
-            raise SAEError(f"unknown SAE architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}.")
+            raise SAEError(
+                f"unknown SAE architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}."
+            )
         if architecture in ("topk", "batchtopk") and not (isinstance(k, int) and 0 < k <= d_sae):
-            raise SAEError(f"a {architecture} SAE needs k, a whole number from 1 to d_sae={d_sae}; got {k!r}.")
+            raise SAEError(
+                f"a {architecture} SAE needs k, a whole number from 1 to d_sae={d_sae}; got {k!r}."
+            )
         if (site_out is None) != (d_out is None):
             raise SAEError("a transcoder needs both site_out and d_out; an SAE gives neither.")
         d_out = d_in if d_out is None else d_out
@@ -75,9 +89,18 @@ class SparseAutoencoder(nn.Module):
         self.trained_on: dict = {}  # what training saw, written to the file's metadata
 
     @classmethod
-    def create(cls, site: str, d_in: int, d_sae: int, architecture: str = "topk", k: int | None = None,
-               site_out: str | None = None, d_out: int | None = None, model: str = "",
-               seed: int = 0) -> SparseAutoencoder:
+    def create(
+        cls,
+        site: str,
+        d_in: int,
+        d_sae: int,
+        architecture: str = "topk",
+        k: int | None = None,
+        site_out: str | None = None,
+        d_out: int | None = None,
+        model: str = "",
+        seed: int = 0,
+    ) -> SparseAutoencoder:
         """A freshly initialised SAE: unit-norm decoder rows, the encoder their transpose (as
         Gao et al. start), zero biases.
 
@@ -91,8 +114,11 @@ class SparseAutoencoder(nn.Module):
         decoder = mx.random.normal((d_sae, sae.d_out), key=mx.random.key(seed))
         sae.W_dec = decoder / mx.linalg.norm(decoder, axis=1, keepdims=True)
         # A transcoder's input and output live in different spaces: its encoder starts random.
-        sae.W_enc = (mx.random.normal((d_in, d_sae), key=mx.random.key(seed + 1)) / d_in ** 0.5
-                     if sae.is_transcoder else sae.W_dec.T)
+        sae.W_enc = (
+            mx.random.normal((d_in, d_sae), key=mx.random.key(seed + 1)) / d_in**0.5
+            if sae.is_transcoder
+            else sae.W_dec.T
+        )
         if architecture == "jumprelu":
             sae.threshold = mx.full((d_sae,), 1e-3)
         return sae
@@ -160,7 +186,9 @@ class SparseAutoencoder(nn.Module):
             4607
         """
         if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < self.d_sae:
-            raise SAEError(f"feature {feature!r} does not exist: this SAE's features are 0 to {self.d_sae - 1}.")
+            raise SAEError(
+                f"feature {feature!r} does not exist: this SAE's features are 0 to {self.d_sae - 1}."
+            )
         return feature
 
     def describe(self) -> str:

@@ -32,8 +32,11 @@ CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 # TransformerLens hook -> mlxterp key, per block (mlx-lm's MLP is called with the normed input).
 _TL_HOOKS = {
-    "hook_resid_post": "", "hook_resid_pre": ":input", "hook_mlp_out": ".mlp",
-    "hook_attn_out": ".self_attn", "ln2.hook_normalized": ".mlp:input",
+    "hook_resid_post": "",
+    "hook_resid_pre": ":input",
+    "hook_mlp_out": ".mlp",
+    "hook_attn_out": ".self_attn",
+    "ln2.hook_normalized": ".mlp:input",
 }
 _TL_HOOK = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
 _OUR_SITE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)(?P<rest>(?:\.mlp|\.self_attn)?(?::input)?)$")
@@ -41,11 +44,18 @@ _HF_SITE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)(?P<rest>\.mlp|\.self
 
 # mlxterp architecture -> SAELens's, for an SAE and for a transcoder (None: SAELens has none).
 _SAELENS_ARCHITECTURE = {
-    "topk": ("topk", None), "batchtopk": ("jumprelu", "jumprelu_transcoder"),
-    "jumprelu": ("jumprelu", "jumprelu_transcoder"), "relu": ("standard", "transcoder"),
+    "topk": ("topk", None),
+    "batchtopk": ("jumprelu", "jumprelu_transcoder"),
+    "jumprelu": ("jumprelu", "jumprelu_transcoder"),
+    "relu": ("standard", "transcoder"),
 }
-_FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu",
-                 "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+_FROM_SAELENS = {
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "standard": "relu",
+    "transcoder": "relu",
+    "jumprelu_transcoder": "jumprelu",
+}
 
 
 def hook_name(site: str) -> str:
@@ -78,7 +88,8 @@ def site_of_hook(hook: str) -> str:
         return f"layers.{match['layer']}{match['rest'] or ''}"
     raise SAEError(
         f"the SAE's hook {hook!r} has no place mlxterp knows; known hooks are blocks.L.hook_resid_post, "
-        f"blocks.L.hook_resid_pre, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, blocks.L.ln2.hook_normalized "
+        f"blocks.L.hook_resid_pre, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
+        f"blocks.L.ln2.hook_normalized "
         f"and model.layers.L[.mlp|.self_attn]. Pass site= to say where it reads."
     )
 
@@ -96,7 +107,9 @@ def save_saelens(sae: SparseAutoencoder, folder: str | Path) -> Path:
     sae_architecture, transcoder_architecture = _SAELENS_ARCHITECTURE[sae.architecture]
     architecture = transcoder_architecture if sae.is_transcoder else sae_architecture
     if architecture is None:
-        raise SAEError("SAELens has no TopK transcoder; train a batchtopk or jumprelu transcoder to share it.")
+        raise SAEError(
+            "SAELens has no TopK transcoder; train a batchtopk or jumprelu transcoder to share it."
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
@@ -104,13 +117,21 @@ def save_saelens(sae: SparseAutoencoder, folder: str | Path) -> Path:
         weights["threshold"] = sae.threshold
     mx.save_safetensors(str(folder / WEIGHTS), weights)
     config = {
-        "architecture": architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
-        "dtype": str(sae.W_enc.dtype).removeprefix("mlx.core."), "device": "cpu",
-        "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+        "architecture": architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": str(sae.W_enc.dtype).removeprefix("mlx.core."),
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
+        "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
-            "model_name": sae.model, "hook_name": hook_name(sae.site), "mlxterp_site": sae.site,
-            "mlxterp_architecture": sae.architecture, "mlxterp_k": sae.k, "mlxterp_version": __version__,
+            "model_name": sae.model,
+            "hook_name": hook_name(sae.site),
+            "mlxterp_site": sae.site,
+            "mlxterp_architecture": sae.architecture,
+            "mlxterp_k": sae.k,
+            "mlxterp_version": __version__,
             **sae.trained_on,
         },
     }
@@ -144,32 +165,52 @@ def load_saelens(folder: str | Path, site: str | None = None) -> SparseAutoencod
     metadata = config.get("metadata") or {}
     architecture = config.get("architecture", "standard")
     if architecture not in _FROM_SAELENS:
-        raise SAEError(f"{folder / CONFIG}: architecture {architecture!r} is not one mlxterp runs; "
-                       f"it runs {', '.join(sorted(_FROM_SAELENS))}.")
+        raise SAEError(
+            f"{folder / CONFIG}: architecture {architecture!r} is not one mlxterp runs; "
+            f"it runs {', '.join(sorted(_FROM_SAELENS))}."
+        )
     if config.get("normalize_activations", "none") != "none":
-        raise SAEError(f"{folder / CONFIG}: normalize_activations is {config['normalize_activations']!r}; "
-                       "mlxterp runs SAEs with the normalisation folded into the weights ('none').")
+        raise SAEError(
+            f"{folder / CONFIG}: normalize_activations is {config['normalize_activations']!r}; "
+            "mlxterp runs SAEs with the normalisation folded into the weights ('none')."
+        )
     weights = mx.load(str(folder / WEIGHTS))
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if "jumprelu" in architecture else set())
     if set(weights) != expected:
-        raise SAEError(f"{folder / WEIGHTS} holds {sorted(weights)}; a {architecture} SAE has {sorted(expected)}.")
+        raise SAEError(
+            f"{folder / WEIGHTS} holds {sorted(weights)}; a {architecture} SAE has {sorted(expected)}."
+        )
     ours = metadata.get("mlxterp_architecture") or _FROM_SAELENS[architecture]
     transcoder = "transcoder" in architecture
     site = site or metadata.get("mlxterp_site") or site_of_hook(_required(metadata, "hook_name", folder))
-    site_out = (metadata.get("mlxterp_site_out") or site_of_hook(_required(metadata, "hook_name_out", folder))
-                if transcoder else None)
+    site_out = (
+        metadata.get("mlxterp_site_out") or site_of_hook(_required(metadata, "hook_name_out", folder))
+        if transcoder
+        else None
+    )
     sae = SparseAutoencoder(
-        ours, site, config["d_in"], config["d_sae"], config.get("k") or metadata.get("mlxterp_k"), site_out,
-        config.get("d_out") if transcoder else None, metadata.get("model_name") or "",
+        ours,
+        site,
+        config["d_in"],
+        config["d_sae"],
+        config.get("k") or metadata.get("mlxterp_k"),
+        site_out,
+        config.get("d_out") if transcoder else None,
+        metadata.get("model_name") or "",
         apply_b_dec_to_input=config.get("apply_b_dec_to_input", not transcoder),
     )
     for name, array in weights.items():
         if array.shape != sae[name].shape:
-            raise SAEError(f"{folder / WEIGHTS}: {name} is {tuple(array.shape)}; cfg.json makes it "
-                           f"{tuple(sae[name].shape)}.")
+            raise SAEError(
+                f"{folder / WEIGHTS}: {name} is {tuple(array.shape)}; cfg.json makes it "
+                f"{tuple(sae[name].shape)}."
+            )
     sae.update(weights)
-    sae.trained_on = {key: value for key, value in metadata.items()
-                      if key not in ("model_name", "hook_name", "hook_name_out") and not key.startswith("mlxterp_")}
+    sae.trained_on = {
+        key: value
+        for key, value in metadata.items()
+        if key not in ("model_name", "hook_name", "hook_name_out") and not key.startswith("mlxterp_")
+    }
     return sae
 
 

@@ -7,8 +7,8 @@ what draws it.
 """
 
 from mlxterp.experiments.pipeline.results import VIEWS
-from mlxterp.presentation import circuits, plots, report
+from mlxterp.presentation import circuits, features, plots, report
 
 VIEWS.update(patching=circuits.plot_any_patching, html=report.write_html, lens=plots.plot_lens,
              heads=plots.plot_heads, circuit=circuits.plot_circuit,
-             circuit_html=circuits.write_circuit_html)
+             circuit_html=circuits.write_circuit_html, features_html=features.write_features_html)

@@ -258,9 +258,9 @@ def train_lens(args: argparse.Namespace) -> int:
         TunedLens,
         kl_per_layer,
         python_reference_text,
-        token_windows,
         train_tuned_lens,
     )
+    from mlxterp.experiments.data.corpus import token_windows
     from mlxterp.paths import output_path
 
     model = _model(args.model)
@@ -278,6 +278,43 @@ def train_lens(args: argparse.Namespace) -> int:
     print(f"held-out KL (nats) per layer, {len(windows)} windows of {args.length} tokens:")
     print("\n".join(f"{layer:>5}  logit {a:7.3f}  tuned {b:7.3f}"
                     for layer, (a, b) in enumerate(zip(logit, tuned, strict=True))))
+    return 0
+
+
+def train_sae(args: argparse.Namespace) -> int:
+    """Train an SAE (or a transcoder, with --site-out) on the Debian documentation corpus, save
+    it in SAELens's layout, print its held-out metrics and write the dashboards of its most
+    frequent features."""
+    from mlxterp.experiments.analyses.sae_training import train_sae as train
+    from mlxterp.experiments.analyses.saes import evaluate_sae, feature_dashboards, frequent_features
+    from mlxterp.experiments.data.corpus import debian_docs, token_windows
+    from mlxterp.models.identity import model_name
+    from mlxterp.models.saelens import save_saelens
+    from mlxterp.paths import numbered
+
+    model = _model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    training, held_out = debian_docs()
+    sae = train(model, args.site, training, architecture=args.architecture, expansion=args.expansion,
+                k=None if args.architecture == "jumprelu" else args.k, site_out=args.site_out,
+                steps=args.steps, batch_tokens=args.batch_tokens, length=args.length,
+                learning_rate=args.learning_rate, seed=args.seed, checkpoint=args.checkpoint, progress=True)
+    model_label = Path(model_name(model.model)).stem.lower()
+    name = f"sae-{model_label}-{args.site.replace(':', '-')}-{args.architecture}"
+    folder = save_saelens(sae, numbered(out, name, ""))
+    print(f"{sae.describe()}\nsaved to {folder} (SAELens layout)")
+    windows = token_windows(model, held_out, args.length)[:args.held_out]
+    report = evaluate_sae(model, sae, windows, ce_windows=min(32, len(windows)))
+    print(f"held-out, {report.tokens:,} tokens: L0 {report.l0:.1f}, FVU {report.fvu:.3f}, "
+          f"loss recovered {report.loss_recovered:.3f} (CE clean {report.ce_clean:.3f}, spliced "
+          f"{report.ce_spliced:.3f}, ablated {report.ce_ablated:.3f}), dead {report.dead_fraction:.1%}, "
+          f"dense {report.dense_fraction:.1%}")
+    if args.features:
+        frequent = frequent_features(model, sae, windows[:8], args.features)
+        boards = feature_dashboards(model, sae, windows, features=frequent)
+        page = boards.to_html(numbered(out, f"{folder.name}-features", ".html"))
+        print(f"dashboards of {len(frequent)} features: {page}")
     return 0
 
 
@@ -443,6 +480,28 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--held-out", type=_count(1, 10_000), default=8,
                        help="held-out windows to report KL on")
     train.add_argument("--save", help="file to write (default: the cache, where `lens --tuned` looks)")
+    sae_parser = _command(commands, "train-sae",
+                          "train a sparse autoencoder on the Debian documentation corpus",
+                          out="folder for the SAE (SAELens layout) and its dashboards")
+    sae_parser.add_argument("--site", default="layers.8", help="the activation it reads, e.g. layers.8")
+    sae_parser.add_argument("--site-out",
+                            help="a transcoder's output, e.g. layers.8.mlp (with --site layers.8.mlp:input)")
+    sae_parser.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu"])
+    sae_parser.add_argument("--expansion", type=_count(1, 1024), default=8, help="latents per input feature")
+    sae_parser.add_argument("--k", type=_count(1, 100_000), default=32,
+                            help="topk, batchtopk: latents per token")
+    sae_parser.add_argument("--steps", type=_count(1, 100_000_000), default=2000, help="Adam steps")
+    sae_parser.add_argument("--batch-tokens", type=_count(1, 1_000_000), default=4096, help="tokens per step")
+    sae_parser.add_argument("--length", type=_count(3, 8192), default=128, help="tokens per window")
+    sae_parser.add_argument("--learning-rate", type=_number(0, 1, open_below=True),
+                            help="peak rate (default: 2e-4 scaled by 1/sqrt(latents / 16384))")
+    sae_parser.add_argument("--seed", type=SEED, default=0,
+                            help="seed of the initialisation and the data order")
+    sae_parser.add_argument("--checkpoint", metavar="FOLDER", help="checkpoint here, and resume from it")
+    sae_parser.add_argument("--held-out", type=_count(1, 100_000), default=64,
+                            help="held-out windows to measure")
+    sae_parser.add_argument("--features", type=_count(0, 100_000), default=50,
+                            help="dashboards of this many frequent features (0: none)")
     gen = _command(commands, "generate", "generate text, optionally steered by a saved vector", out=None)
     gen.add_argument("prompt", help="the text to continue")
     gen.add_argument("--max-tokens", type=_count(1, 100_000), default=64, help="new tokens at most")
@@ -466,8 +525,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"patch": patch, "attribute": attribute, "circuit": circuit, "trace-fact": trace_fact,
-            "lens": lens, "heads": heads, "train-lens": train_lens, "generate": generate, "doctor": doctor,
-            "demo": demo, "ioi-pairs": ioi}
+            "lens": lens, "heads": heads, "train-lens": train_lens, "train-sae": train_sae,
+            "generate": generate, "doctor": doctor, "demo": demo, "ioi-pairs": ioi}
 
 
 def _check_writable(args: argparse.Namespace) -> None:

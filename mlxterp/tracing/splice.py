@@ -2,8 +2,9 @@
 
 `spliced(root, tree, sae)` returns a copy of the module tree in which only the path from the
 root to the SAE's host module is new (equinox-style surgery: the rest is shared, the original
-untouched). The host's copy runs the host's own code and then hands its activation to a
-`Splice`, a child named `sae`, so the spliced model names three new modules beside the old ones:
+untouched). The host's copy (of a subclass of its class made for the purpose) runs the host's
+own code and then hands its activation to a `Splice`, a child named `sae`, so the spliced model
+names three new modules beside the old ones:
 
 - `layers.8.sae.features`: the latents (batch, positions, d_sae), read and intervened on like
   any module output, and patched feature by feature as `Site(..., head=k, n_heads=d_sae)`;
@@ -22,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 from functools import cache
 
 import mlx.core as mx
@@ -62,27 +64,35 @@ class Splice(nn.Module):
         new_latents, new_error = self.features(latents), self.error(error)
         if new_latents is latents and new_error is error:
             return replaced
-        change = (new_error - error) if new_latents is latents else (
-            self.autoencoder.decode(new_latents) - reconstruction + (new_error - error))
+        change = (
+            (new_error - error)
+            if new_latents is latents
+            else (self.autoencoder.decode(new_latents) - reconstruction + (new_error - error))
+        )
         return (replaced.astype(change.dtype) + change).astype(replaced.dtype)
 
 
-class SplicedModule:
-    """Mixed into a copy of the host's class: the host's own call, then the splice."""
-
-    def __call__(self, *args, **kwargs):
-        sae = self.sae.autoencoder
-        if sae.site.endswith(":input"):
-            x = call_input(self, args, kwargs)
-            args, kwargs = with_call_input(self, args, kwargs, self.sae(x, x))
-            return super().__call__(*args, **kwargs)
-        output = super().__call__(*args, **kwargs)
-        return self.sae(call_input(self, args, kwargs) if sae.is_transcoder else output, output)
+def _spliced_call(host: nn.Module, call, args: tuple, kwargs: dict):
+    """The host's own `call`, with the splice on its input or output."""
+    sae = host.sae.autoencoder
+    if sae.site.endswith(":input"):
+        x = call_input(host, args, kwargs)
+        args, kwargs = with_call_input(host, args, kwargs, host.sae(x, x))
+        return call(host, *args, **kwargs)
+    output = call(host, *args, **kwargs)
+    return host.sae(call_input(host, args, kwargs) if sae.is_transcoder else output, output)
 
 
 @cache
 def _spliced_class(host_class: type) -> type:
-    return type(f"Spliced{host_class.__name__}", (SplicedModule, host_class), {})
+    """A subclass of the host's class whose call runs the splice; it keeps the host's call
+    signature (runners read it to find a block's input)."""
+
+    @functools.wraps(host_class.__call__)
+    def __call__(self, *args, **kwargs):
+        return _spliced_call(self, host_class.__call__, args, kwargs)
+
+    return type(f"Spliced{host_class.__name__}", (host_class,), {"__call__": __call__})
 
 
 def host_of(sae: SparseAutoencoder) -> str:

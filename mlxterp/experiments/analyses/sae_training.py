@@ -84,8 +84,9 @@ def _fvu(prediction: mx.array, target: mx.array) -> mx.array:
     return error / ((target - target.mean(axis=0)) ** 2).sum()
 
 
-def _loss(sae: SparseAutoencoder, x: mx.array, y: mx.array, dead: mx.array,
-          sparsity: float) -> tuple[mx.array, tuple]:
+def _loss(
+    sae: SparseAutoencoder, x: mx.array, y: mx.array, dead: mx.array, sparsity: float
+) -> tuple[mx.array, tuple]:
     pre = sae.pre_activations(x)
     if sae.architecture == "jumprelu":
         latents, l0 = _jumprelu_training(pre, sae.threshold)
@@ -110,17 +111,33 @@ def _schedule(learning_rate: float, steps: int):
     warmup = max(1, steps // 100)
     decay = max(1, steps // 5)
     return optim.join_schedules(
-        [optim.linear_schedule(0.0, learning_rate, warmup),
-         optim.linear_schedule(learning_rate, learning_rate, steps - warmup - decay),
-         optim.linear_schedule(learning_rate, 0.0, decay)],
-        [warmup, steps - decay])
+        [
+            optim.linear_schedule(0.0, learning_rate, warmup),
+            optim.linear_schedule(learning_rate, learning_rate, steps - warmup - decay),
+            optim.linear_schedule(learning_rate, 0.0, decay),
+        ],
+        [warmup, steps - decay],
+    )
 
 
-def train_sae(model, site: str, texts: Sequence[str], architecture: str = "topk", expansion: int = 8,
-              k: int | None = 32, site_out: str | None = None, steps: int = 2000, batch_tokens: int = 4096,
-              length: int = 128, learning_rate: float | None = None, sparsity: float = 1e-3,
-              seed: int = 0, checkpoint: str | Path | None = None, checkpoint_every: int = 200,
-              progress: bool | None = None) -> SparseAutoencoder:
+def train_sae(
+    model,
+    site: str,
+    texts: Sequence[str],
+    architecture: str = "topk",
+    expansion: int = 8,
+    k: int | None = 32,
+    site_out: str | None = None,
+    steps: int = 2000,
+    batch_tokens: int = 4096,
+    length: int = 128,
+    learning_rate: float | None = None,
+    sparsity: float = 1e-3,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 200,
+    progress: bool | None = None,
+) -> SparseAutoencoder:
     """Train an SAE on `model`'s activations at `site` (with `site_out`, a transcoder from
     `site` to `site_out`) over `texts`: `steps` batches of `batch_tokens` tokens from windows of
     `length` tokens (the first token of each window, the attention sink, left out). `expansion`:
@@ -138,29 +155,52 @@ def train_sae(model, site: str, texts: Sequence[str], architecture: str = "topk"
     """
     from tqdm.auto import tqdm
 
-    for name, value in (("expansion", expansion), ("steps", steps), ("batch_tokens", batch_tokens),
-                        ("length", length), ("checkpoint_every", checkpoint_every)):
+    for name, value in (
+        ("expansion", expansion),
+        ("steps", steps),
+        ("batch_tokens", batch_tokens),
+        ("length", length),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputTypeError(f"{name} must be a positive whole number; got {value!r}.")
     if architecture not in ARCHITECTURES or architecture == "relu":
-        raise SAEError(f"train_sae trains {', '.join(a for a in ARCHITECTURES if a != 'relu')}; "
-                       f"got {architecture!r}.")
+        raise SAEError(
+            f"train_sae trains {', '.join(a for a in ARCHITECTURES if a != 'relu')}; got {architecture!r}."
+        )
     sites = [model.tree.site(site).key] + ([model.tree.site(site_out).key] if site_out else [])
     stream = ActivationStream(model, sites, token_windows(model, texts, length), batch_tokens, seed=seed)
     widths = stream.widths
     d_sae = expansion * widths[0]
-    learning_rate = learning_rate or 2e-4 / (d_sae / 2 ** 14) ** 0.5
-    config = {"architecture": architecture, "site": sites[0], "site_out": site_out and sites[1],
-              "d_sae": d_sae, "k": k if architecture != "jumprelu" else None, "steps": steps,
-              "batch_tokens": batch_tokens, "length": length, "learning_rate": learning_rate,
-              "sparsity": sparsity if architecture == "jumprelu" else None, "seed": seed,
-              "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest()}
-    sae = SparseAutoencoder.create(sites[0], widths[0], d_sae, architecture, config["k"],
-                                   config["site_out"], widths[-1] if site_out else None,
-                                   model_name(model.model), seed)
+    learning_rate = learning_rate or 2e-4 / (d_sae / 2**14) ** 0.5
+    config = {
+        "architecture": architecture,
+        "site": sites[0],
+        "site_out": site_out and sites[1],
+        "d_sae": d_sae,
+        "k": k if architecture != "jumprelu" else None,
+        "steps": steps,
+        "batch_tokens": batch_tokens,
+        "length": length,
+        "learning_rate": learning_rate,
+        "sparsity": sparsity if architecture == "jumprelu" else None,
+        "seed": seed,
+        "texts_sha256": hashlib.sha256("\0".join(texts).encode()).hexdigest(),
+    }
+    sae = SparseAutoencoder.create(
+        sites[0],
+        widths[0],
+        d_sae,
+        architecture,
+        config["k"],
+        config["site_out"],
+        widths[-1] if site_out else None,
+        model_name(model.model),
+        seed,
+    )
     # Scales that give the inputs (and outputs) a mean squared norm of their width.
     first = stream.batch(0)
-    scales = [float((w / (a ** 2).sum(-1).mean()) ** 0.5) for w, a in zip(widths, first, strict=True)]
+    scales = [float((w / (a**2).sum(-1).mean()) ** 0.5) for w, a in zip(widths, first, strict=True)]
     sae.b_dec = first[-1].mean(axis=0) * scales[-1]
     if architecture == "batchtopk":
         sae.freeze(keys="threshold")  # a running statistic, not a parameter the loss moves
@@ -186,7 +226,7 @@ def train_sae(model, site: str, texts: Sequence[str], architecture: str = "topk"
         grads["W_dec"] = grads["W_dec"] - (grads["W_dec"] * rows).sum(-1, keepdims=True) * rows
         optimizer.update(sae, grads)
         sae.W_dec = sae.W_dec / mx.linalg.norm(sae.W_dec, axis=1, keepdims=True)
-        fired = (latents > 0)
+        fired = latents > 0
         silent = mx.where(fired.any(axis=0), 0, silent + batch_tokens)
         if architecture == "batchtopk":
             smallest = mx.where(fired, latents, mx.inf).min()
@@ -201,11 +241,18 @@ def train_sae(model, site: str, texts: Sequence[str], architecture: str = "topk"
             _save_checkpoint(folder, config, step + 1, sae, optimizer, silent, scales)
     seconds = time.perf_counter() - started
     trained = steps - start
-    sae.trained_on = {"steps": steps, "tokens": steps * batch_tokens, "context_size": length,
-                      "batch_tokens": batch_tokens, "learning_rate": learning_rate, "seed": seed,
-                      "texts": len(texts), "texts_sha256": config["texts_sha256"],
-                      "tokens_per_second": round(trained * batch_tokens / seconds) if trained else None,
-                      "history": history[-50:]}
+    sae.trained_on = {
+        "steps": steps,
+        "tokens": steps * batch_tokens,
+        "context_size": length,
+        "batch_tokens": batch_tokens,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "texts": len(texts),
+        "texts_sha256": config["texts_sha256"],
+        "tokens_per_second": round(trained * batch_tokens / seconds) if trained else None,
+        "history": history[-50:],
+    }
     return _folded(sae, scales)
 
 
@@ -219,8 +266,15 @@ def _folded(sae: SparseAutoencoder, scales: list[float]) -> SparseAutoencoder:
     return sae
 
 
-def _save_checkpoint(folder: Path, config: dict, step: int, sae: SparseAutoencoder, optimizer,
-                     silent: mx.array, scales: list[float]) -> None:
+def _save_checkpoint(
+    folder: Path,
+    config: dict,
+    step: int,
+    sae: SparseAutoencoder,
+    optimizer,
+    silent: mx.array,
+    scales: list[float],
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"sae.{name}": a for name, a in tree_flatten(sae.parameters())}
     arrays |= {f"optimizer.{name}": a for name, a in tree_flatten(optimizer.state)}
@@ -234,8 +288,10 @@ def _resume(folder: Path, config: dict, sae: SparseAutoencoder, optimizer) -> tu
     saved = json.loads((folder / "state.json").read_text())
     if saved["config"] != config:
         changed = sorted(key for key in config if saved["config"].get(key) != config[key])
-        raise SAEError(f"the checkpoint in {str(folder)!r} was made with other settings ({', '.join(changed)}); "
-                       "give the same settings to resume it, or another checkpoint folder.")
+        raise SAEError(
+            f"the checkpoint in {str(folder)!r} was made with other settings ({', '.join(changed)}); "
+            "give the same settings to resume it, or another checkpoint folder."
+        )
     arrays = mx.load(str(folder / "state.safetensors"))
     sae.update(tree_unflatten([(n[4:], a) for n, a in arrays.items() if n.startswith("sae.")]))
     optimizer.state = tree_unflatten([(n[10:], a) for n, a in arrays.items() if n.startswith("optimizer.")])

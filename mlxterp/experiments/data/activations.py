@@ -69,8 +69,17 @@ class ActivationStream:
         >>> x, y = stream.batch(12)
     """
 
-    def __init__(self, model, sites: list[str], windows: mx.array, batch_tokens: int = 4096,
-                 round_windows: int = 256, forward_windows: int = 32, skip: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        sites: list[str],
+        windows: mx.array,
+        batch_tokens: int = 4096,
+        round_windows: int = 256,
+        forward_windows: int = 32,
+        skip: int = 1,
+        seed: int = 0,
+    ):
         self.model, self.windows, self.seed, self.skip = model, np.asarray(windows), seed, skip
         self.sites = [model.tree.site(key) for key in sites]
         if any(site.call is not None for site in self.sites):
@@ -82,8 +91,10 @@ class ActivationStream:
         self.forward_windows, self.batch_tokens = forward_windows, batch_tokens
         self.batches_per_round = self.round_windows * (length - skip) // batch_tokens
         if self.batches_per_round == 0:
-            raise InputError(f"a round of {self.round_windows} windows holds fewer than batch_tokens="
-                             f"{batch_tokens} tokens; give more text or a smaller batch.")
+            raise InputError(
+                f"a round of {self.round_windows} windows holds fewer than batch_tokens="
+                f"{batch_tokens} tokens; give more text or a smaller batch."
+            )
         self.rounds_per_pass = n_windows // self.round_windows
         self._round: tuple[int, list[mx.array]] | None = None
 
@@ -106,13 +117,14 @@ class ActivationStream:
     def _compute_round(self, number: int) -> list[mx.array]:
         epoch, index = divmod(number, self.rounds_per_pass)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
-        chosen = self.windows[order[index * self.round_windows:(index + 1) * self.round_windows]]
+        chosen = self.windows[order[index * self.round_windows : (index + 1) * self.round_windows]]
         parts: list[list[mx.array]] = [[] for _ in self.sites]
         for start in range(0, len(chosen), self.forward_windows):
-            found = collect(self.model, mx.array(chosen[start:start + self.forward_windows]), self.sites)
+            found = collect(self.model, mx.array(chosen[start : start + self.forward_windows]), self.sites)
             for part, activation in zip(parts, found, strict=True):
-                part.append(activation[:, self.skip:].astype(mx.float32).reshape(-1, activation.shape[-1]))
+                part.append(activation[:, self.skip :].astype(mx.float32).reshape(-1, activation.shape[-1]))
             mx.eval(parts)
-        shuffle = mx.array(np.random.default_rng([self.seed, epoch, index, 1]).permutation(
-            sum(p.shape[0] for p in parts[0])))
+        shuffle = mx.array(
+            np.random.default_rng([self.seed, epoch, index, 1]).permutation(sum(p.shape[0] for p in parts[0]))
+        )
         return [mx.concatenate(part)[shuffle] for part in parts]

@@ -27,7 +27,6 @@ import lzma
 import tarfile
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -36,10 +35,16 @@ from mlxterp.models.load import cache_dir
 
 ARCHIVE = "http://deb.debian.org/debian/pool/main"
 PACKAGES = {  # name: (path in the archive, sha256, which members are documents)
-    "linux-doc-6.1": ("l/linux/linux-doc-6.1_6.1.176-1_all.deb",
-                      "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f", ".rst.gz"),
-    "python3.11-doc": ("p/python3.11/python3.11-doc_3.11.2-6+deb12u8_all.deb",
-                       "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b", ".rst.txt"),
+    "linux-doc-6.1": (
+        "l/linux/linux-doc-6.1_6.1.176-1_all.deb",
+        "0d843674607703b9ef8c1db5e715c38ed52ff23574feabfe0d961d552126859f",
+        ".rst.gz",
+    ),
+    "python3.11-doc": (
+        "p/python3.11/python3.11-doc_3.11.2-6+deb12u8_all.deb",
+        "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b",
+        ".rst.txt",
+    ),
 }
 HELD_OUT_BELOW = 13  # of 256: about 5 % of documents
 
@@ -79,11 +84,15 @@ def _download(name: str) -> bytes:
         with urllib.request.urlopen(url, timeout=120) as response:
             data = response.read()
     except OSError as err:
-        raise InputError(f"cannot download the corpus package {name} from {url} ({err}); the corpus "
-                         "needs deb.debian.org once, then it is cached.") from err
+        raise InputError(
+            f"cannot download the corpus package {name} from {url} ({err}); the corpus "
+            "needs deb.debian.org once, then it is cached."
+        ) from err
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise InputError(f"{url} does not match its sha256 {sha256}: the archive changed or the "
-                         "download broke. Delete nothing; try again, or report it.")
+        raise InputError(
+            f"{url} does not match its sha256 {sha256}: the archive changed or the "
+            "download broke. Delete nothing; try again, or report it."
+        )
     return data
 
 
@@ -91,9 +100,9 @@ def _extract(deb: bytes, suffix: str) -> list[tuple[str, str]]:
     """The documents in a .deb (an ar archive holding data.tar.xz), sorted by path."""
     members, offset = {}, 8  # after the "!<arch>\n" magic
     while offset < len(deb):
-        header = deb[offset:offset + 60]
+        header = deb[offset : offset + 60]
         member, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
-        members[member] = deb[offset + 60:offset + 60 + size]
+        members[member] = deb[offset + 60 : offset + 60 + size]
         offset += 60 + size + size % 2
     documents = []
     with tarfile.open(fileobj=io.BytesIO(lzma.decompress(members["data.tar.xz"]))) as archive:
@@ -109,6 +118,9 @@ def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
     """The texts tokenised one after another and cut into windows (n, length) of token ids,
     each starting with the tokenizer's BOS token when it has one.
 
+    Raises:
+        InputTypeError: texts that are not a non-empty list of strings, or too short for a window.
+
     Example:
         >>> token_windows(model, python_reference_text()[1], 64).shape
         (267, 64)
@@ -118,8 +130,10 @@ def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
     bos = getattr(model.tokenizer, "bos_token_id", None)
     stream = [i for text in texts for i in model.tokenizer.encode(text, add_special_tokens=False)]
     body = length - (bos is not None)
-    windows = [([bos] if bos is not None else []) + stream[i:i + body]
-               for i in range(0, len(stream) - body + 1, body)]
+    windows = [
+        ([bos] if bos is not None else []) + stream[i : i + body]
+        for i in range(0, len(stream) - body + 1, body)
+    ]
     if not windows:
         raise InputTypeError(f"the texts give {len(stream)} tokens, fewer than one window of {length}.")
     return mx.array(windows)

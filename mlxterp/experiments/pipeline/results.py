@@ -51,8 +51,8 @@ def provenance(module) -> dict:
 
 
 def site_label(result, site: dict) -> str:
-    """A site's short name: `L3`, `L3 H2`, `L3 pos 5 ' to'` (the clean token at the position),
-    an edge's name, or a circuit's size."""
+    """A site's short name: `L3`, `L3 H2`, `L8 F1234` (an SAE feature), `L8 SAE error`,
+    `L3 pos 5 ' to'` (the clean token at the position), an edge's name, or a circuit's size."""
     if "edge" in site:
         return site["edge"]
     if "edges" in site:
@@ -60,6 +60,10 @@ def site_label(result, site: dict) -> str:
     parts = [f"L{site['layer']}"]
     if "head" in site:
         parts.append(f"H{site['head']}")
+    if "feature" in site:
+        parts.append(f"F{site['feature']}")
+    if site.get("component", "").endswith("sae.error"):
+        parts.append("SAE error")
     if "position" in site:
         token = result.tokens[0][site["position"]] if result.tokens else ""
         parts.append(f"pos {site['position']} {token!r}")

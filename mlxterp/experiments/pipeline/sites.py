@@ -15,6 +15,7 @@ import numpy as np
 from mlxterp.errors import InputTypeError, SiteError
 from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.names import Site, SiteGroup
+from mlxterp.tracing.splice import Features
 
 ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
@@ -54,7 +55,8 @@ def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[La
             component = "input" if component == "output" else f"{component}:input"
         label = {"layer": layer, "component": component}
         if site.head is not None:
-            label["head"] = site.head
+            # An SAE's latents are split one per "head": the slice is a feature.
+            label["feature" if isinstance(model.tree.modules[where.module], Features) else "head"] = site.head
         if site.positions is not None:
             label["position"] = site.positions[0] if len(site.positions) == 1 else list(site.positions)
         checked.append(replace(site, module=where.module))
