@@ -39,7 +39,7 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
         for name, array in parameters:
             mx.eval(array)
             digest.update(name.encode())
-            digest.update(memoryview(array))
+            digest.update(memoryview(mx.contiguous(array)))  # a view (a transpose) is hashed in order
         dtypes = {str(array.dtype).removeprefix("mlx.core.") for _, array in parameters
                   if mx.issubdtype(array.dtype, mx.floating)}
         _fingerprints[key] = digest.hexdigest(), dtypes.pop() if len(dtypes) == 1 else "mixed"

@@ -117,7 +117,7 @@ class SparseAutoencoder(nn.Module):
         sae.W_enc = (
             mx.random.normal((d_in, d_sae), key=mx.random.key(seed + 1)) / d_in**0.5
             if sae.is_transcoder
-            else sae.W_dec.T
+            else mx.contiguous(sae.W_dec.T)  # a copy: files and hashes read the bytes in order
         )
         if architecture == "jumprelu":
             sae.threshold = mx.full((d_sae,), 1e-3)
