@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 from sae_lens import SAE  # noqa: E402
 from sae_lens.saes import (  # noqa: E402
     JumpReLUSAE,
@@ -39,6 +38,7 @@ from sae_lens.saes import (  # noqa: E402
     TopKSAE,
     TopKSAEConfig,
 )
+from safetensors.numpy import save_file  # noqa: E402
 
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel, SparseAutoencoder, load_saelens, save_saelens  # noqa: E402
@@ -56,8 +56,10 @@ def compare(name: str, ours: SparseAutoencoder, theirs, x: np.ndarray) -> float:
     latents = np.array(ours.encode(mx.array(x)))
     reconstruction = np.array(ours.decode(mx.array(latents)))
     worst = 0.0
-    for what, a, b in (("latents", latents, latents_theirs), ("reconstruction", reconstruction,
-                                                               reconstruction_theirs)):
+    for what, a, b in (
+        ("latents", latents, latents_theirs),
+        ("reconstruction", reconstruction, reconstruction_theirs),
+    ):
         error = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
         worst = max(worst, error)
         print(f"  {name:28s} {what:15s} max |mlxterp - SAELens| / max |SAELens| = {error:.2e}")
@@ -79,8 +81,9 @@ def saelens_made(seed: int, d_in: int, d_out: int) -> dict:
         "topk": TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=64, k=8)),
         "jumprelu": JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=64)),
         "standard": StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=64)),
-        "jumprelu_transcoder": JumpReLUTranscoder(JumpReLUTranscoderConfig(
-            d_in=d_in, d_out=d_out, d_sae=64, apply_b_dec_to_input=False)),
+        "jumprelu_transcoder": JumpReLUTranscoder(
+            JumpReLUTranscoderConfig(d_in=d_in, d_out=d_out, d_sae=64, apply_b_dec_to_input=False)
+        ),
     }
     with torch.no_grad():
         for sae in made.values():
@@ -97,7 +100,9 @@ def saelens_made(seed: int, d_in: int, d_out: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trained", type=Path, help="the trained SAE's folder (docs/sae.md), if at hand")
     parser.add_argument("--write-fixture", type=Path, help="write SAELens-made SAEs for the tests here")
     args = parser.parse_args()
@@ -107,13 +112,21 @@ def main() -> None:
     print("mlxterp's files, read by SAELens:")
     with tempfile.TemporaryDirectory() as folder:
         ours = {
-            architecture: SparseAutoencoder.create("layers.3", 576, 256, architecture, k=16, seed=1,
-                                                   model="smollm2-135m")
+            architecture: SparseAutoencoder.create(
+                "layers.3", 576, 256, architecture, k=16, seed=1, model="smollm2-135m"
+            )
             for architecture in ("topk", "batchtopk", "jumprelu")
         }
         ours["jumprelu transcoder"] = SparseAutoencoder.create(
-            "layers.3.mlp:input", 576, 256, "jumprelu", site_out="layers.3.mlp", d_out=576, seed=1,
-            model="smollm2-135m")
+            "layers.3.mlp:input",
+            576,
+            256,
+            "jumprelu",
+            site_out="layers.3.mlp",
+            d_out=576,
+            seed=1,
+            model="smollm2-135m",
+        )
         for sae in ours.values():
             sae.b_enc = mx.random.normal(sae.b_enc.shape, key=mx.random.key(2)) * 0.1
             if "threshold" in sae:
@@ -136,8 +149,10 @@ def main() -> None:
                 with torch.no_grad():
                     latents = theirs.encode(torch.from_numpy(x)).numpy()
                     reconstruction = theirs.decode(torch.from_numpy(latents)).numpy()
-                save_file({"x": x, "latents": latents, "reconstruction": reconstruction},
-                          str(path / "saelens_outputs.safetensors"))
+                save_file(
+                    {"x": x, "latents": latents, "reconstruction": reconstruction},
+                    str(path / "saelens_outputs.safetensors"),
+                )
     print(f"worst relative difference {worst:.2e} (bound {RELATIVE_TOLERANCE:g})")
     if worst > RELATIVE_TOLERANCE:
         raise SystemExit("mlxterp and SAELens disagree beyond float32 tolerance")

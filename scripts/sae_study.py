@@ -27,14 +27,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 import mlxterp  # noqa: E402
 from mlxterp import InterpretableModel  # noqa: E402
 from mlxterp.experiments.analyses.sae_training import train_sae  # noqa: E402
+from mlxterp.experiments.analyses.saes import evaluate_sae, feature_dashboards, frequent_features  # noqa: E402
 from mlxterp.experiments.data.activations import collect  # noqa: E402
 from mlxterp.experiments.data.corpus import PACKAGES, debian_docs, token_windows  # noqa: E402
 from mlxterp.models.load import BUNDLED, cache_dir, converted_folder  # noqa: E402
-from mlxterp.models.saelens import save_saelens  # noqa: E402
+from mlxterp.models.saelens import load_saelens, save_saelens  # noqa: E402
 
 SITE, LAYERS_NEEDED = "layers.8", 9
 
@@ -127,6 +129,28 @@ def train(args) -> None:
     print(json.dumps(timing, indent=2))
 
 
+def evaluate(args) -> None:
+    """Held-out metrics, dashboards of the most frequent and of random live features, summary."""
+    base, tokenizer = mlxterp.load("smollm2-135m")
+    model = InterpretableModel(base, tokenizer)
+    sae = load_saelens(args.sae)
+    _, held_out = debian_docs()
+    windows = token_windows(model, held_out, 128)
+    started = time.perf_counter()
+    report = evaluate_sae(model, sae, windows[: args.windows], ce_windows=args.ce_windows)
+    print(json.dumps(report.to_json(), indent=2), f"({time.perf_counter() - started:.0f} s)")
+    frequent = frequent_features(model, sae, windows[:16], 40)
+    rng = np.random.default_rng(0)
+    others = [int(f) for f in rng.permutation(sae.d_sae) if f not in frequent][:60]
+    boards = feature_dashboards(model, sae, windows[: args.windows], features=frequent + others)
+    boards.save(args.out / "sae-features.json", overwrite=True)
+    boards.to_html(args.out / "sae-features.html", overwrite=True)
+    summary = {"evaluation": report.to_json(), "windows": args.windows, "ce_windows": args.ce_windows,
+               "held_out_windows": int(len(windows)), "sae": sae.describe(),
+               "trained_on": {k: v for k, v in sae.trained_on.items() if k != "history"}}
+    (args.out / "sae-study.json").write_text(json.dumps(summary, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -141,8 +165,15 @@ def main() -> None:
     trainer.add_argument(
         "--checkpoint", type=Path, help="where the run's checkpoint lives (default OUT/checkpoint)"
     )
+    evaluator = verbs.add_parser("evaluate")
+    evaluator.add_argument("--sae", type=Path, required=True, help="the trained SAE's folder")
+    evaluator.add_argument("--windows", type=int, default=400, help="held-out windows of 128 tokens")
+    evaluator.add_argument("--ce-windows", type=int, default=64, help="of them, for the loss recovered")
+    evaluator.add_argument("--out", type=Path, default=Path("docs/img"))
     args = parser.parse_args()
-    if args.verb == "prepare-gpu":
+    if args.verb == "evaluate":
+        evaluate(args)
+    elif args.verb == "prepare-gpu":
         prepare_gpu(args.out)
     elif args.verb == "train":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,19 @@ TEXTS = [  # a few paragraphs of people's prose for the small training runs
 ] * 6
 
 
-def _random_sae(site: str, architecture: str = "topk", d_sae: int = 256, seed: int = 0, **kw) -> SparseAutoencoder:
-    sae = SparseAutoencoder.create(site, 576, d_sae, architecture, k=16 if architecture != "jumprelu" else None,
-                                   seed=seed, model="smollm2-135m", **kw)
+def _random_sae(
+    site: str, architecture: str = "topk", d_sae: int = 256, seed: int = 0, **kw
+) -> SparseAutoencoder:
+    sae = SparseAutoencoder.create(
+        site,
+        576,
+        d_sae,
+        architecture,
+        k=16 if architecture != "jumprelu" else None,
+        seed=seed,
+        model="smollm2-135m",
+        **kw,
+    )
     sae.b_enc = mx.random.normal(sae.b_enc.shape, key=mx.random.key(seed + 7)) * 0.1
     return sae
 
@@ -58,9 +68,12 @@ def layer8(wrapped):
 
 # -- the models and their files -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_the_architectures_keep_what_they_promise(architecture):
-    sae = SparseAutoencoder.create("layers.8", 16, 64, architecture, k=4 if architecture != "jumprelu" else None)
+    sae = SparseAutoencoder.create(
+        "layers.8", 16, 64, architecture, k=4 if architecture != "jumprelu" else None
+    )
     sae.threshold = mx.full((64,), 0.3) if architecture != "topk" else None
     x = mx.random.normal((50, 16), key=mx.random.key(1))
     pre, latents = sae.pre_activations(x), sae.encode(x)
@@ -91,7 +104,10 @@ def test_our_files_round_trip(architecture, tmp_path):
     config = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert config["metadata"]["hook_name"] == "blocks.8.hook_resid_post"
     # SAELens has no BatchTopK at inference: it reads one as the JumpReLU it is
-    assert config["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[architecture]
+    assert (
+        config["architecture"]
+        == {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}[architecture]
+    )
 
 
 @pytest.mark.kernels
@@ -114,10 +130,12 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     folder = tmp_path / "sae"
     shutil.copytree(FIXTURES / "topk", folder)
     config = json.loads((folder / "cfg.json").read_text())
-    for change, message in ((lambda c: c.update(architecture="gated"), "architecture 'gated'"),
-                            (lambda c: c.update(normalize_activations="layer_norm"), "normalize_activations"),
-                            (lambda c: c.update(d_sae=65), "W_enc is"),
-                            (lambda c: c["metadata"].update(hook_name="blocks.3.attn.hook_q"), "no place")):
+    for change, message in (
+        (lambda c: c.update(architecture="gated"), "architecture 'gated'"),
+        (lambda c: c.update(normalize_activations="layer_norm"), "normalize_activations"),
+        (lambda c: c.update(d_sae=65), "W_enc is"),
+        (lambda c: c["metadata"].update(hook_name="blocks.3.attn.hook_q"), "no place"),
+    ):
         changed = json.loads(json.dumps(config))
         change(changed)
         (folder / "cfg.json").write_text(json.dumps(changed))
@@ -129,8 +147,10 @@ def test_bad_files_say_what_is_wrong(tmp_path):
 
 # -- spliced into a model -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("site,kind", [("layers.8", "sae"), ("layers.8:input", "sae"),
-                                       ("layers.8.mlp:input", "transcoder")])
+
+@pytest.mark.parametrize(
+    "site,kind", [("layers.8", "sae"), ("layers.8:input", "sae"), ("layers.8.mlp:input", "transcoder")]
+)
 def test_splicing_changes_nothing_and_leaves_the_model_as_it_was(wrapped, site, kind):
     extra = {"site_out": "layers.8.mlp", "d_out": 576} if kind == "transcoder" else {}
     sae = _random_sae(site, "batchtopk" if extra else "topk", **extra)
@@ -158,7 +178,9 @@ def test_changing_features_adds_exactly_their_decoded_difference(layer8):
     (resid,) = collect(model, mx.array([model.tokenizer.encode(CLEAN)]), [model.tree.site("layers.8")])
     feature = int(mx.argmax(latents[0, -1]).item())
     last = latents.shape[1] - 1
-    with spliced.trace(CLEAN, interventions={feature_site(spliced, feature, positions=(last,)): iv.zero_out}) as trace:
+    with spliced.trace(
+        CLEAN, interventions={feature_site(spliced, feature, positions=(last,)): iv.zero_out}
+    ) as trace:
         changed = trace.activations["model.model.layers.8"]
     expected = resid[0, -1] - latents[0, -1, feature] * sae.W_dec[feature]
     # float32 sums of 576-wide rows: 1e-5 of the residual's largest entry (measured 5e-7)
@@ -232,6 +254,7 @@ def test_bad_splices_leave_the_model_as_it_was(wrapped):
 
 # -- training -------------------------------------------------------------------------------------
 
+
 def _train(model, **options):
     settings = {"expansion": 1, "k": 8, "steps": 12, "batch_tokens": 128, "length": 24, "progress": False}
     return train_sae(model, "layers.3", TEXTS, **(settings | options))
@@ -239,8 +262,13 @@ def _train(model, **options):
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_training_reduces_the_unexplained_variance(wrapped, architecture):
-    sae = _train(wrapped, architecture=architecture, steps=30,
-                 k=None if architecture == "jumprelu" else 8, learning_rate=3e-3)
+    sae = _train(
+        wrapped,
+        architecture=architecture,
+        steps=30,
+        k=None if architecture == "jumprelu" else 8,
+        learning_rate=3e-3,
+    )
     history = sae.trained_on["history"]
     assert history[-1]["fvu"] < 0.7 * history[0]["fvu"]
     # the folded SAE reads the model's own activations: its FVU there matches training's
@@ -249,7 +277,9 @@ def test_training_reduces_the_unexplained_variance(wrapped, architecture):
     x = x[:, 1:].reshape(-1, 576)
     fvu = ((sae(x) - x) ** 2).sum() / ((x - x.mean(axis=0)) ** 2).sum()
     assert fvu.item() < 0.7 * history[0]["fvu"]
-    assert mx.allclose(mx.linalg.norm(sae.W_dec, axis=1), mx.linalg.norm(sae.W_dec, axis=1)[0], rtol=1e-4).item()
+    assert mx.allclose(
+        mx.linalg.norm(sae.W_dec, axis=1), mx.linalg.norm(sae.W_dec, axis=1)[0], rtol=1e-4
+    ).item()
 
 
 def test_a_checkpointed_run_resumes_exactly_and_a_seed_repeats(wrapped, tmp_path, monkeypatch):
@@ -280,8 +310,20 @@ def test_a_checkpointed_run_resumes_exactly_and_a_seed_repeats(wrapped, tmp_path
 
 
 def test_a_transcoder_trains_and_splices(wrapped):
-    sae = train_sae(wrapped, "layers.3.mlp:input", TEXTS, site_out="layers.3.mlp", architecture="batchtopk",
-                    expansion=1, k=16, steps=20, batch_tokens=128, length=24, learning_rate=3e-3, progress=False)
+    sae = train_sae(
+        wrapped,
+        "layers.3.mlp:input",
+        TEXTS,
+        site_out="layers.3.mlp",
+        architecture="batchtopk",
+        expansion=1,
+        k=16,
+        steps=20,
+        batch_tokens=128,
+        length=24,
+        learning_rate=3e-3,
+        progress=False,
+    )
     assert sae.is_transcoder and sae.trained_on["history"][-1]["fvu"] < sae.trained_on["history"][0]["fvu"]
     tokens = mx.array([wrapped.tokenizer.encode(CLEAN)])
     assert mx.array_equal(wrapped.with_sae(sae)(tokens), wrapped(tokens)).item()
@@ -300,6 +342,7 @@ def test_training_refuses_what_cannot_work(tiny_smol):
 
 
 # -- evaluation and dashboards --------------------------------------------------------------------
+
 
 def test_a_perfect_sae_explains_everything_and_recovers_the_whole_loss(wrapped):
     """An independent reference: W_enc = [I, -I], W_dec = [I; -I] reconstructs x exactly

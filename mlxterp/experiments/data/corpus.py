@@ -3,18 +3,19 @@
 Two documentation packages, fetched once from deb.debian.org (a package registry, reachable
 where pip is) and checked against their sha256:
 
-- `linux-doc-6.1` 6.1.176-1: the Linux kernel's documentation, 3,183 reStructuredText files,
+- `linux-doc-6.1` 6.1.176-1: the Linux kernel's documentation, 3,184 reStructuredText files,
   3.1 million words (GPL-2.0-only, as the kernel).
 - `python3.11-doc` 3.11.2-6+deb12u8: the Python 3.11 documentation's reStructuredText sources,
   497 files, 1.4 million words (PSF-2.0).
 
 Each file is a document. A document is held out when the first byte of the sha256 of its path
-is below 13 (5 %), so the split never changes and never splits a document.
+is below 13 (5 %), so the split never changes and never splits a document: 3,492 training
+documents (4.3 million words, 9.9 million SmolLM2 tokens) and 189 held out (217,000 words).
 
 Example:
     >>> train, held_out = debian_docs()
-    >>> len(train), sum(len(t.split()) for t in train)
-    (3485, 4286119)
+    >>> len(train), len(held_out)
+    (3492, 189)
 """
 
 from __future__ import annotations
