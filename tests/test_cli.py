@@ -130,3 +130,24 @@ def test_lens_heads_and_train_lens(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in printed[:3]] == ["previous", "duplicate", "induction"]
     assert HeadScores.from_json(tmp_path / "heads-smollm2-135m.json").scores.shape == (3, 30, 9)
+
+
+@pytest.mark.slow  # about 40 s here (the corpus tokenised, the model loaded): CI's slow round runs it
+def test_train_sae_saves_measures_and_draws(tmp_path, capsys):
+    from mlxterp import load_saelens
+
+    argv = ["train-sae", "--site", "layers.3", "--expansion", "1", "--k", "8", "--steps", "3",
+            "--batch-tokens", "64", "--length", "16", "--held-out", "4", "--features", "3",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "topk SAE at model.model.layers.3: 576 -> 576 latents, k=8" in printed
+    interval = r"-?\d\.\d+ \[-?\d\.\d+, -?\d\.\d+\]"  # 3 steps: the loss recovered may be below 0
+    assert re.search(rf"held-out, 60 tokens: L0 8\.0, FVU {interval}, loss recovered {interval}", printed)
+    sae = load_saelens(tmp_path / "sae-smollm2-135m-layers.3-topk")
+    assert (sae.d_sae, sae.k, sae.trained_on["steps"]) == (576, 8, 3)
+    page = (tmp_path / "sae-smollm2-135m-layers.3-topk-features.html").read_text()
+    assert page.count('"feature":') == 3
+    assert main(["train-sae", "--site", "layers.99", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "no module matches 'layers.99'" in error and "Traceback" not in error

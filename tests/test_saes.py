@@ -334,11 +334,11 @@ def test_training_refuses_what_cannot_work(tiny_smol):
         train_sae(tiny_smol, "layers.0", TEXTS, architecture="relu")
     with pytest.raises(mlxterp.InputTypeError, match="steps"):
         train_sae(tiny_smol, "layers.0", TEXTS, steps=0)
-    base = tiny_model("llama")
+    base = tiny_model("llama", vocab_size=tiny_smol.tokenizer.vocab_size, num_hidden_layers=2)
     base.model.layers[0].unused = nn.Linear(4, 4)  # a module the forward never calls
-    model = InterpretableModel(base)
+    model = InterpretableModel(base, tiny_smol.tokenizer)
     with pytest.raises(NotReachedError, match="never called"):
-        collect(model, mx.array([[1, 2, 3]]), [model.tree.site("layers.0.unused")])
+        train_sae(model, "layers.0.unused", TEXTS, steps=2, batch_tokens=64, length=16)
 
 
 # -- evaluation and dashboards --------------------------------------------------------------------
@@ -354,6 +354,7 @@ def test_a_perfect_sae_explains_everything_and_recovers_the_whole_loss(wrapped):
     windows = mlxterp.token_windows(wrapped, TEXTS[:3], 24)[:4]
     report = evaluate_sae(wrapped, sae, windows, ce_windows=4)
     assert report.fvu < 1e-10 and abs(report.loss_recovered - 1) < 1e-4
+    assert report.loss_recovered_interval[0] <= report.loss_recovered <= report.loss_recovered_interval[1]
     assert report.ce_ablated > report.ce_clean + 1 and report.tokens == 4 * 23
     assert 0 < report.l0 <= 576 and report.dead_fraction < 1
 

@@ -306,10 +306,13 @@ def train_sae(args: argparse.Namespace) -> int:
     print(f"{sae.describe()}\nsaved to {folder} (SAELens layout)")
     windows = token_windows(model, held_out, args.length)[:args.held_out]
     report = evaluate_sae(model, sae, windows, ce_windows=min(32, len(windows)))
-    print(f"held-out, {report.tokens:,} tokens: L0 {report.l0:.1f}, FVU {report.fvu:.3f}, "
-          f"loss recovered {report.loss_recovered:.3f} (CE clean {report.ce_clean:.3f}, spliced "
+    fvu_low, fvu_high = report.fvu_interval
+    low, high = report.loss_recovered_interval
+    print(f"held-out, {report.tokens:,} tokens: L0 {report.l0:.1f}, FVU {report.fvu:.3f} "
+          f"[{fvu_low:.3f}, {fvu_high:.3f}], loss recovered {report.loss_recovered:.3f} "
+          f"[{low:.3f}, {high:.3f}] (CE clean {report.ce_clean:.3f}, spliced "
           f"{report.ce_spliced:.3f}, ablated {report.ce_ablated:.3f}), dead {report.dead_fraction:.1%}, "
-          f"dense {report.dense_fraction:.1%}")
+          f"dense {report.dense_fraction:.1%}; [95 % intervals over windows]")
     if args.features:
         frequent = frequent_features(model, sae, windows[:8], args.features)
         boards = feature_dashboards(model, sae, windows, features=frequent)

@@ -30,6 +30,7 @@ from mlxterp.errors import SAEError
 from mlxterp.experiments.analyses.lenses import Unembedding
 from mlxterp.experiments.data.activations import collect
 from mlxterp.experiments.pipeline.results import VIEWS
+from mlxterp.interventions import zero_out
 from mlxterp.models.identity import model_name
 from mlxterp.models.sae import SparseAutoencoder
 from mlxterp.paths import output_path, write_atomically
@@ -124,13 +125,17 @@ def error_site(model, positions: tuple[int, ...] | None = None) -> Site:
     return Site(f"{_splice(model)[0]}.error", positions=positions)
 
 
+BOOTSTRAP_SAMPLES = 1000
+
+
 @dataclass
 class SAEEvaluation:
     """SAEBench's core metrics of one SAE on held-out tokens (position 0 of each window left out).
 
     `loss_recovered` = (CE ablated - CE spliced) / (CE ablated - CE clean): the SAE's
     reconstruction in place of the activation (no error term), between the clean model (1) and
-    the site zero-ablated (0).
+    the site zero-ablated (0). The intervals are 95 % bootstrap intervals over windows (1,000
+    resamples, seeded): what another draw of held-out text of the same size would give.
 
     Example:
         >>> evaluate_sae(model, sae, held_out).fvu
@@ -139,10 +144,12 @@ class SAEEvaluation:
 
     l0: float
     fvu: float
+    fvu_interval: tuple[float, float]
     ce_clean: float
     ce_spliced: float
     ce_ablated: float
     loss_recovered: float
+    loss_recovered_interval: tuple[float, float]
     dead_fraction: float
     dense_fraction: float
     tokens: int
@@ -156,8 +163,8 @@ def evaluate_sae(
     model, sae: SparseAutoencoder, windows: mx.array, ce_windows: int = 64, batch_windows: int = 16
 ) -> SAEEvaluation:
     """L0, FVU, dead and dense fractions over all `windows` (n, length) of held-out token ids,
-    and the loss recovered over the first `ce_windows` of them. Transcoders are measured on
-    their output site.
+    and the loss recovered over the first `ce_windows` of them, with bootstrap intervals over
+    windows. Transcoders are measured on their output site.
 
     Raises:
         SAEError: an SAE that does not fit the model (see `with_sae`).
@@ -165,62 +172,78 @@ def evaluate_sae(
     Example:
         >>> evaluate_sae(model, sae, token_windows(model, held_out, 128)[:400])
     """
-    from mlxterp import interventions as iv
-
     spliced_model = with_sae(model, sae)
     sites = [model.tree.site(sae.site)] + ([model.tree.site(sae.site_out)] if sae.is_transcoder else [])
     fired = np.zeros(sae.d_sae, dtype=np.int64)
-    squared_error = active = tokens = 0.0
-    total, total_sq = np.zeros(sae.d_out), np.zeros(sae.d_out)
+    active = 0
+    errors, sums, squares = [], [], []  # per window: squared error, sum and sum of squares of y
     for start in range(0, len(windows), batch_windows):
         found = collect(model, windows[start : start + batch_windows], sites)
-        x, y = (a[:, 1:].astype(mx.float32).reshape(-1, a.shape[-1]) for a in (found[0], found[-1]))
+        x, y = (a[:, 1:].astype(mx.float32) for a in (found[0], found[-1]))
         latents = sae.encode(x)
-        error = ((sae.decode(latents) - y) ** 2).sum()
         on = latents > 0
+        error = ((sae.decode(latents) - y) ** 2).sum(axis=(1, 2))
         mx.eval(error, on, y)
-        squared_error += error.item()
         active += on.sum().item()
-        fired += np.array(on.sum(axis=0))
-        tokens += y.shape[0]
-        total += np.array(y.sum(axis=0), dtype=np.float64)
-        total_sq += np.array((y.astype(mx.float32) ** 2).sum(axis=0), dtype=np.float64)
-    variance = (total_sq - total**2 / tokens).sum()
-    ce = {}
+        fired += np.array(on.sum(axis=(0, 1)))
+        errors.append(np.array(error, dtype=np.float64))
+        sums.append(np.array(y.sum(axis=1), dtype=np.float64))
+        squares.append(np.array((y**2).sum(axis=1), dtype=np.float64))
+    errors, sums, squares = np.concatenate(errors), np.concatenate(sums), np.concatenate(squares)
+    per_window = windows.shape[1] - 1
     splice_name = _splice(spliced_model)[0]
-    for what, runner, interventions in (
-        ("clean", model, None),
-        ("spliced", spliced_model, {f"{splice_name}.error": iv.zero_out}),
-        ("ablated", model, {host_of(sae) if not sae.site.endswith(":input") else sae.site: iv.zero_out}),
-    ):
-        ce[what] = _cross_entropy(runner, windows[:ce_windows], interventions, batch_windows)
+    ablated_key = sae.site if sae.site.endswith(":input") else host_of(sae)
+    ce = {
+        what: _cross_entropy(runner, windows[:ce_windows], interventions, batch_windows)
+        for what, runner, interventions in (
+            ("clean", model, None),
+            ("spliced", spliced_model, {f"{splice_name}.error": zero_out}),
+            ("ablated", model, {ablated_key: zero_out}),
+        )
+    }
+
+    def fvu(rows):
+        n = len(rows) * per_window
+        variance = (squares[rows].sum(0) - sums[rows].sum(0) ** 2 / n).sum()
+        return errors[rows].sum() / variance
+
+    def recovered(rows):
+        clean, spliced_, ablated = (ce[w][rows].mean() for w in ("clean", "spliced", "ablated"))
+        return (ablated - spliced_) / (ablated - clean)
+
+    rng = np.random.default_rng(0)
+    every, every_ce = np.arange(len(errors)), np.arange(len(ce["clean"]))
+    fvus = [fvu(rng.choice(every, len(every))) for _ in range(BOOTSTRAP_SAMPLES)]
+    recoveries = [recovered(rng.choice(every_ce, len(every_ce))) for _ in range(BOOTSTRAP_SAMPLES)]
+    tokens = len(errors) * per_window
     return SAEEvaluation(
         l0=active / tokens,
-        fvu=float(squared_error / variance),
-        ce_clean=ce["clean"],
-        ce_spliced=ce["spliced"],
-        ce_ablated=ce["ablated"],
-        loss_recovered=(ce["ablated"] - ce["spliced"]) / (ce["ablated"] - ce["clean"]),
+        fvu=float(fvu(every)),
+        fvu_interval=tuple(float(v) for v in np.percentile(fvus, [2.5, 97.5])),
+        ce_clean=float(ce["clean"].mean()),
+        ce_spliced=float(ce["spliced"].mean()),
+        ce_ablated=float(ce["ablated"].mean()),
+        loss_recovered=float(recovered(every_ce)),
+        loss_recovered_interval=tuple(float(v) for v in np.percentile(recoveries, [2.5, 97.5])),
         dead_fraction=float((fired == 0).mean()),
         dense_fraction=float((fired > DENSE_ABOVE * tokens).mean()),
         tokens=int(tokens),
-        ce_tokens=int(min(ce_windows, len(windows)) * (windows.shape[1] - 2)),
+        ce_tokens=int(len(every_ce) * (windows.shape[1] - 2)),
     )
 
 
-def _cross_entropy(model, windows: mx.array, interventions, batch_windows: int) -> float:
-    """Mean next-token cross-entropy (nats), predictions from position 1 on."""
+def _cross_entropy(model, windows: mx.array, interventions, batch_windows: int) -> np.ndarray:
+    """Each window's mean next-token cross-entropy (nats), predictions from position 1 on."""
     losses = []
     for start in range(0, len(windows), batch_windows):
         tokens = windows[start : start + batch_windows]
         with model.trace(tokens, interventions=interventions, capture=[]):
             logits = model.output.save()
         logits = logits[:, 1:-1].astype(mx.float32)
-        targets = tokens[:, 2:]
         log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        loss = -mx.take_along_axis(log_probs, targets[..., None], axis=-1)
-        losses.append(np.array(loss).reshape(-1))
-    return float(np.concatenate(losses).mean())
+        loss = -mx.take_along_axis(log_probs, tokens[:, 2:, None], axis=-1)
+        losses.append(np.array(loss[..., 0].mean(axis=1)))
+    return np.concatenate(losses)
 
 
 def frequent_features(model, sae: SparseAutoencoder, windows: mx.array, count: int) -> list[int]:
