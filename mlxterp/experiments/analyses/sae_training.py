@@ -54,13 +54,13 @@ THRESHOLD_MOMENTUM = 0.99  # BatchTopK's running threshold
 
 
 @mx.custom_function
-def _step(pre: mx.array, threshold: mx.array) -> mx.array:
+def _heaviside(pre: mx.array, threshold: mx.array) -> mx.array:
     """Heaviside(pre - threshold), with a pseudo-derivative for the threshold."""
     return (pre > threshold).astype(pre.dtype)
 
 
-@_step.vjp
-def _step_vjp(primals, cotangent, output):
+@_heaviside.vjp
+def _heaviside_vjp(primals, cotangent, output):
     pre, threshold = primals
     window = (mx.abs(pre - threshold) < JUMPRELU_BANDWIDTH / 2).astype(pre.dtype)
     grad_threshold = -(cotangent * window / JUMPRELU_BANDWIDTH)
@@ -70,13 +70,10 @@ def _step_vjp(primals, cotangent, output):
 def _jumprelu_training(pre: mx.array, threshold: mx.array) -> tuple[mx.array, mx.array]:
     """(latents, L0 per token): the threshold learns through the step function's
     pseudo-derivative; the latents' values through pre."""
-    gate = _step(pre, threshold)
-    return nn.relu(pre) * mx.stop_gradient(gate) + _threshold_path(pre, threshold, gate), gate.sum(-1)
-
-
-def _threshold_path(pre, threshold, gate):
-    # zero in value; carries d latents / d threshold = -threshold * kernel (Rajamanoharan et al.)
-    return threshold * (gate - mx.stop_gradient(gate))
+    gate = _heaviside(pre, threshold)
+    # The second term is zero in value; it carries d latents / d threshold = -threshold * kernel.
+    latents = nn.relu(pre) * mx.stop_gradient(gate) + threshold * (gate - mx.stop_gradient(gate))
+    return latents, gate.sum(-1)
 
 
 def _fvu(prediction: mx.array, target: mx.array) -> mx.array:
@@ -108,15 +105,18 @@ def _loss(
 
 
 def _schedule(learning_rate: float, steps: int):
+    """Linear warm-up over 1 % of the steps (from rate / warm-up, so the first step moves),
+    constant, then linear decay to 0 over the last 20 %."""
     warmup = max(1, steps // 100)
     decay = max(1, steps // 5)
+    constant = max(1, steps - warmup - decay)
     return optim.join_schedules(
         [
-            optim.linear_schedule(0.0, learning_rate, warmup),
-            optim.linear_schedule(learning_rate, learning_rate, steps - warmup - decay),
+            optim.linear_schedule(learning_rate / warmup, learning_rate, warmup),
+            optim.linear_schedule(learning_rate, learning_rate, constant),
             optim.linear_schedule(learning_rate, 0.0, decay),
         ],
-        [warmup, steps - decay],
+        [warmup, warmup + constant],
     )
 
 
@@ -227,7 +227,8 @@ def train_sae(
         optimizer.update(sae, grads)
         sae.W_dec = sae.W_dec / mx.linalg.norm(sae.W_dec, axis=1, keepdims=True)
         fired = latents > 0
-        silent = mx.where(fired.any(axis=0), 0, silent + batch_tokens)
+        # capped where it counts as dead, so that a long run never overflows int32
+        silent = mx.where(fired.any(axis=0), 0, mx.minimum(silent + batch_tokens, DEAD_AFTER_TOKENS))
         if architecture == "batchtopk":
             smallest = mx.where(fired, latents, mx.inf).min()
             sae.threshold = THRESHOLD_MOMENTUM * sae.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
@@ -251,7 +252,8 @@ def train_sae(
         "texts": len(texts),
         "texts_sha256": config["texts_sha256"],
         "tokens_per_second": round(trained * batch_tokens / seconds) if trained else None,
-        "history": history[-50:],
+        # every 10th step's numbers, thinned to about 20 for the file's metadata
+        "history": history[:: max(1, len(history) // 20)] + history[-1:],
     }
     return _folded(sae, scales)
 
