@@ -46,7 +46,19 @@ FAMILY_CONFIGS = {
                            "original_max_position_embeddings": 4, "rope_type": "default"}),
     # calls its blocks with keywords only: block(inputs=h, mask=mask, cache=c)
     "gptj": dict(n_embd=32, vocab_size=101, n_positions=64, n_head=4, rotary_dim=4, n_layer=3),
+    # mixtures of experts: softmax then top-k (qwen3_moe, olmoe), top-k then softmax (mixtral)
+    "qwen3_moe": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,
+                      num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                      moe_intermediate_size=32, rms_norm_eps=1e-6, vocab_size=101, num_key_value_heads=2,
+                      head_dim=8, rope_theta=10000.0, tie_word_embeddings=False,
+                      max_position_embeddings=128, norm_topk_prob=True),
+    "mixtral": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,
+                    num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=101),
+    "olmoe": dict(hidden_size=32, num_hidden_layers=3, intermediate_size=32, num_attention_heads=4,
+                  num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=101, num_experts=8,
+                  num_experts_per_tok=2, head_dim=8),
 }
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "olmoe")
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> nn.Module:
