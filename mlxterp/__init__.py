@@ -51,6 +51,7 @@ from mlxterp.errors import (  # noqa: E402
     PairBaselineWarning,
     RankFailedError,
     ResultFormatError,
+    RoutingError,
     SAEError,
     SiteError,
     SlowBlasWarning,
@@ -70,6 +71,12 @@ from mlxterp.experiments.analyses.circuits import (  # noqa: E402
     edge_patching,
     faithfulness_curve,
     top_circuit,
+)
+from mlxterp.experiments.analyses.experts import (  # noqa: E402
+    RoutingStatistics,
+    expert_attribution,
+    expert_site,
+    routing_statistics,
 )
 from mlxterp.experiments.analyses.generation import Generation  # noqa: E402
 from mlxterp.experiments.analyses.heads import HeadScores  # noqa: E402
@@ -118,6 +125,8 @@ __all__ = [
     "HeadScores", "SteeringVector", "Generation",
     # circuits
     "edge_attribution", "edge_patching", "top_circuit", "faithfulness_curve", "Circuit",
+    # mixtures of experts
+    "expert_site", "expert_attribution", "routing_statistics", "RoutingStatistics",
     # sparse autoencoders
     "SparseAutoencoder", "load_saelens", "save_saelens", "train_sae", "debian_docs", "token_windows",
     "feature_site", "error_site", "evaluate_sae", "SAEEvaluation", "feature_dashboards",
@@ -128,7 +137,7 @@ __all__ = [
     "AttentionCaptureError", "SteeringVectorError", "GenerationError", "LensError",
     "ResultFormatError", "UnknownModuleError", "NotRecordedError", "LayerIndexError", "TraceError",
     "NotReachedError", "RankFailedError", "GradientError", "NoisyBaselineWarning", "PairBaselineWarning",
-    "SlowBlasWarning", "GraphError", "DisconnectedCircuitWarning", "SAEError",
+    "SlowBlasWarning", "GraphError", "DisconnectedCircuitWarning", "SAEError", "RoutingError",
     "__version__",
 ]
 

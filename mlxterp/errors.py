@@ -7,7 +7,7 @@ them:
 - `MlxterpError`: the base of every error below.
 - Bad values (`ValueError`): `InputError`, and beneath it `SiteError` (only for sites: a module,
   layer, head or position that cannot be patched or read), `MetricError`, `BaselineError`,
-  `ModelLoadError`, `OutputPathError`, `InterventionError`, `InstalledInterventionError`,
+  `ModelLoadError`, `OutputPathError`, `InterventionError`, `RoutingError`, `InstalledInterventionError`,
   `AttentionCaptureError`, `SteeringVectorError`, `GenerationError`, `LensError`,
   `GraphError` (a model that is no plain sum of heads and MLPs, an edge not in its graph),
   `SAEError` (a sparse autoencoder that does not fit the site, model or file it meets),
@@ -71,6 +71,11 @@ class OutputPathError(InputError):
 
 class InterventionError(InputError):
     """An intervention that cannot apply to the activation it was given."""
+
+
+class RoutingError(InputError):
+    """A routing intervention on a mixture-of-experts block that names an expert the block does
+    not have, or leaves a token with more or fewer experts than the block takes."""
 
 
 class InstalledInterventionError(InputError):

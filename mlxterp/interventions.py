@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import InterventionError
+from mlxterp.errors import InterventionError, RoutingError
 from mlxterp.tracing.names import positions_mask
 from mlxterp.tracing.trace import Intervention, PositionAware, call_intervention
 
@@ -311,3 +311,89 @@ class _AtPositions(PositionAware):
         shape[axis] = length
         selected = mx.array(positions_mask(tuple(local), length).reshape(shape))
         return _same_dtype(mx.where(selected, changed, x), x)
+
+
+# -- routing of mixture-of-experts blocks ---------------------------------------------------------
+
+
+def _experts(experts: object, who: str) -> tuple[int, ...]:
+    if _is_int(experts):
+        experts = (experts,)
+    if not isinstance(experts, Sequence) or isinstance(experts, str) or not experts or not all(
+            _is_int(e) and e >= 0 for e in experts):
+        raise RoutingError(f"{who}: give expert numbers (whole numbers from 0), e.g. [3, 17]; "
+                           f"got {experts!r}.")
+    return tuple(int(e) for e in experts)
+
+
+def _check_experts(x: mx.array, experts: tuple[int, ...], who: str) -> mx.array:
+    x = _activation(x, who)
+    bad = [e for e in experts if e >= x.shape[-1]]
+    if bad:
+        raise RoutingError(f"{who}: experts {bad} do not exist; this block has {x.shape[-1]} "
+                           f"(0 to {x.shape[-1] - 1}).")
+    return x
+
+
+def forbid_experts(experts: int | Sequence[int]) -> Intervention:
+    """For a router's logits (`layers.L.mlp.gate`): these experts are never chosen; the block's own
+    rule picks the best of the rest (their logits become -inf).
+
+    Example:
+        >>> model.trace(prompt, interventions={"layers.3.mlp.gate": iv.forbid_experts([5, 9])})
+    """
+    experts = _experts(experts, "forbid_experts")
+
+    def forbid(x: mx.array) -> mx.array:
+        x = _check_experts(x, experts, "forbid_experts")
+        mask = mx.zeros((x.shape[-1],), dtype=mx.bool_)
+        mask[mx.array(experts)] = True
+        return mx.where(mask, mx.array(-mx.inf, dtype=x.dtype), x)
+
+    return forbid
+
+
+def force_expert(expert: int) -> Intervention:
+    """For routing weights (`layers.L.mlp.routing`, in `model.with_experts()`): every token sends
+    to `expert`; a token that did not takes it in place of its lowest-weighted expert, with that
+    expert's weight.
+
+    Example:
+        >>> moe.trace(prompt, interventions={"layers.3.mlp.routing": iv.force_expert(7)})
+    """
+    (expert,) = _experts(expert, "force_expert")
+
+    def force(x: mx.array) -> mx.array:
+        x = _check_experts(x, (expert,), "force_expert")
+        lowest = mx.argmin(mx.where(x > 0, x, mx.inf), axis=-1, keepdims=True)
+        taken = x[..., expert:expert + 1] > 0
+        smallest = mx.take_along_axis(x, lowest, axis=-1)
+        columns = mx.arange(x.shape[-1])
+        moved = mx.where(columns == expert, smallest, mx.where(columns == lowest, 0.0, x))
+        return mx.where(taken, x, moved).astype(x.dtype)
+
+    return force
+
+
+def reweight_experts(factors: dict[int, float]) -> Intervention:
+    """For routing weights (`layers.L.mlp.routing`, in `model.with_experts()`): each named
+    expert's weight times its factor, where a token uses it; the experts chosen stay the same.
+
+    Example:
+        >>> moe.trace(prompt, interventions={"layers.3.mlp.routing": iv.reweight_experts({7: 2.0})})
+    """
+    if not isinstance(factors, dict) or not factors:
+        raise RoutingError(f"reweight_experts: give {{expert: factor}}, e.g. {{7: 2.0}}; got {factors!r}.")
+    experts = _experts(list(factors), "reweight_experts")
+    values = [_scalar(v, "reweight_experts", f"the factor of expert {e}") for e, v in factors.items()]
+    if any(v <= 0 for v in values):
+        raise RoutingError("reweight_experts: factors must be above 0 (forbid an expert with "
+                           "iv.forbid_experts on the router's logits).")
+
+    def reweight(x: mx.array) -> mx.array:
+        x = _check_experts(x, experts, "reweight_experts")
+        scale_by = mx.ones((x.shape[-1],), dtype=x.dtype)
+        scale_by[mx.array(experts)] = mx.array(values, dtype=x.dtype)
+        return x * scale_by
+
+    return reweight

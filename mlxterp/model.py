@@ -15,6 +15,7 @@ from mlxterp.experiments.analyses import (
     attribution,
     causal_tracing,
     circuits,
+    experts,
     generation,
     heads,
     lenses,
@@ -302,6 +303,20 @@ class InterpretableModel:
             >>> spliced = model.with_sae(load_saelens("out/smollm2-l8-topk"))
         """
         return saes.with_sae(self, sae)
+
+    def with_experts(self) -> InterpretableModel:
+        """This model with every mixture-of-experts block's routing weights and per-expert
+        contributions as modules (`layers.3.mlp.routing`, `layers.3.mlp.experts`): a new model
+        sharing every weight, bit for bit this model until routing or an expert is changed.
+        See `experts.with_experts`.
+
+        Raises:
+            SiteError: a model without MoE blocks, or with blocks of a family mlxterp cannot route.
+
+        Example:
+            >>> moe = model.with_experts()
+        """
+        return experts.with_experts(self)
 
     def logit_lens(self, prompt: Inputs, **options) -> lenses.LensResult:
         """The model's prediction after each block at each position: a `LensResult`; see

@@ -11,6 +11,7 @@ import pytest
 from conftest import MOE_FAMILIES, SMOLLM2_VOCAB, tiny_model
 
 from mlxterp import InterpretableModel
+from mlxterp import interventions as iv
 
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Italy is"
 # The MoE block's name in each family's decoder layer.
@@ -79,3 +80,113 @@ def test_the_guides_calls_run_on_a_quantized_moe(family, smollm2):
     assert len(results) == 3 and all(np.isfinite(v) for v in results.values())
     whole = model.patching_sweep(CLEAN, CORRUPTED, component="output", metric="kl")
     assert whole.mean[-1] == pytest.approx(100.0, abs=0.01)  # the last block's output is everything
+
+
+# -- experts and routers as sites -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_exposed_experts_change_nothing_and_add_up_to_the_block(family, smollm2):
+    model = _moe(family, None, smollm2[1])
+    moe = model.with_experts()
+    tokens = mx.array([smollm2[1].encode(CLEAN)])
+    assert mx.array_equal(moe.model(tokens), model.model(tokens)).item()
+    block = f"layers.1.{MOE_BLOCK[family]}"
+    with moe.trace(tokens) as trace:
+        output = trace.activations[block]
+        routing = trace.activations[f"{block}.routing"]
+        contributions = trace.activations[f"{block}.experts"]
+    n_experts = routing.shape[-1]
+    assert mx.all((routing > 0).sum(-1) == 2).item()  # each token's two experts
+    per_expert = contributions.reshape(*output.shape[:-1], n_experts, -1)
+    # the experts' contributions add up to the block's output (float32 sums of 2 terms: 1e-6)
+    assert mx.abs(per_expert.sum(axis=-2) - output).max().item() <= 1e-6 * mx.abs(output).max().item() + 1e-7
+    assert mx.array_equal((mx.abs(per_expert).sum(-1) > 0), routing > 0).item()
+    assert not any("routing" in name for name in model.tree.modules)  # the model is as it was
+
+
+def test_patching_an_expert_moves_the_block_by_its_contribution(smollm2):
+    from mlxterp import expert_site
+
+    moe = _moe("qwen3_moe", None, smollm2[1]).with_experts()
+    clean, corrupted = (mx.array([smollm2[1].encode(t)]) for t in (CLEAN, CORRUPTED))
+    block = "layers.1.mlp"
+    recorded = {}
+    for name, tokens in (("clean", clean), ("corrupted", corrupted)):
+        with moe.trace(tokens) as trace:
+            recorded[name] = (trace.activations[f"{block}.experts"], trace.activations[block])
+    expert = int(mx.argmax(mx.abs(recorded["clean"][0] - recorded["corrupted"][0]).reshape(-1)).item()
+                 % (8 * 32) // 32)
+    site = expert_site(moe, 1, expert)
+    with moe.trace(corrupted, interventions={site: iv.replace_with(recorded["clean"][0])}) as trace:
+        patched = trace.activations[block]
+    width = 32
+    clean_e = recorded["clean"][0][..., expert * width:(expert + 1) * width]
+    corrupted_e = recorded["corrupted"][0][..., expert * width:(expert + 1) * width]
+    expected = recorded["corrupted"][1] + clean_e - corrupted_e
+    assert mx.abs(patched - expected).max().item() <= 1e-6
+    # an expert sweep equals the naive procedure
+    sites = [expert_site(moe, layer, e) for layer in range(3) for e in range(8)]
+    fast = moe.patching_sweep(CLEAN, CORRUPTED, sites=sites, metric="kl")
+    naive = moe.patching_sweep(CLEAN, CORRUPTED, sites=sites, metric="kl", naive=True)
+    assert np.abs(fast.mean - naive.mean).max() <= 0.01 and np.abs(fast.mean).max() > 0.1
+
+
+def test_routing_interventions_move_tokens_between_experts(smollm2):
+    moe = _moe("mixtral", None, smollm2[1]).with_experts()
+    block = "layers.1.block_sparse_moe"
+    with moe.trace(CLEAN) as trace:
+        before = trace.activations[f"{block}.routing"]
+    used = int(mx.argmax((before > 0).sum(axis=(0, 1))).item())  # the most used expert
+    with moe.trace(CLEAN, interventions={f"{block}.gate": iv.forbid_experts([used])}) as trace:
+        forbidden = trace.activations[f"{block}.routing"]
+    assert not mx.any(forbidden[..., used] > 0).item() and mx.all((forbidden > 0).sum(-1) == 2).item()
+    unused = int(mx.argmin((before > 0).sum(axis=(0, 1))).item())
+    with moe.trace(CLEAN, interventions={f"{block}.routing": iv.force_expert(unused)}) as trace:
+        out_forced = moe.output.save()
+        forced_output = trace.activations[block]
+    with moe.trace(CLEAN) as trace:
+        plain_output = trace.activations[block]
+    assert not mx.array_equal(forced_output, plain_output).item() and mx.isfinite(out_forced).all().item()
+    with moe.trace(CLEAN, interventions={f"{block}.routing": iv.reweight_experts({used: 2.0})}) as trace:
+        reweighted = trace.activations[f"{block}.routing"]
+    doubled = mx.where(before[..., used] > 0, 2 * before[..., used], 0)
+    assert mx.allclose(doubled, reweighted[..., used]).item()
+
+
+def test_bad_routing_and_expert_sites_are_refused_and_the_model_kept(smollm2):
+    from mlxterp import RoutingError, SiteError, expert_site
+
+    model = _moe("qwen3_moe", None, smollm2[1])
+    moe = model.with_experts()
+    with pytest.raises(RoutingError, match=r"experts \[8\] do not exist; this block has 8"):
+        with moe.trace(CLEAN, interventions={"layers.0.mlp.gate": iv.forbid_experts([8])}):
+            pass
+    with pytest.raises(RoutingError, match="left tokens with \\[1\\] experts; this block runs exactly 2"):
+        with moe.trace(CLEAN, interventions={"layers.0.mlp.routing": lambda w: w * (mx.arange(8) != 0)
+                                             * (w == w.max(-1, keepdims=True))}):
+            pass
+    with pytest.raises(SiteError, match="expert 8 does not exist: block 0 has experts 0 to 7"):
+        expert_site(moe, 0, 8)
+    with pytest.raises(SiteError, match="model.with_experts()"):
+        expert_site(model, 0, 1)
+    with pytest.raises(SiteError, match="no mixture-of-experts blocks"):
+        InterpretableModel(tiny_model("llama")).with_experts()
+    tokens = mx.array([smollm2[1].encode(CLEAN)])
+    assert mx.array_equal(moe.model(tokens), model.model(tokens)).item()
+
+
+def test_attribution_over_layer_by_expert_and_routing_statistics(smollm2, tmp_path):
+    from mlxterp import expert_attribution, routing_statistics
+
+    moe = _moe("olmoe", None, smollm2[1]).with_experts()
+    estimate, exact = expert_attribution(moe, CLEAN, CORRUPTED, verify=4, metric="kl")
+    assert len(estimate.sites) == 3 * 8 and len(exact.sites) == 4
+    top = np.argsort(-estimate.mean, kind="stable")[:4]
+    assert [s["location"] for s in exact.sites] == [estimate.sites[i]["location"] for i in top]
+    assert all(set(s) >= {"layer", "expert"} for s in exact.sites)
+    stats = routing_statistics(moe, pairs=[(CLEAN, CORRUPTED)])
+    assert stats.clean.shape == (3, 8) and np.allclose(stats.clean.sum(axis=1), 2.0)
+    table = stats.table(3).splitlines()
+    assert table[0].split() == ["layer", "expert", "clean", "corrupted", "difference"] and len(table) == 4
+    stats.plot(tmp_path / "routing.png")
+    assert (tmp_path / "routing.png").stat().st_size > 5_000

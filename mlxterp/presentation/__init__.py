@@ -10,5 +10,5 @@ from mlxterp.experiments.pipeline.results import VIEWS
 from mlxterp.presentation import circuits, features, plots, report
 
 VIEWS.update(patching=circuits.plot_any_patching, html=report.write_html, lens=plots.plot_lens,
-             heads=plots.plot_heads, circuit=circuits.plot_circuit,
+             heads=plots.plot_heads, routing=plots.plot_routing, circuit=circuits.plot_circuit,
              circuit_html=circuits.write_circuit_html, features_html=features.write_features_html)

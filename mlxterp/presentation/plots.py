@@ -411,3 +411,30 @@ def plot_heads(result, path: str | Path | None = None, overwrite: bool = False):
     model = result.provenance.get("model", "")
     _set_title(fig, f"Head detection{', ' + model if model else ''}: {result.text}", width)
     return _show_or_save(fig, path, f"mlxterp-heads-{model}")
+
+
+def plot_routing(stats, path: str | Path | None = None, overwrite: bool = False):
+    """Expert routing: layers down, experts across; colour = clean minus corrupted fraction of
+    tokens routed there (or the fraction, for one set of prompts).
+
+    Example:
+        >>> plot_routing(routing_statistics(moe, pairs=pairs), "routing.png")
+    """
+    if path is not None:
+        path = output_path(path, SUFFIXES, overwrite)
+    compared = stats.corrupted is not None
+    values = stats.difference() if compared else stats.clean
+    n_layers, n_experts = values.shape
+    width = min(16.0, max(4.0, 0.12 * n_experts + 1.8))
+    fig = _figure(width, 0.16 * n_layers + 1.8)
+    ax = fig.subplots()
+    limit = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r" if compared else "Blues", aspect="auto",
+                      vmin=-limit if compared else 0, vmax=limit)
+    ax.set_yticks(range(n_layers), [str(layer) for layer in stats.layers], fontsize=7)
+    ax.set_ylabel("layer")
+    ax.set_xlabel("expert")
+    label = "clean minus corrupted: fraction of tokens" if compared else "fraction of tokens routed"
+    fig.colorbar(image, ax=ax, label=label, shrink=0.8)
+    _set_title(fig, f"Expert routing, {stats.model}: {stats.tokens} tokens per side", width)
+    return _show_or_save(fig, path, f"mlxterp-routing-{Path(stats.model).name}")

@@ -2,8 +2,8 @@
 
 `spliced(root, tree, sae)` returns a copy of the module tree in which only the path from the
 root to the SAE's host module is new (equinox-style surgery: the rest is shared, the original
-untouched). The host's copy (of a subclass of its class made for the purpose) runs the host's
-own code and then hands its activation to a `Splice`, a child named `sae`, so the spliced model
+untouched). The host's copy (`surgery.with_call`: a subclass of its class) runs the host's own
+code and then hands its activation to a `Splice`, a child named `sae`, so the spliced model
 names three new modules beside the old ones:
 
 - `layers.8.sae.features`: the latents (batch, positions, d_sae), read and intervened on like
@@ -22,16 +22,13 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import functools
-from functools import cache
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlxterp.models.sae import SparseAutoencoder
 from mlxterp.tracing.intercept import call_input, with_call_input
 from mlxterp.tracing.names import ModuleTree
+from mlxterp.tracing.surgery import replaced, with_call
 
 
 class Features(nn.Identity):
@@ -83,18 +80,6 @@ def _spliced_call(host: nn.Module, call, args: tuple, kwargs: dict):
     return host.sae(call_input(host, args, kwargs) if sae.is_transcoder else output, output)
 
 
-@cache
-def _spliced_class(host_class: type) -> type:
-    """A subclass of the host's class whose call runs the splice; it keeps the host's call
-    signature (runners read it to find a block's input)."""
-
-    @functools.wraps(host_class.__call__)
-    def __call__(self, *args, **kwargs):
-        return _spliced_call(self, host_class.__call__, args, kwargs)
-
-    return type(f"Spliced{host_class.__name__}", (host_class,), {"__call__": __call__})
-
-
 def host_of(sae: SparseAutoencoder) -> str:
     """The full name of the module whose call the SAE joins: its site's module (the MLP, for a
     transcoder reading `mlp:input` and writing `mlp`)."""
@@ -111,19 +96,6 @@ def spliced(root: nn.Module, tree: ModuleTree, sae: SparseAutoencoder) -> nn.Mod
         True
     """
     host_name = host_of(sae)
-    host = copy.copy(tree.modules[host_name])
-    host.__class__ = _spliced_class(type(tree.modules[host_name]))
+    host = with_call(tree.modules[host_name], _spliced_call)
     host.sae = Splice(sae)
-    child, name = host, host_name
-    while "." in name:
-        name, _, attribute = name.rpartition(".")
-        if name in tree.modules:
-            parent = copy.copy(tree.modules[name])
-            parent[attribute] = child
-        else:  # `attribute` indexes a list held by the module two levels up
-            name, _, list_attribute = name.rpartition(".")
-            parent = copy.copy(tree.modules[name])
-            parent[list_attribute] = list(parent[list_attribute])
-            parent[list_attribute][int(attribute)] = child
-        child = parent
-    return child
+    return replaced(root, tree, {host_name: host})

@@ -51,7 +51,7 @@ def provenance(module) -> dict:
 
 
 def site_label(result, site: dict) -> str:
-    """A site's short name: `L3`, `L3 H2`, `L8 F1234` (an SAE feature), `L8 SAE error`,
+    """A site's short name: `L3`, `L3 H2`, `L8 F1234` (an SAE feature), `L8 SAE error`, `L12 E5` (an expert),
     `L3 pos 5 ' to'` (the clean token at the position), an edge's name, or a circuit's size."""
     if "edge" in site:
         return site["edge"]
@@ -62,6 +62,8 @@ def site_label(result, site: dict) -> str:
         parts.append(f"H{site['head']}")
     if "feature" in site:
         parts.append(f"F{site['feature']}")
+    if "expert" in site:
+        parts.append(f"E{site['expert']}")
     if site.get("component", "").endswith("sae.error"):
         parts.append("SAE error")
     if "position" in site:

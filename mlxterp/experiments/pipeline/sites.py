@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from mlxterp.errors import InputTypeError, SiteError
+from mlxterp.tracing.experts import ExpertContributions
 from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.names import Site, SiteGroup
 from mlxterp.tracing.splice import Features
@@ -55,8 +56,11 @@ def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[La
             component = "input" if component == "output" else f"{component}:input"
         label = {"layer": layer, "component": component}
         if site.head is not None:
-            # An SAE's latents are split one per "head": the slice is a feature.
-            label["feature" if isinstance(model.tree.modules[where.module], Features) else "head"] = site.head
+            # An SAE's latents and an MoE block's experts are split one per "head".
+            hook = model.tree.modules[where.module]
+            kind = "feature" if isinstance(hook, Features) else "expert" if isinstance(
+                hook, ExpertContributions) else "head"
+            label[kind] = site.head
         if site.positions is not None:
             label["position"] = site.positions[0] if len(site.positions) == 1 else list(site.positions)
         checked.append(replace(site, module=where.module))
