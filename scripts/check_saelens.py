@@ -94,8 +94,8 @@ def saelens_made(seed: int, d_in: int, d_out: int) -> dict:
     for sae in made.values():
         sae.cfg.metadata.model_name = "smollm2-135m"
         sae.cfg.metadata.hook_name = "blocks.3.hook_resid_post"
-    made["jumprelu_transcoder"].cfg.metadata.hook_name = "blocks.3.ln2.hook_normalized"
-    made["jumprelu_transcoder"].cfg.metadata.hook_name_out = "blocks.3.hook_mlp_out"
+    made["jumprelu_transcoder"].cfg.metadata.hook_name = "model.layers.3.mlp:input"
+    made["jumprelu_transcoder"].cfg.metadata.hook_name_out = "model.layers.3.mlp"
     return made
 
 

@@ -117,6 +117,7 @@ def train(args) -> None:
         progress=True,
     )
     seconds = time.perf_counter() - started
+    sae.model = "smollm2-135m"  # the 9-block folder is SmolLM2-135M's first 9 blocks, bit for bit
     save_saelens(sae, args.out / "sae")
     timing = {
         "device": str(mx.default_device()),

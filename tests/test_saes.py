@@ -298,15 +298,39 @@ def test_a_checkpointed_run_resumes_exactly_and_a_seed_repeats(wrapped, tmp_path
     monkeypatch.setattr(ActivationStream, "batch", stop_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         _train(wrapped, seed=3, checkpoint=tmp_path / "run", checkpoint_every=5)
-    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 5
+    _, metadata = mx.load(str(tmp_path / "run" / sae_training.CHECKPOINT), return_metadata=True)
+    assert json.loads(metadata["state"])["step"] == 5
     monkeypatch.setattr(ActivationStream, "batch", real_batch)
     resumed = _train(wrapped, seed=3, checkpoint=tmp_path / "run", checkpoint_every=5)
+    # the history of the steps before the stop travelled with the checkpoint
+    steps = [[h["step"] for h in sae.trained_on["history"]] for sae in (resumed, whole)]
+    assert steps[0] == steps[1]
     # the same operations on the same machine in the same order: equal to float32's last bit
     # is expected; 1e-6 relative leaves room for a BLAS that splits work by thread timing
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert mx.allclose(resumed[name], whole[name], rtol=1e-6, atol=1e-7).item(), name
     with pytest.raises(SAEError, match="other settings .*steps"):
         _train(wrapped, seed=3, steps=13, checkpoint=tmp_path / "run")
+
+
+def test_a_transcoder_replaces_its_mlps_output_and_nothing_else(wrapped):
+    extra = {"site_out": "layers.8.mlp", "d_out": 576}
+    sae = _random_sae("layers.8.mlp:input", "batchtopk", **extra)
+    sae.threshold = mx.full((256,), 0.05)
+    spliced = wrapped.with_sae(sae)
+    with wrapped.trace(CLEAN) as trace:
+        mlp_in, mlp_out = trace.activations["layers.8.mlp:input"], trace.activations["layers.8.mlp"]
+    with spliced.trace(CLEAN) as trace:
+        error = trace.activations["layers.8.mlp.sae.error"]
+    with spliced.trace(CLEAN, interventions={error_site(spliced): iv.zero_out}) as trace:
+        replaced_in, replaced_out = trace.activations["layers.8.mlp:input"], trace.activations["layers.8.mlp"]
+    # the MLP still reads its own input; its output becomes the transcoder's reconstruction
+    assert mx.array_equal(replaced_in, mlp_in).item()
+    assert mx.abs(replaced_out - sae(mlp_in)).max().item() <= 1e-5 * mx.abs(mlp_out).max().item()
+    assert mx.abs(error - (mlp_out - sae(mlp_in))).max().item() <= 1e-5 * mx.abs(mlp_out).max().item()
+    wrong = _random_sae("layers.2", "batchtopk", **extra)  # reads another module than it writes
+    with pytest.raises(SAEError, match="must be site_out 'layers.8.mlp' followed by ':input'"):
+        wrapped.with_sae(wrong)
 
 
 def test_a_transcoder_trains_and_splices(wrapped):
@@ -334,6 +358,12 @@ def test_training_refuses_what_cannot_work(tiny_smol):
         train_sae(tiny_smol, "layers.0", TEXTS, architecture="relu")
     with pytest.raises(mlxterp.InputTypeError, match="steps"):
         train_sae(tiny_smol, "layers.0", TEXTS, steps=0)
+    for bad, message in (({"length": 1}, "at least 2 tokens"), ({"learning_rate": -1.0}, "above 0"),
+                         ({"sparsity": -1}, "L0 penalty")):
+        with pytest.raises(mlxterp.InputTypeError, match=message):
+            train_sae(tiny_smol, "layers.0", TEXTS, **bad)
+    with pytest.raises(mlxterp.InputTypeError, match="texts must be strings"):
+        train_sae(tiny_smol, "layers.0", [*TEXTS, 3])
     base = tiny_model("llama", vocab_size=tiny_smol.tokenizer.vocab_size, num_hidden_layers=2)
     base.model.layers[0].unused = nn.Linear(4, 4)  # a module the forward never calls
     model = InterpretableModel(base, tiny_smol.tokenizer)
@@ -373,7 +403,8 @@ def test_dashboards_find_the_top_activations_and_the_page_searches_them(wrapped,
         if board.contexts:
             top = board.contexts[0]
             assert top["activations"][top["top"]] == pytest.approx(board.max_activation, rel=1e-4)
-        logits = np.array(wrapped.model.model.embed_tokens.as_linear(sae.W_dec[k]))
+        norm_weight = wrapped.model.model.norm.weight  # folded in, as TransformerLens does
+        logits = np.array(wrapped.model.model.embed_tokens.as_linear(sae.W_dec[k] * norm_weight))
         assert board.promoted[0][1] == pytest.approx(float(logits.max()), rel=1e-5)
         assert sum(board.histogram["counts"]) == int((latents[..., k] > 0).sum())
     page = boards.to_html(tmp_path / "features.html").read_text()

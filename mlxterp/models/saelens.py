@@ -30,17 +30,17 @@ from mlxterp.version import __version__
 
 CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
-# TransformerLens hook -> mlxterp key, per block (mlx-lm's MLP is called with the normed input).
+# TransformerLens hook -> mlxterp key, per block. TransformerLens's `ln2.hook_normalized` is the
+# residual normalised without the norm's weight, which mlx-lm never computes: it has no key here.
 _TL_HOOKS = {
     "hook_resid_post": "",
     "hook_resid_pre": ":input",
     "hook_mlp_out": ".mlp",
     "hook_attn_out": ".self_attn",
-    "ln2.hook_normalized": ".mlp:input",
 }
 _TL_HOOK = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
 _OUR_SITE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)(?P<rest>(?:\.mlp|\.self_attn)?(?::input)?)$")
-_HF_SITE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)(?P<rest>\.mlp|\.self_attn)?$")
+_HF_SITE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)(?P<rest>(?:\.mlp|\.self_attn)?(?::input)?)$")
 
 # mlxterp architecture -> SAELens's, for an SAE and for a transcoder (None: SAELens has none).
 _SAELENS_ARCHITECTURE = {
@@ -85,12 +85,13 @@ def site_of_hook(hook: str) -> str:
         return f"layers.{match['layer']}{_TL_HOOKS[match['hook']]}"
     match = _HF_SITE.match(hook)
     if match:
-        return f"layers.{match['layer']}{match['rest'] or ''}"
+        return f"layers.{match['layer']}{match['rest']}"
     raise SAEError(
         f"the SAE's hook {hook!r} has no place mlxterp knows; known hooks are blocks.L.hook_resid_post, "
-        f"blocks.L.hook_resid_pre, blocks.L.hook_mlp_out, blocks.L.hook_attn_out, "
-        f"blocks.L.ln2.hook_normalized "
-        f"and model.layers.L[.mlp|.self_attn]. Pass site= to say where it reads."
+        f"blocks.L.hook_resid_pre, blocks.L.hook_mlp_out, blocks.L.hook_attn_out and Hugging Face "
+        f"paths model.layers.L[.mlp|.self_attn][:input]. (TransformerLens's ln2.hook_normalized is the "
+        f"residual normalised without the norm's weight, which mlx-lm does not compute.) Pass site= "
+        f"to say where it reads."
     )
 
 
@@ -169,6 +170,9 @@ def load_saelens(folder: str | Path, site: str | None = None) -> SparseAutoencod
             f"{folder / CONFIG}: architecture {architecture!r} is not one mlxterp runs; "
             f"it runs {', '.join(sorted(_FROM_SAELENS))}."
         )
+    if config.get("rescale_acts_by_decoder_norm"):
+        raise SAEError(f"{folder / CONFIG}: rescale_acts_by_decoder_norm is true; mlxterp runs TopK SAEs "
+                       "without that rescaling. Fold the decoder norms into the encoder first.")
     if config.get("normalize_activations", "none") != "none":
         raise SAEError(
             f"{folder / CONFIG}: normalize_activations is {config['normalize_activations']!r}; "

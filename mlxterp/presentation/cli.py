@@ -292,6 +292,9 @@ def train_sae(args: argparse.Namespace) -> int:
     from mlxterp.models.saelens import save_saelens
     from mlxterp.paths import numbered
 
+    if args.site_out and args.architecture == "topk":  # found before training, not after
+        raise MlxterpError("SAELens's layout has no TopK transcoder; with --site-out use "
+                           "--architecture batchtopk or jumprelu.")
     model = _model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,7 +302,8 @@ def train_sae(args: argparse.Namespace) -> int:
     sae = train(model, args.site, training, architecture=args.architecture, expansion=args.expansion,
                 k=None if args.architecture == "jumprelu" else args.k, site_out=args.site_out,
                 steps=args.steps, batch_tokens=args.batch_tokens, length=args.length,
-                learning_rate=args.learning_rate, seed=args.seed, checkpoint=args.checkpoint, progress=True)
+                learning_rate=args.learning_rate, sparsity=args.sparsity, seed=args.seed,
+                checkpoint=args.checkpoint, progress=True)
     model_label = Path(model_name(model.model)).stem.lower()
     name = f"sae-{model_label}-{args.site.replace(':', '-')}-{args.architecture}"
     folder = save_saelens(sae, numbered(out, name, ""))
@@ -492,7 +496,9 @@ def _parser() -> argparse.ArgumentParser:
     sae_parser.add_argument("--architecture", default="topk", choices=["topk", "batchtopk", "jumprelu"])
     sae_parser.add_argument("--expansion", type=_count(1, 1024), default=8, help="latents per input feature")
     sae_parser.add_argument("--k", type=_count(1, 100_000), default=32,
-                            help="topk, batchtopk: latents per token")
+                            help="topk, batchtopk: latents per token (jumprelu has none)")
+    sae_parser.add_argument("--sparsity", type=_number(0, 1e6), default=1e-3,
+                            help="jumprelu: the L0 penalty")
     sae_parser.add_argument("--steps", type=_count(1, 100_000_000), default=2000, help="Adam steps")
     sae_parser.add_argument("--batch-tokens", type=_count(1, 1_000_000), default=4096, help="tokens per step")
     sae_parser.add_argument("--length", type=_count(3, 8192), default=128, help="tokens per window")

@@ -16,7 +16,7 @@ activation itself, so the spliced model computes bit for bit what the model comp
 to either adds exactly its difference.
 
 Example:
-    >>> root = spliced(model.model, model.tree, sae)       # sae.site == "model.model.layers.8"
+    >>> root = spliced(model.model, model.tree, sae, "model.model.layers.8", on_input=False)
     >>> InterpretableModel(root, tokenizer).trace(...)      # what model.with_sae(sae) does
 """
 
@@ -46,11 +46,12 @@ class Splice(nn.Module):
         >>> Splice(sae)(x, x)      # x itself; with an intervention on `features`, changed by it
     """
 
-    def __init__(self, sae: SparseAutoencoder):
+    def __init__(self, sae: SparseAutoencoder, on_input: bool = False):
         super().__init__()
         self.autoencoder = sae
         self.features = Features()
         self.error = Error()
+        self.on_input = on_input  # the SAE stands between the host's input and the host
 
     def __call__(self, read: mx.array, replaced: mx.array) -> mx.array:
         """`replaced` (the activation the SAE reconstructs) after the SAE has read `read` (the
@@ -70,32 +71,28 @@ class Splice(nn.Module):
 
 
 def _spliced_call(host: nn.Module, call, args: tuple, kwargs: dict):
-    """The host's own `call`, with the splice on its input or output."""
-    sae = host.sae.autoencoder
-    if sae.site.endswith(":input"):
+    """The host's own `call`, with the splice on its input (an SAE of `name:input`), or on its
+    output (an SAE of `name`, reading it; a transcoder, reading the input)."""
+    splice = host.sae
+    if splice.on_input:
         x = call_input(host, args, kwargs)
-        args, kwargs = with_call_input(host, args, kwargs, host.sae(x, x))
+        args, kwargs = with_call_input(host, args, kwargs, splice(x, x))
         return call(host, *args, **kwargs)
     output = call(host, *args, **kwargs)
-    return host.sae(call_input(host, args, kwargs) if sae.is_transcoder else output, output)
+    return splice(call_input(host, args, kwargs) if splice.autoencoder.is_transcoder else output, output)
 
 
-def host_of(sae: SparseAutoencoder) -> str:
-    """The full name of the module whose call the SAE joins: its site's module (the MLP, for a
-    transcoder reading `mlp:input` and writing `mlp`)."""
-    return sae.site.removesuffix(":input") if not sae.is_transcoder else sae.site_out
-
-
-def spliced(root: nn.Module, tree: ModuleTree, sae: SparseAutoencoder) -> nn.Module:
-    """A copy of `root` with `sae` spliced at its site (a full name in `tree`); only the modules
-    on the path from the root to the host are copied, every weight is shared.
+def spliced(root: nn.Module, tree: ModuleTree, sae: SparseAutoencoder, host: str,
+            on_input: bool) -> nn.Module:
+    """A copy of `root` with `sae` spliced into the call of `host` (a full name in `tree`), on
+    its input or its output; only the modules on the path from the root to the host are copied,
+    every weight is shared.
 
     Example:
-        >>> new_root = spliced(model.model, model.tree, sae)
+        >>> new_root = spliced(model.model, model.tree, sae, "model.model.layers.8", on_input=False)
         >>> new_root.model.layers[8].sae.autoencoder is sae
         True
     """
-    host_name = host_of(sae)
-    host = with_call(tree.modules[host_name], _spliced_call)
-    host.sae = Splice(sae)
-    return replaced(root, tree, {host_name: host})
+    copy = with_call(tree.modules[host], _spliced_call)
+    copy.sae = Splice(sae, on_input)
+    return replaced(root, tree, {host: copy})

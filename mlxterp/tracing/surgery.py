@@ -40,8 +40,16 @@ def with_call(module: nn.Module, around: Around) -> nn.Module:
     Example:
         >>> with_call(block, lambda m, call, args, kwargs: call(m, *args, **kwargs) * 2)
     """
-    copied = copy.copy(module)
+    copied = _copy(module)
     copied.__class__ = _subclass(type(module), around)
+    return copied
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    """A shallow copy whose set of frozen parameters is its own (freezing it leaves the original)."""
+    copied = copy.copy(module)
+    if "_no_grad" in module.__dict__:
+        copied._no_grad = set(module._no_grad)
     return copied
 
 
@@ -65,7 +73,7 @@ def replaced(root: nn.Module, tree: ModuleTree, replacements: Mapping[str, nn.Mo
                 copies[name] = list(copied(owner)[attribute])
                 copied(owner)[attribute] = copies[name]
             else:
-                copies[name] = copy.copy(original)
+                copies[name] = _copy(original)
                 if "." in name:
                     attach(name, copies[name])
         return copies[name]

@@ -44,7 +44,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlxterp.errors import InputTypeError, SAEError
 from mlxterp.experiments.data.activations import ActivationStream
 from mlxterp.experiments.data.corpus import token_windows
-from mlxterp.models.identity import model_name
+from mlxterp.models.identity import model_name, weights_sha256
 from mlxterp.models.sae import ARCHITECTURES, SparseAutoencoder
 
 DEAD_AFTER_TOKENS = 1_000_000  # a latent silent this long is dead (AuxK trains it, stats count it)
@@ -94,7 +94,7 @@ def _loss(
     reconstruction = latents @ sae.W_dec + sae.b_dec
     fvu = _fvu(reconstruction, y)
     # AuxK: the dead latents' top pre-activations reconstruct what the live ones missed.
-    k_aux = min(sae.d_in // 2, sae.d_sae)
+    k_aux = min(sae.d_out // 2, sae.d_sae)  # Gao et al.: half the width reconstructed
     dead_pre = mx.where(dead, pre, -mx.inf)
     kth = mx.topk(dead_pre, k_aux, axis=-1).min(axis=-1, keepdims=True)
     aux_latents = mx.where((dead_pre >= kth) & dead, nn.relu(pre), 0.0)
@@ -168,12 +168,19 @@ def train_sae(
         raise SAEError(
             f"train_sae trains {', '.join(a for a in ARCHITECTURES if a != 'relu')}; got {architecture!r}."
         )
+    if learning_rate is not None and not (isinstance(learning_rate, float | int) and 0 < learning_rate < 1):
+        raise InputTypeError(f"learning_rate={learning_rate!r}: give a rate above 0 and below 1, or None.")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, float | int) or sparsity < 0:
+        raise InputTypeError(f"sparsity={sparsity!r}: give the L0 penalty, a number from 0.")
     sites = [model.tree.site(site).key] + ([model.tree.site(site_out).key] if site_out else [])
     stream = ActivationStream(model, sites, token_windows(model, texts, length), batch_tokens, seed=seed)
     widths = stream.widths
     d_sae = expansion * widths[0]
-    learning_rate = learning_rate or 2e-4 / (d_sae / 2**14) ** 0.5
+    if learning_rate is None:
+        learning_rate = 2e-4 / (d_sae / 2**14) ** 0.5
     config = {
+        "model": model_name(model.model),
+        "model_sha256": weights_sha256(model.model),
         "architecture": architecture,
         "site": sites[0],
         "site_out": site_out and sites[1],
@@ -204,12 +211,16 @@ def train_sae(
     sae.b_dec = first[-1].mean(axis=0) * scales[-1]
     if architecture == "batchtopk":
         sae.freeze(keys="threshold")  # a running statistic, not a parameter the loss moves
-    optimizer = optim.Adam(learning_rate=_schedule(learning_rate, steps), eps=6.25e-10)
+    # MLX's Adam without bias correction (its default): its first steps are larger than the
+    # nominal rate (about 3x at step 100), which the warm-up tempers. The study of docs/sae.md
+    # trained so; a change here would change every number there.
+    optimizer = optim.Adam(learning_rate=_schedule(learning_rate, steps), eps=6.25e-10, bias_correction=False)
     silent = mx.zeros((d_sae,), dtype=mx.int32)  # tokens since each latent last fired
-    start = 0
+    state = {"config": config, "step": 0, "scales": scales, "history": [], "seconds": 0.0}
     folder = Path(checkpoint) if checkpoint is not None else None
-    if folder is not None and (folder / "state.json").exists():
-        start, silent, scales = _resume(folder, config, sae, optimizer)
+    if folder is not None and (folder / CHECKPOINT).exists():
+        state, silent = _resume(folder, config, sae, optimizer)
+    start, scales, history = state["step"], state["scales"], state["history"]
 
     def step_loss(x, y, dead):
         return _loss(sae, x * scales[0], y * scales[-1], dead, sparsity)
@@ -217,7 +228,7 @@ def train_sae(
     loss_and_grad = nn.value_and_grad(sae, step_loss)
     shown = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(start, steps), desc=f"{architecture} SAE", initial=start, total=steps, disable=not shown)
-    started, history = time.perf_counter(), []
+    started = time.perf_counter() - state["seconds"]
     for step in bar:
         batch = stream.batch(step)
         (loss, (fvu, latents)), grads = loss_and_grad(batch[0], batch[-1], silent >= DEAD_AFTER_TOKENS)
@@ -239,9 +250,9 @@ def train_sae(
             history.append({"step": step, "loss": loss.item(), "fvu": fvu.item(), "l0": l0, "dead": dead})
             bar.set_postfix(loss=f"{loss.item():.4f}", L0=f"{l0:.1f}", dead=f"{dead:.1%}")
         if folder is not None and ((step + 1) % checkpoint_every == 0 or step == steps - 1):
-            _save_checkpoint(folder, config, step + 1, sae, optimizer, silent, scales)
+            state |= {"step": step + 1, "history": history, "seconds": time.perf_counter() - started}
+            _save_checkpoint(folder, state, sae, optimizer, silent)
     seconds = time.perf_counter() - started
-    trained = steps - start
     sae.trained_on = {
         "steps": steps,
         "tokens": steps * batch_tokens,
@@ -251,9 +262,9 @@ def train_sae(
         "seed": seed,
         "texts": len(texts),
         "texts_sha256": config["texts_sha256"],
-        "tokens_per_second": round(trained * batch_tokens / seconds) if trained else None,
-        # every 10th step's numbers, thinned to about 20 for the file's metadata
-        "history": history[:: max(1, len(history) // 20)] + history[-1:],
+        "tokens_per_second": round(steps * batch_tokens / seconds),
+        # every 10th step's numbers, thinned to about 20 (and the last) for the file's metadata
+        "history": history[:-1][:: max(1, len(history) // 20)] + history[-1:],
     }
     return _folded(sae, scales)
 
@@ -268,33 +279,29 @@ def _folded(sae: SparseAutoencoder, scales: list[float]) -> SparseAutoencoder:
     return sae
 
 
-def _save_checkpoint(
-    folder: Path,
-    config: dict,
-    step: int,
-    sae: SparseAutoencoder,
-    optimizer,
-    silent: mx.array,
-    scales: list[float],
-) -> None:
+CHECKPOINT = "state.safetensors"  # weights, optimizer, counters; settings and step in its metadata
+
+
+def _save_checkpoint(folder: Path, state: dict, sae: SparseAutoencoder, optimizer, silent: mx.array) -> None:
+    """One file, replaced whole: a checkpoint is never half of one step and half of another."""
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {f"sae.{name}": a for name, a in tree_flatten(sae.parameters())}
     arrays |= {f"optimizer.{name}": a for name, a in tree_flatten(optimizer.state)}
     arrays["silent"] = silent
-    mx.save_safetensors(str(folder / "state.partial.safetensors"), arrays)
-    (folder / "state.partial.safetensors").replace(folder / "state.safetensors")
-    (folder / "state.json").write_text(json.dumps({"config": config, "step": step, "scales": scales}))
+    partial = folder / f".{CHECKPOINT}.partial.safetensors"
+    mx.save_safetensors(str(partial), arrays, metadata={"state": json.dumps(state)})
+    partial.replace(folder / CHECKPOINT)
 
 
-def _resume(folder: Path, config: dict, sae: SparseAutoencoder, optimizer) -> tuple[int, mx.array, list]:
-    saved = json.loads((folder / "state.json").read_text())
-    if saved["config"] != config:
-        changed = sorted(key for key in config if saved["config"].get(key) != config[key])
+def _resume(folder: Path, config: dict, sae: SparseAutoencoder, optimizer) -> tuple[dict, mx.array]:
+    arrays, metadata = mx.load(str(folder / CHECKPOINT), return_metadata=True)
+    state = json.loads(metadata["state"])
+    if state["config"] != config:
+        changed = sorted(key for key in config if state["config"].get(key) != config[key])
         raise SAEError(
             f"the checkpoint in {str(folder)!r} was made with other settings ({', '.join(changed)}); "
             "give the same settings to resume it, or another checkpoint folder."
         )
-    arrays = mx.load(str(folder / "state.safetensors"))
     sae.update(tree_unflatten([(n[4:], a) for n, a in arrays.items() if n.startswith("sae.")]))
     optimizer.state = tree_unflatten([(n[10:], a) for n, a in arrays.items() if n.startswith("optimizer.")])
-    return saved["step"], arrays["silent"], saved["scales"]
+    return state, arrays["silent"]

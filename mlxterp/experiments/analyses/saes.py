@@ -20,34 +20,36 @@ Example:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from mlxterp.errors import SAEError
+from mlxterp.errors import InputTypeError, SAEError
 from mlxterp.experiments.analyses.lenses import Unembedding
 from mlxterp.experiments.data.activations import collect
 from mlxterp.experiments.pipeline.results import VIEWS
-from mlxterp.interventions import zero_out
+from mlxterp.interventions import at_positions, zero_out
 from mlxterp.models.identity import model_name
 from mlxterp.models.sae import SparseAutoencoder
 from mlxterp.paths import output_path, write_atomically
 from mlxterp.tracing.names import Site
-from mlxterp.tracing.splice import Splice, host_of, spliced
+from mlxterp.tracing.splice import Splice, spliced
 
 DENSE_ABOVE = 0.1  # a latent firing on more than 10 % of tokens is dense (SAEBench)
 
 
 def with_sae(model, sae: SparseAutoencoder):
     """`model` with `sae` spliced at its site: a new InterpretableModel sharing every weight,
-    whose output is bit for bit the model's until its features or error are changed. The
-    SAE's site is resolved to the full name here.
+    whose output is bit for bit the model's until its features or error are changed. An SAE
+    of `name` reconstructs that module's output, one of `name:input` its input; a transcoder
+    reads `name:input` and reconstructs `name`.
 
     Raises:
         SAEError: a width or dtype that does not match the site, an SAE made for another
-            model, a model that already has an SAE there.
+            model, a transcoder whose sites are not one module's input and output, a model
+            that already has an SAE.
         UnknownModuleError: a site this model does not have.
         NotReachedError: a site the model never calls.
 
@@ -67,7 +69,12 @@ def with_sae(model, sae: SparseAutoencoder):
             f"this SAE was made for {sae.model!r}; the model is {name!r}. Load the SAE "
             f"made for this model, or set sae.model = {name!r} if they are the same model."
         )
-    sites = [model.tree.site(sae.site)] + ([model.tree.site(sae.site_out)] if sae.is_transcoder else [])
+    sites = _sites(model, sae)
+    if sae.is_transcoder and (sites[1].is_input or sites[0] != replace(sites[1], is_input=True)):
+        raise SAEError(
+            f"a transcoder splices into one module's call, reading its input and replacing its "
+            f"output: site {sae.site!r} must be site_out {sae.site_out!r} followed by ':input'."
+        )
     if any(isinstance(m, Splice) for m in model.tree.modules.values()):
         raise SAEError("this model already has an SAE spliced in; splice into the model without one.")
     found = collect(model, mx.array([[0]]), sites)
@@ -83,9 +90,14 @@ def with_sae(model, sae: SparseAutoencoder):
             f"the SAE is {dtype} and the site's activations are {found[0].dtype}; use a float32 "
             f"SAE (sae.set_dtype(mx.float32)) or one of the activations' dtype."
         )
-    sae.site = sites[0].key
-    sae.site_out = sites[1].key if sae.is_transcoder else None
-    return type(model)(spliced(model.model, model.tree, sae), model.tokenizer)  # the wrapper's own class
+    on_input = sites[0].is_input and not sae.is_transcoder
+    root = spliced(model.model, model.tree, sae, sites[-1].module, on_input)
+    return type(model)(root, model.tokenizer)  # the wrapper's own class
+
+
+def _sites(model, sae: SparseAutoencoder) -> list[Site]:
+    """The SAE's site, and a transcoder's output site, resolved in `model`."""
+    return [model.tree.site(sae.site)] + ([model.tree.site(sae.site_out)] if sae.is_transcoder else [])
 
 
 def _normalised(name: str) -> str:
@@ -172,8 +184,13 @@ def evaluate_sae(
     Example:
         >>> evaluate_sae(model, sae, token_windows(model, held_out, 128)[:400])
     """
+    if not isinstance(windows, mx.array) or windows.ndim != 2 or windows.shape[1] < 3:
+        raise InputTypeError(f"windows: give token ids as an mx.array (n, length) with length at least 3 "
+                             f"(token_windows makes them); got {getattr(windows, 'shape', type(windows))}.")
+    if isinstance(ce_windows, bool) or not isinstance(ce_windows, int) or ce_windows < 1:
+        raise InputTypeError(f"ce_windows={ce_windows!r}: give a whole number from 1.")
     spliced_model = with_sae(model, sae)
-    sites = [model.tree.site(sae.site)] + ([model.tree.site(sae.site_out)] if sae.is_transcoder else [])
+    sites = _sites(model, sae)
     fired = np.zeros(sae.d_sae, dtype=np.int64)
     active = 0
     errors, sums, squares = [], [], []  # per window: squared error, sum and sum of squares of y
@@ -192,13 +209,15 @@ def evaluate_sae(
     errors, sums, squares = np.concatenate(errors), np.concatenate(sums), np.concatenate(squares)
     per_window = windows.shape[1] - 1
     splice_name = _splice(spliced_model)[0]
-    ablated_key = sae.site if sae.site.endswith(":input") else host_of(sae)
+    # Position 0 (the attention sink, which training leaves out) keeps its error term and is
+    # not ablated: the three runs differ where the metrics above are measured.
+    from_position_1 = at_positions(list(range(1, windows.shape[1])), zero_out)
     ce = {
         what: _cross_entropy(runner, windows[:ce_windows], interventions, batch_windows)
         for what, runner, interventions in (
             ("clean", model, None),
-            ("spliced", spliced_model, {f"{splice_name}.error": zero_out}),
-            ("ablated", model, {ablated_key: zero_out}),
+            ("spliced", spliced_model, {f"{splice_name}.error": from_position_1}),
+            ("ablated", model, {sites[-1].key: from_position_1}),
         )
     }
 
@@ -343,8 +362,9 @@ def feature_dashboards(
 ) -> FeatureDashboards:
     """Dashboards of `features` over held-out `windows` (n, length) of token ids: each feature's
     `contexts` top activations with `context_tokens` tokens before each, its histogram, and the
-    `logit_tokens` tokens its decoder row promotes and suppresses (the row times the
-    unembedding, as Neuronpedia shows it: no final norm, which only rescales).
+    `logit_tokens` tokens its decoder row promotes and suppresses (the row times the final norm's
+    weight and the unembedding, as TransformerLens folds them: the norm's scale by the whole
+    residual is left out, as it is the same for every token).
 
     Raises:
         SAEError: a feature out of range, a transcoder whose output is not the residual stream.
@@ -367,6 +387,12 @@ def feature_dashboards(
     head = Unembedding.of(model)
     unembedding = model.tree.modules[head.unembedding]
     directions = sae.W_dec[chosen]
+    if directions.shape[-1] != head.width:
+        raise SAEError(f"the decoder writes {directions.shape[-1]} wide, the unembedding reads {head.width}: "
+                       "its logit effects need an SAE of the residual stream.")
+    norm = model.tree.modules.get(head.norm) if head.norm else None
+    if norm is not None and "weight" in norm:  # the norm's per-dimension weight, as TransformerLens folds it
+        directions = directions * norm.weight
     logits = np.array(unembedding.as_linear(directions) if head.tied else unembedding(directions))
     tokenizer = model.tokenizer
     boards = {}

@@ -128,6 +128,10 @@ def token_windows(model, texts: Sequence[str], length: int) -> mx.array:
     """
     if not isinstance(texts, Sequence) or isinstance(texts, str) or not texts:
         raise InputTypeError("texts must be a non-empty list of strings.")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 2:
+        raise InputTypeError(f"length={length!r}: windows need at least 2 tokens.")
+    if not all(isinstance(text, str) for text in texts):
+        raise InputTypeError("texts must be strings; one is not.")
     bos = getattr(model.tokenizer, "bos_token_id", None)
     stream = [i for text in texts for i in model.tokenizer.encode(text, add_special_tokens=False)]
     body = length - (bos is not None)
