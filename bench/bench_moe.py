@@ -109,6 +109,12 @@ def main() -> None:
     report["tokens"] = tokens.shape[1]
     report["forward"] = measure(lambda: mx.eval(base(tokens)), args.repeats)
     forward = report["forward"]["seconds"]
+    # What bounds a sweep: one forward of as many rows as the MLP sweep patches (plus clean and
+    # corrupted). Dense models batch rows almost for free; experts gathered per token may not.
+    rows = len(model.tree.blocks) + 2
+    batch = mx.repeat(tokens, rows, axis=0)
+    batched = report[f"forward of {rows} rows"] = measure(lambda: mx.eval(base(batch)), args.repeats)
+    batched["x_forward"] = round(batched["seconds"] / forward, 2)
 
     def traced():
         with model.trace(CLEAN, capture=["layers.20.mlp" if args.shape != "cpu-1b" else "layers.8.mlp"]):

@@ -43,16 +43,28 @@ def check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype)
 
 def _estimates(plan: Plan, donor: dict[str, mx.array], receiver: dict[str, mx.array],
                gradients: dict[str, np.ndarray]) -> np.ndarray:
-    """(sites,): each site's first-order effect, (patched - receiver) . dm/da, the patch applied
-    by `Site.patch` as in every runner."""
-    changes = [[part.patch(receiver[part.key], donor[part.key]) - receiver[part.key] for part in site.parts]
-               for site in plan.sites]
-    mx.eval(changes)
+    """(sites,): each site's first-order effect, (patched - receiver) . dm/da: the sum of
+    (donor - receiver) * dm/da over the positions and features the site covers, as
+    `Site.selection` (which every patch applies) defines them.
+
+    The products are summed once per activation, per position and per head slice, so that
+    thousands of sites on one activation (the experts of a block, the features of an SAE) cost
+    one pass over it, not one each."""
+    products = {key: np.array((donor[key] - receiver[key]).astype(mx.float32))[0].astype(np.float64)
+                * gradients[key][0] for key in {part.key for site in plan.sites for part in site.parts}}
+    by_slice: dict[tuple[str, int | None], np.ndarray] = {}  # (key, heads) -> (positions, heads)
     estimates = np.zeros(len(plan.sites))
-    for i, (site, site_changes) in enumerate(zip(plan.sites, changes, strict=True)):
-        for part, change in zip(site.parts, site_changes, strict=True):  # first order: parts add up
-            change = np.array(change.astype(mx.float32))[0]
-            estimates[i] += (change * gradients[part.key][0]).sum(dtype=np.float64)
+    for i, site in enumerate(plan.sites):
+        for part in site.parts:  # first order: parts add up
+            product = products[part.key]
+            rows, columns = part.selection(*product.shape)
+            if part.head is None:
+                estimates[i] += product[rows][:, columns].sum()
+                continue
+            layout = (part.key, part.n_heads)
+            if layout not in by_slice:  # a head is its equal slice of the features
+                by_slice[layout] = product.reshape(len(product), part.n_heads, -1).sum(axis=-1)
+            estimates[i] += by_slice[layout][rows, part.head].sum()
     return estimates
 
 
