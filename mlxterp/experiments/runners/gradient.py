@@ -42,29 +42,30 @@ def check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype)
 
 
 def _estimates(plan: Plan, donor: dict[str, mx.array], receiver: dict[str, mx.array],
-               gradients: dict[str, np.ndarray]) -> np.ndarray:
+               gradients: dict[str, mx.array]) -> np.ndarray:
     """(sites,): each site's first-order effect, (patched - receiver) . dm/da: the sum of
     (donor - receiver) * dm/da over the positions and features the site covers, as
     `Site.selection` (which every patch applies) defines them.
 
-    The products are summed once per activation, per position and per head slice, so that
-    thousands of sites on one activation (the experts of a block, the features of an SAE) cost
-    one pass over it, not one each."""
-    products = {key: np.array((donor[key] - receiver[key]).astype(mx.float32))[0].astype(np.float64)
-                * gradients[key][0] for key in {part.key for site in plan.sites for part in site.parts}}
-    by_slice: dict[tuple[str, int | None], np.ndarray] = {}  # (key, heads) -> (positions, heads)
+    The products are reduced on the device, once per activation: per position over all its
+    features, and per position and head slice where sites take slices. Thousands of sites on one
+    activation (the experts of every block, the features of an SAE) then cost one pass over it
+    and a few small arrays on the host, not a copy each."""
+    layouts = {(part.key, part.n_heads) for site in plan.sites for part in site.parts}
+    reduced = {}
+    for key, heads in layouts:
+        product = ((donor[key] - receiver[key]).astype(mx.float32) * gradients[key])[0]  # (positions, width)
+        # a head is its equal slice of the features (Site.selection)
+        reduced[key, heads] = product.sum(axis=-1) if heads is None else product.reshape(
+            product.shape[0], heads, -1).sum(axis=-1)
+    mx.eval(reduced)
+    reduced = {layout: np.array(r).astype(np.float64) for layout, r in reduced.items()}
     estimates = np.zeros(len(plan.sites))
     for i, site in enumerate(plan.sites):
         for part in site.parts:  # first order: parts add up
-            product = products[part.key]
-            rows, columns = part.selection(*product.shape)
-            if part.head is None:
-                estimates[i] += product[rows][:, columns].sum()
-                continue
-            layout = (part.key, part.n_heads)
-            if layout not in by_slice:  # a head is its equal slice of the features
-                by_slice[layout] = product.reshape(len(product), part.n_heads, -1).sum(axis=-1)
-            estimates[i] += by_slice[layout][rows, part.head].sum()
+            sums = reduced[part.key, part.n_heads]
+            rows, _ = part.selection(len(sums), 1 if part.head is None else part.n_heads)
+            estimates[i] += sums[rows].sum() if part.head is None else sums[rows, part.head].sum()
     return estimates
 
 
@@ -105,7 +106,7 @@ def _gradient_pass(model, plan: Plan, pair: int, tokens: mx.array, donor_logits:
     zeros = {key: mx.zeros((rows, *like[key].shape[1:]), dtype=like[key].dtype) for key in keys}
     (_, (logits, acts)), gradients = mx.value_and_grad(metric_sum)(zeros)
     check_gradients(gradients, plan, like[keys[0]].dtype)
-    mean = {key: np.array(g.astype(mx.float32).mean(axis=0, keepdims=True)) for key, g in gradients.items()}
+    mean = {key: g.astype(mx.float32).mean(axis=0, keepdims=True) for key, g in gradients.items()}
     return mean, logits, acts
 
 
