@@ -190,3 +190,25 @@ def test_attribution_over_layer_by_expert_and_routing_statistics(smollm2, tmp_pa
     assert table[0].split() == ["layer", "expert", "clean", "corrupted", "difference"] and len(table) == 4
     stats.plot(tmp_path / "routing.png")
     assert (tmp_path / "routing.png").stat().st_size > 5_000
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def test_the_free_memory_chooses_the_chunks_and_a_sweep_that_cannot_fit_says_so(wrapped, monkeypatch):
+    from conftest import assert_model_untouched, parameters_snapshot
+
+    from mlxterp import InputError
+    from mlxterp.experiments.runners import engine
+
+    length = len(wrapped.tokenizer.encode(CLEAN))
+    row = engine.bytes_per_row(wrapped, length)
+    before = parameters_snapshot(wrapped.model)
+    monkeypatch.setattr(engine, "free_memory", lambda: 2 * row)  # not even one patched row
+    with pytest.raises(InputError, match=r"needs about [\d.]+ MiB for its smallest forward .* MiB is free"):
+        wrapped.patching_sweep(CLEAN, CORRUPTED, metric="kl", layers=[0, 1, 2])
+    assert_model_untouched(wrapped.model, before)
+    monkeypatch.setattr(engine, "free_memory", lambda: 3 * row)  # one patched row per forward
+    assert engine.rows_per_forward(wrapped, length, 2 << 30) == 1
+    chunked = wrapped.patching_sweep(CLEAN, CORRUPTED, metric="kl", layers=[0, 1, 2])
+    naive = wrapped.patching_sweep(CLEAN, CORRUPTED, metric="kl", layers=[0, 1, 2], naive=True)
+    assert np.abs(chunked.mean - naive.mean).max() <= 0.01

@@ -22,6 +22,7 @@ the blocks are called out of order it warns and puts every row in the batch from
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import warnings
 from collections import defaultdict
@@ -293,6 +294,45 @@ def bytes_per_row(model, seq_len: int) -> int:
     return measuring + activations + scores
 
 
+def free_memory() -> int:
+    """Bytes a sweep may still take: the device's memory (the machine's, on a CPU) minus what
+    MLX holds now (the model's weights among it).
+
+    Example:
+        >>> free_memory() / 2**30
+        21.7
+    """
+    total = mx.device_info().get("memory_size") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0, total - mx.get_active_memory())
+
+
+def rows_per_forward(model, seq_len: int, memory_budget: int) -> int:
+    """Patched rows one forward may hold beside the clean and corrupted rows: as many as
+    `memory_budget`, and the free memory, allow by the estimate of `bytes_per_row`.
+
+    Raises:
+        InputError: not even one patched row fits; the message gives the numbers.
+
+    Example:
+        >>> rows_per_forward(model, 14, 2 << 30)
+        240
+    """
+    row, free = bytes_per_row(model, seq_len), free_memory()
+    usable = min(memory_budget, free)
+    if usable < 3 * row:
+        raise InputError(
+            f"a sweep over {seq_len} tokens needs about {_size(3 * row)} for its smallest forward (the "
+            f"clean, the corrupted and one patched row, {_size(row)} each), but memory_budget is "
+            f"{_size(memory_budget)} and {_size(free)} is free. Give a larger memory_budget, shorter "
+            "prompts, or a smaller model or dtype."
+        )
+    return usable // row - 2
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
 def run_engine(
     model,
     plan: Plan,
@@ -314,7 +354,7 @@ def run_engine(
     if strategy not in (None, GROW, FLAT):
         raise InputError(f"strategy={strategy!r}: give {GROW!r}, {FLAT!r} or None (chosen by cost).")
     sites = list(plan.sites)
-    per_forward = max_batch or max(1, memory_budget // bytes_per_row(model, plan.clean.shape[1]) - 2)
+    per_forward = max_batch or rows_per_forward(model, plan.clean.shape[1], memory_budget)
     # Chunks within one row of each other: at most two shapes (a GPU backend builds per shape).
     count = max(1, -(-len(sites) // per_forward))
     bounds = [len(sites) * k // count for k in range(count + 1)]
