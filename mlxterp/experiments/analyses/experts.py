@@ -73,8 +73,11 @@ def expert_site(moe, layer: int, expert: int, positions: tuple[int, ...] | None 
     Example:
         >>> moe.patching_sweep(clean, corrupted, sites=[expert_site(moe, 12, e) for e in range(128)])
     """
-    layer = check_layer(moe, layer)
-    hooks = _expert_modules(moe)
+    return _expert_site(_expert_modules(moe), check_layer(moe, layer), expert, positions)
+
+
+def _expert_site(hooks: dict[int, tuple[str, int]], layer: int, expert: int,
+                 positions: tuple[int, ...] | None = None) -> Site:
     if layer not in hooks:
         raise SiteError(f"block {layer} has no MoE block; these do: {sorted(hooks)}.")
     name, n_experts = hooks[layer]
@@ -105,7 +108,7 @@ def expert_attribution(
     missing = [layer for layer in chosen if layer not in hooks]
     if missing:
         raise SiteError(f"blocks {missing} have no MoE block; these do: {sorted(hooks)}.")
-    sites = [expert_site(moe, layer, e) for layer in chosen for e in range(hooks[layer][1])]
+    sites = [_expert_site(hooks, layer, e) for layer in chosen for e in range(hooks[layer][1])]
     estimate = attribution_patching(moe, clean, corrupted, sites=sites, **options)
     exact = verify_top(moe, estimate, min(verify, len(sites))) if verify else None
     return estimate, exact

@@ -27,13 +27,15 @@ METHODS = ("atp", "ig")
 
 
 def check_gradients(gradients: dict[str, mx.array], plan: Plan, dtype: mx.Dtype) -> None:
-    finite = all(mx.all(mx.isfinite(g)).item() for g in gradients.values())
-    if not finite:
+    # one synchronisation for every activation: thousands of sites may sit on dozens of them
+    finite, nonzero = (mx.stack([check(g) for g in gradients.values()]).tolist() for check in (
+        lambda g: mx.all(mx.isfinite(g)), lambda g: mx.any(g != 0)))
+    if not all(finite):
         raise GradientError(
             f"the backward pass of {plan.metric.name} overflowed in {dtype} (non-finite gradients); "
             "load the model in float32 (mlxterp.load(name, dtype='float32')) for gradients."
         )
-    if not any(mx.any(g != 0).item() for g in gradients.values()):
+    if not any(nonzero):
         raise MetricError(
             f"metric {plan.metric.name!r} has a zero gradient at every site, so attribution "
             "patching would estimate no effect anywhere. Use a differentiable metric computed "
