@@ -240,6 +240,8 @@ def train_sae(
         fired = latents > 0
         # capped where it counts as dead, so that a long run never overflows int32
         silent = mx.where(fired.any(axis=0), 0, mx.minimum(silent + batch_tokens, DEAD_AFTER_TOKENS))
+        if architecture == "jumprelu":  # below 0 a threshold means nothing: the ReLU cuts first
+            sae.threshold = mx.maximum(sae.threshold, 0.0)
         if architecture == "batchtopk":
             smallest = mx.where(fired, latents, mx.inf).min()
             sae.threshold = THRESHOLD_MOMENTUM * sae.threshold + (1 - THRESHOLD_MOMENTUM) * smallest
