@@ -35,6 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxterp.errors import RoutingError, SiteError
+from mlxterp.tracing.intercept import call_input
 from mlxterp.tracing.names import ModuleTree
 from mlxterp.tracing.surgery import replaced, with_call
 
@@ -45,6 +46,8 @@ class Routing(nn.Identity):
 
 class ExpertContributions(nn.Identity):
     """The hook of an MoE block's per-expert contributions (batch, positions, experts * width)."""
+
+    slice_name = "expert"  # what a site's slice of it is called in results (`head` elsewhere)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,8 @@ def is_moe_block(module: nn.Module) -> bool:
 
 
 def _exposed_call(block, own_call, args, kwargs):
-    rule = ROUTING[_family_class(block).__name__]
-    x = args[0] if args else next(iter(kwargs.values()))
+    rule = block.routing_rule
+    x = call_input(block, args, kwargs)
     batch_shape, width = x.shape[:-1], x.shape[-1]
     tokens = x.reshape(-1, width) if rule.flat else x
     logits = block.gate(tokens)
@@ -150,11 +153,6 @@ def _chosen(weights: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return indices, mx.take_along_axis(weights, indices, axis=-1)
 
 
-def _family_class(block) -> type:
-    """The MoE block's own class (under the subclass `with_call` made)."""
-    return type(block).__mro__[1]
-
-
 def moe_blocks(tree: ModuleTree) -> list[str]:
     """Full names of the model's MoE blocks, in order.
 
@@ -191,6 +189,7 @@ def exposed(root: nn.Module, tree: ModuleTree) -> nn.Module:
     blocks = {}
     for name in moe_blocks(tree):
         block = with_call(tree.modules[name], _exposed_call)
+        block.routing_rule = ROUTING[type(tree.modules[name]).__name__]
         block.routing = Routing()
         block.experts = ExpertContributions()
         blocks[name] = block

@@ -34,6 +34,8 @@ from mlxterp.tracing.surgery import replaced, with_call
 class Features(nn.Identity):
     """The hook of an SAE's latents: its output is what the splice decodes."""
 
+    slice_name = "feature"  # what a site's slice of it is called in results (`head` elsewhere)
+
 
 class Error(nn.Identity):
     """The hook of an SAE's error term (activation minus reconstruction)."""

@@ -13,10 +13,8 @@ from dataclasses import replace
 import numpy as np
 
 from mlxterp.errors import InputTypeError, SiteError
-from mlxterp.tracing.experts import ExpertContributions
 from mlxterp.tracing.inputs import is_index
 from mlxterp.tracing.names import Site, SiteGroup
-from mlxterp.tracing.splice import Features
 
 ALIASES = {"attn": "self_attn", "self_attn": "attn"}  # names of attention in mlx-lm families
 SWEEP_AXES = (("layer",), ("layer", "position"), ("layer", "head"), ("layer", "head", "position"))
@@ -56,11 +54,8 @@ def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[La
             component = "input" if component == "output" else f"{component}:input"
         label = {"layer": layer, "component": component}
         if site.head is not None:
-            # An SAE's latents and an MoE block's experts are split one per "head".
-            hook = model.tree.modules[where.module]
-            kind = "feature" if isinstance(hook, Features) else "expert" if isinstance(
-                hook, ExpertContributions) else "head"
-            label[kind] = site.head
+            # A module whose slices are not heads (an SAE's features, a block's experts) says so.
+            label[getattr(model.tree.modules[where.module], "slice_name", "head")] = site.head
         if site.positions is not None:
             label["position"] = site.positions[0] if len(site.positions) == 1 else list(site.positions)
         checked.append(replace(site, module=where.module))
