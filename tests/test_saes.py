@@ -84,7 +84,11 @@ def test_the_architectures_keep_what_they_promise(architecture):
         assert mx.array_equal(latents, mx.where(pre >= kth, mx.maximum(pre, 0), 0)).item()
     else:  # above the threshold, at inference for batchtopk too: no token depends on the others
         assert mx.array_equal(latents, mx.where(pre > 0.3, pre, 0)).item()
-        assert mx.array_equal(sae.encode(x[:1]), latents[:1]).item()
+        # one row alone and in a batch of 50 take different kernels (Haswell's differ in the last
+        # bits of a 16-wide dot product, about 1e-7): equal to 1e-5, the same latents firing
+        alone = sae.encode(x[:1])
+        assert mx.array_equal(alone > 0, latents[:1] > 0).item()
+        assert mx.allclose(alone, latents[:1], rtol=1e-5, atol=1e-6).item()
     if architecture == "batchtopk":  # training: k per token on average over the batch
         assert (sae.activate(pre, training=True) > 0).sum().item() == 4 * 50
 
