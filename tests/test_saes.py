@@ -69,6 +69,7 @@ def layer8(wrapped):
 # -- the models and their files -------------------------------------------------------------------
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_the_architectures_keep_what_they_promise(architecture):
     sae = SparseAutoencoder.create(
