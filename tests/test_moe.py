@@ -104,6 +104,7 @@ def test_exposed_experts_change_nothing_and_add_up_to_the_block(family, smollm2)
     assert not any("routing" in name for name in model.tree.modules)  # the model is as it was
 
 
+@pytest.mark.kernels
 def test_patching_an_expert_moves_the_block_by_its_contribution(smollm2):
     from mlxterp import expert_site
 
@@ -194,6 +195,7 @@ def test_attribution_over_layer_by_expert_and_routing_statistics(smollm2, tmp_pa
 
 # -- memory ---------------------------------------------------------------------------------------
 
+@pytest.mark.kernels
 def test_the_free_memory_chooses_the_chunks_and_a_sweep_that_cannot_fit_says_so(wrapped, monkeypatch):
     from conftest import assert_model_untouched, parameters_snapshot
 
