@@ -6,10 +6,13 @@ the guide's calls timed against one plain forward.
     python3 bench/bench_moe.py --shape qwen3-30b-a3b --tokenizer .gpu/model   # the GPU machine
 
 Prints and writes (--out) JSON: build time and peak memory against the weights' bytes; a plain
-forward; the guide's `activation_patching` over every layer's MoE block; a layer x position sweep
-of the MoE blocks; attribution over layer x expert with the top 10 patched exactly; each as a
-multiple of the forward, with its peak memory. Weights are random (timing does not depend on
-them); prompts are tokenised with the given tokenizer (its ids are valid in the larger vocabulary).
+forward, and forwards of more rows (what a patched row costs: dense blocks batch rows almost for
+free on a GPU, the experts' gathered matrix products cost per token); the experts of one block
+alone; the guide's `activation_patching` over every layer's MoE block, also in each of the
+engine's two layouts; a layer x position sweep of the MoE blocks; attribution over layer x expert
+with the top 10 patched exactly; each as a multiple of the forward, with its peak memory. Weights
+are random (timing does not depend on them); prompts are tokenised with the given tokenizer (its
+ids are valid in the larger vocabulary).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mlx_lm.models import qwen3_moe  # noqa: E402
 from mlx_lm.tokenizer_utils import load as load_tokenizer  # noqa: E402
 
 from mlxterp import InterpretableModel, expert_attribution  # noqa: E402
+from mlxterp.experiments.runners import engine  # noqa: E402
 
 SHAPES = {
     # Qwen3-30B-A3B's config.json (the guide's model)
@@ -47,6 +51,12 @@ SHAPES = {
 }
 CLEAN = "The Eiffel Tower is located in the city of"
 CORRUPTED = "The Colosseum is located in the city of"
+
+
+def _blocks(model, x: mx.array) -> mx.array:
+    for layer in model.model.layers:
+        x = layer(x, "causal", None)
+    return x
 
 
 def gib(n: float) -> float:
@@ -72,8 +82,11 @@ def build(shape: str, dtype: mx.Dtype, bits: int | None) -> tuple[nn.Module, dic
 
 
 def measure(fn, repeats: int = 3) -> dict:
-    """Median seconds of `fn()` (after one warm-up run) and the peak memory of a run."""
-    fn()
+    """Median seconds of `fn()` (after two warm-up runs) and the peak memory of a run.
+
+    Two, because MLX on CUDA is still building on a call's second run: the MLP sweep of the
+    30B shape took 75 s, 1.44 s, then 0.45 s steadily (H100; the first run compiles kernels)."""
+    fn(), fn()
     times = []
     mx.reset_peak_memory()
     for _ in range(repeats):
@@ -108,40 +121,65 @@ def main() -> None:
     tokens = mx.array([tokenizer.encode(CLEAN)])
     report["tokens"] = tokens.shape[1]
     report["forward"] = measure(lambda: mx.eval(base(tokens)), args.repeats)
-    forward = report["forward"]["seconds"]
+
+    def timed(name: str, call) -> dict:
+        """`measure(call)` into the report, with its multiple of the forward."""
+        result = report[name] = measure(call, args.repeats)
+        result["x_forward"] = round(result["seconds"] / report["forward"]["seconds"], 2)
+        print(name, result, flush=True)
+        return result
+
     # What bounds a sweep: one forward of as many rows as the MLP sweep patches (plus clean and
     # corrupted). Dense models batch rows almost for free; experts gathered per token may not.
     rows = len(model.tree.blocks) + 2
-    batch = mx.repeat(tokens, rows, axis=0)
-    batched = report[f"forward of {rows} rows"] = measure(lambda: mx.eval(base(batch)), args.repeats)
-    batched["x_forward"] = round(batched["seconds"] / forward, 2)
+    for count in (2, 8, 26, rows):
+        batch = mx.repeat(tokens, count, axis=0)
+        timed(f"forward of {count} rows", lambda batch=batch: mx.eval(base(batch)))
+    # The experts alone (mlx-lm's SwitchGLU, one block's): their cost per token routed.
+    block = base.model.layers[0].mlp
+    for count in (1, rows):
+        x = mx.random.normal((count * tokens.shape[1], base.args.hidden_size)).astype(getattr(mx, args.dtype))
+        chosen = mx.argpartition(-block.gate(x), kth=block.top_k - 1, axis=-1)[..., :block.top_k]
+        mx.eval(x, chosen)
+        experts = timed(f"experts of {x.shape[0]} tokens",
+                        lambda x=x, chosen=chosen: mx.eval(block.switch_mlp(x, chosen)))
+        experts["ms per token"] = round(1000 * experts["seconds"] / x.shape[0], 4)
 
     def traced():
         with model.trace(CLEAN, capture=["layers.20.mlp" if args.shape != "cpu-1b" else "layers.8.mlp"]):
             out = model.output.save()
         mx.eval(out)
 
-    calls = {
-        "trace": traced,
-        "activation_patching (every MoE block)":
-            lambda: model.activation_patching(CLEAN, CORRUPTED, component="mlp"),
-        "patching_sweep mlp, layer x position": lambda: model.patching_sweep(
-            CLEAN, CORRUPTED, component="mlp", over=("layer", "position"), metric="kl", progress=False),
-    }
-    for name, call in calls.items():
-        report[name] = measure(call, args.repeats)
-        report[name]["x_forward"] = round(report[name]["seconds"] / forward, 2)
-        print(name, report[name], flush=True)
+    def mlp_sweep():
+        return model.activation_patching(CLEAN, CORRUPTED, component="mlp")
+
+    timed("trace", traced)
+    timed("activation_patching (every MoE block)", mlp_sweep)
+    timed("patching_sweep mlp, layer x position", lambda: model.patching_sweep(
+        CLEAN, CORRUPTED, component="mlp", over=("layer", "position"), metric="kl", progress=False))
+    # The engine's two layouts of the MLP sweep's rows, each forced (the engine chooses by its
+    # measured block costs, which charge GROW's one new shape per block on its first call).
+    chosen = []
+    choose = engine.cheaper_strategy
+    for strategy in (engine.GROW, engine.FLAT):
+        engine.cheaper_strategy = lambda model, forwards, strategy=strategy: chosen.append(
+            choose(model, forwards)) or strategy
+        timed(f"activation_patching, {strategy} layout", mlp_sweep)
+    engine.cheaper_strategy = choose
+    report["layout the engine chooses"] = chosen[-1]
+
+    # What bounds attribution: the donor's forward plus one forward and backward of the receiver.
+    def forward_and_backward():
+        def last_logits(embedded):
+            return base.lm_head(base.model.norm(_blocks(base, embedded)))[0, -1].astype(mx.float32).sum()
+        mx.eval(mx.value_and_grad(last_logits)(base.model.embed_tokens(tokens)))
+
+    timed("forward and backward", forward_and_backward)
     moe = model.with_experts()
     answers = {"metric": "kl"}
-    expert_attribution(moe, CLEAN, CORRUPTED, verify=0, **answers)  # warm-up
-    mx.reset_peak_memory()
-    started = time.perf_counter()
-    estimate, exact = expert_attribution(moe, CLEAN, CORRUPTED, verify=0, **answers)
-    seconds = time.perf_counter() - started
-    report["attribution over layer x expert"] = {
-        "sites": len(estimate.sites), "seconds": round(seconds, 3),
-        "x_forward": round(seconds / forward, 2), "peak_gib": gib(mx.get_peak_memory())}
+    attribution = timed("attribution over layer x expert",
+                        lambda: expert_attribution(moe, CLEAN, CORRUPTED, verify=0, **answers))
+    attribution["sites"] = len(base.model.layers) * base.args.num_experts
     started = time.perf_counter()
     _, exact = expert_attribution(moe, CLEAN, CORRUPTED, verify=10, **answers)
     report["attribution + top 10 exact"] = {"seconds": round(time.perf_counter() - started, 3),

@@ -12,6 +12,7 @@ from conftest import MOE_FAMILIES, SMOLLM2_VOCAB, tiny_model
 
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
+from mlxterp.experiments.pipeline.metrics import METRICS
 
 CLEAN, CORRUPTED = "The capital of France is", "The capital of Italy is"
 # The MoE block's name in each family's decoder layer.
@@ -191,6 +192,51 @@ def test_attribution_over_layer_by_expert_and_routing_statistics(smollm2, tmp_pa
     assert table[0].split() == ["layer", "expert", "clean", "corrupted", "difference"] and len(table) == 4
     stats.plot(tmp_path / "routing.png")
     assert (tmp_path / "routing.png").stat().st_size > 5_000
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_expert_attribution_is_the_directional_derivative(family, smollm2):
+    """Each expert's AtP estimate equals the central finite difference of the metric along the
+    patch of that expert's contribution (as `test_attribution` checks heads and layers).
+
+    In float32: MLX's GatherMM, which runs the experts, has no float64. The finite difference's
+    own error is bounded by |D(h) - D(h/2)| (truncation, and a step that crosses a later block's
+    routing boundary, where the metric has a kink) plus its rounding, 2 x the metric's float32
+    noise (the engine's bound, about 1e-6 here) / h, doubled. Measured over these 18 used experts:
+    the estimate is within 4e-5 of D(h/2) (at most 3 % of it), inside that bound + 2 % of D.
+    """
+    from mlxterp import expert_attribution, expert_site
+
+    moe = _moe(family, None, smollm2[1]).with_experts()
+    estimate, _ = expert_attribution(moe, CLEAN, CORRUPTED, layers=[0, 2], verify=0, metric="kl")
+    values = estimate.metric_values
+    corrupted_value = values.corrupted[0]  # denoising: the corrupted run receives the patches
+    with moe.trace(CLEAN) as trace:
+        reference = trace.output[0, -1]
+    checked = 0
+    for labels, value in zip(estimate.sites, values.patched[0], strict=True):
+        site = expert_site(moe, labels["layer"], labels["expert"])
+        recorded = {}
+        for name, text in (("clean", CLEAN), ("corrupted", CORRUPTED)):
+            with moe.trace(text) as trace:
+                recorded[name] = trace.activations[site.module]
+        step = site.patch(recorded["corrupted"], recorded["clean"]) - recorded["corrupted"]
+        if not mx.any(step != 0).item():  # an expert no token uses in either run: no effect
+            assert value == corrupted_value
+            continue
+
+        def metric_at(h, step=step, key=site.module):
+            with moe.trace(CORRUPTED, interventions={key: lambda x: x + h * step}) as trace:
+                return METRICS["kl"].fn(trace.output[:, -1], reference)[0].item()
+
+        h = 0.2
+        coarse = (metric_at(h) - metric_at(-h)) / (2 * h)
+        fine = (metric_at(h / 2) - metric_at(-h / 2)) / h
+        rounding = 2 * (2 * values.corrupted_noise[0] / h)
+        assert abs((value - corrupted_value) - fine) <= 0.02 * abs(fine) + 2 * abs(coarse - fine) + rounding
+        checked += 1
+    assert checked >= 5  # experts that tokens use, in blocks 0 and 2 (5 to 7 of 16)
 
 
 # -- memory ---------------------------------------------------------------------------------------

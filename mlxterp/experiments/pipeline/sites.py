@@ -36,34 +36,44 @@ def check_sites(model, sites: Sequence[Site | str]) -> tuple[list[Site], list[La
         raise InputTypeError(f"sites= takes a list of Site or activation keys; got {sites!r}.")
     if not sites:
         raise SiteError("the list of sites is empty.")
-    checked, labels = [], []
+    resolved = {}  # key -> (full module name, label without head and position): once per key
+    checked, labels, seen = [], [], set()
     for site in sites:
         site = site if isinstance(site, Site) else Site(site)
-        where = model.tree.site(site.key)
-        if where.call is not None:
-            raise SiteError(f"site {site.key!r}: patch sites patch every call; drop the #k.")
-        layer = model.tree.block_of(where.module)
-        if layer is None:
-            raise SiteError(
-                f"site {site.key!r} is not inside a block; patch sites must be a block, its "
-                "input, or a module inside it."
-            )
-        block = model.tree.blocks[layer]
-        component = where.module[len(block) + 1:] or "output"
-        if where.is_input:
-            component = "input" if component == "output" else f"{component}:input"
-        label = {"layer": layer, "component": component}
+        if site.key not in resolved:
+            resolved[site.key] = _where(model, site.key)
+        module, where = resolved[site.key]
+        label = dict(where)
         if site.head is not None:
             # A module whose slices are not heads (an SAE's features, a block's experts) says so.
-            label[getattr(model.tree.modules[where.module], "slice_name", "head")] = site.head
+            label[getattr(model.tree.modules[module], "slice_name", "head")] = site.head
         if site.positions is not None:
             label["position"] = site.positions[0] if len(site.positions) == 1 else list(site.positions)
-        checked.append(replace(site, module=where.module))
+        identity = (module, site.is_input, site.head, site.positions)
+        if identity in seen:
+            raise SiteError("two sites patch the same thing; give each site once.")
+        seen.add(identity)
+        checked.append(site if site.module == module else replace(site, module=module))
         labels.append(label)
-    seen = [repr(sorted(label.items())) for label in labels]
-    if len(set(seen)) != len(seen):
-        raise SiteError("two sites patch the same thing; give each site once.")
     return checked, labels
+
+
+def _where(model, key: str) -> tuple[str, Labels]:
+    """The full module name of a site's key, and its layer and component labels."""
+    where = model.tree.site(key)
+    if where.call is not None:
+        raise SiteError(f"site {key!r}: patch sites patch every call; drop the #k.")
+    layer = model.tree.block_of(where.module)
+    if layer is None:
+        raise SiteError(
+            f"site {key!r} is not inside a block; patch sites must be a block, its "
+            "input, or a module inside it."
+        )
+    block = model.tree.blocks[layer]
+    component = where.module[len(block) + 1:] or "output"
+    if where.is_input:
+        component = "input" if component == "output" else f"{component}:input"
+    return where.module, {"layer": layer, "component": component}
 
 
 def block_component_key(block: str, component: str) -> str:

@@ -62,12 +62,17 @@ def _estimates(plan: Plan, donor: dict[str, mx.array], receiver: dict[str, mx.ar
             product.shape[0], heads, -1).sum(axis=-1)
     mx.eval(reduced)
     reduced = {layout: np.array(r).astype(np.float64) for layout, r in reduced.items()}
+    by_positions = {}  # (key, heads, positions) -> the sums over those positions, per head
     estimates = np.zeros(len(plan.sites))
     for i, site in enumerate(plan.sites):
         for part in site.parts:  # first order: parts add up
-            sums = reduced[part.key, part.n_heads]
-            rows, _ = part.selection(len(sums), 1 if part.head is None else part.n_heads)
-            estimates[i] += sums[rows].sum() if part.head is None else sums[rows, part.head].sum()
+            layout = (part.key, part.n_heads, part.positions)
+            if layout not in by_positions:
+                sums = reduced[part.key, part.n_heads]
+                rows, _ = part.selection(len(sums), 1 if part.head is None else part.n_heads)
+                by_positions[layout] = sums[rows].sum(axis=0)
+            total = by_positions[layout]
+            estimates[i] += total if part.head is None else total[part.head]
     return estimates
 
 
