@@ -8,8 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import MOE_FAMILIES, SMOLLM2_VOCAB, tiny_model
+from conftest import FAMILY_CONFIGS, MOE_FAMILIES, SMOLLM2_VOCAB, tiny_model
 
+import mlxterp
 from mlxterp import InterpretableModel
 from mlxterp import interventions as iv
 from mlxterp.experiments.pipeline.metrics import METRICS
@@ -237,6 +238,35 @@ def test_expert_attribution_is_the_directional_derivative(family, smollm2):
         assert abs((value - corrupted_value) - fine) <= 0.02 * abs(fine) + 2 * abs(coarse - fine) + rounding
         checked += 1
     assert checked >= 5  # experts that tokens use, in blocks 0 and 2 (5 to 7 of 16)
+
+
+def test_a_quantized_moe_in_groups_mlx_does_not_know_is_refused_at_load(tmp_path):
+    """mlx-lm reads each matrix's group size from its tensors' shapes; one MLX cannot run (16
+    here) is a ModelLoadError that names it and the sizes MLX knows."""
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from mlxterp import ModelLoadError
+    from mlxterp.models.bundled import BUNDLED
+    from mlxterp.models.load import cache_dir, converted_folder
+
+    base = tiny_model("qwen3_moe", vocab_size=SMOLLM2_VOCAB)
+    nn.quantize(base, group_size=32, bits=4)
+    weights = dict(tree_flatten(base.parameters()))
+    experts = "model.layers.0.mlp.switch_mlp.gate_proj"
+    for part in ("scales", "biases"):  # twice the groups: as if packed in groups of 16
+        weights[f"{experts}.{part}"] = mx.repeat(weights[f"{experts}.{part}"], 2, axis=-1)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    smollm2 = converted_folder(BUNDLED["smollm2-135m"].gguf_path(cache_dir()), mx.float32, False)
+    for file in smollm2.glob("tokenizer*"):
+        shutil.copy(file, tmp_path / file.name)
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", **FAMILY_CONFIGS["qwen3_moe"], "vocab_size": SMOLLM2_VOCAB,
+        "quantization": {"group_size": 32, "bits": 4}}))
+    with pytest.raises(ModelLoadError, match="group size 16 is not supported.*32, 64, and 128"):
+        mlxterp.load(str(tmp_path))
 
 
 # -- memory ---------------------------------------------------------------------------------------
