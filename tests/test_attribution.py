@@ -103,6 +103,7 @@ def test_estimates_track_the_exact_engine_and_say_they_are_estimates(wrapped, tm
                                atol=0.01 + checked.noise.max())
 
 
+@pytest.mark.slow
 def test_several_pairs_and_noising(wrapped):
     """A pair's estimate does not depend on the pairs beside it; noising estimates the same
     first-order quantity with the runs' roles swapped (against the exact engine: heads agree,

@@ -97,7 +97,8 @@ SUBJECT_EIFFEL = "The Eiffel Tower"
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("spec", [Noise(SUBJECT_EIFFEL, samples=2), Ablate(SUBJECT_EIFFEL, kind="mean"),
+@pytest.mark.parametrize("spec", [pytest.param(Noise(SUBJECT_EIFFEL, samples=2), marks=pytest.mark.slow),
+                                  pytest.param(Ablate(SUBJECT_EIFFEL, kind="mean"), marks=pytest.mark.slow),
                                   Ablate((1, 2), kind="zero")], ids=["noise", "mean", "zero"])
 def test_patching_with_a_corruption_equals_naive_and_matches_a_trace(wrapped, spec):
     """A corrupted run made by a corruption: the engine equals the naive procedure, and the
@@ -174,6 +175,7 @@ def test_result_round_trips_with_its_windows_and_corruption(traces):
                                                          for p in result.sites[0]["location"]["parts"]))
 
 
+@pytest.mark.slow
 def test_cli_trace_fact_writes_the_figure_and_three_results(tmp_path, capsys):
     code = cli.main(["trace-fact", PROMPT, "--subject", SUBJECT, "--samples", "1", "--out",
                      str(tmp_path)])
@@ -212,6 +214,7 @@ def test_bad_input(wrapped):
     assert subject_positions(wrapped, PROMPT, SUBJECT) == (0, 1)
 
 
+@pytest.mark.slow
 def test_the_facts_are_well_formed_and_mostly_known(wrapped):
     """tests/fixtures/facts.json (scripts/causal_tracing_study.py reads it): every subject maps
     to token positions, every answer is one token, and SmolLM2 answers at least 40 correctly
@@ -227,6 +230,7 @@ def test_the_facts_are_well_formed_and_mostly_known(wrapped):
     assert len(facts) >= 40 and correct >= 40
 
 
+@pytest.mark.slow
 def test_facts_trace_each_as_alone(wrapped):
     facts = [Fact(PROMPT, Noise(SUBJECT, samples=1), ANSWER),
              {"prompt": "The Eiffel Tower is located in the city of",
@@ -253,6 +257,7 @@ def test_token_classes_follow_the_paper():
     assert one["first subject token"] == one["last subject token"] == [0] and one["further tokens"] == []
 
 
+@pytest.mark.slow
 def test_the_summary_over_facts_averages_each_class_as_computed_by_hand(wrapped, tmp_path):
     facts = [Fact(PROMPT, Noise(SUBJECT, samples=2), ANSWER),
              Fact("The Eiffel Tower is located in the city of", Noise("The Eiffel Tower", samples=2))]

@@ -189,6 +189,7 @@ def test_eap_is_the_derivative_along_each_edge(family, metric):
             family, graph.edge_names[n], estimate, fine)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels
 def test_eap_ig_integrates_to_the_whole_effect(wrapped):
     """EAP-IG integrates on the embeddings: its scores of the edges out of `embed` add up to the
@@ -346,6 +347,7 @@ def test_the_circuit_figure_and_page(wrapped, tmp_path):
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # nothing from other hosts
 
 
+@pytest.mark.slow
 def test_cli_circuit_prints_the_top_edges_and_writes_the_files(tmp_path, capsys, monkeypatch, wrapped):
     from mlxterp.presentation import cli
 

@@ -141,6 +141,7 @@ def test_lenses_doc_code_runs_and_prints_what_it_says(tmp_path, monkeypatch):
         assert head == head_claimed and score == pytest.approx(score_claimed, abs=0.005)
 
 
+@pytest.mark.slow
 def test_steering_doc_code_runs(tmp_path, monkeypatch):
     """docs/steering.md's first block: plain generation, a steered and an ablated one that
     differ from it, and the saved vector read back."""

@@ -775,6 +775,7 @@ def is_valid_dtype(dtype) -> bool:
     return any(dtype is valid for valid in VALID_DTYPES)
 
 
+@pytest.mark.slow
 @examples(1)
 @given(name=st.one_of(st.sampled_from(["valid", "Path(valid)"]), st.sampled_from(LOAD_NAMES),
                       st.text(max_size=20)),
@@ -1003,6 +1004,7 @@ def test_activation_patching_on_generated_arguments(tiny_smol, pair, options, ke
         assert "max_batch" in str(engine), engine
 
 
+@pytest.mark.slow
 @examples(0.6)
 @given(pair=prompts(valid=False), options=sweep_options(valid=False),
        method=st.sampled_from(["atp"] * 4 + ["ig", "IG", "exact", None]),

@@ -41,7 +41,7 @@ def gemma3() -> InterpretableModel:
     return InterpretableModel(*mlxterp.load("gemma3-270m"))
 
 
-@pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.8, 7)])
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), pytest.param(0.8, 7, marks=pytest.mark.slow)])
 def test_no_intervention_writes_what_mlx_lm_writes(wrapped, temperature, seed):
     out = wrapped.generate(PROMPT, max_tokens=16, temperature=temperature, seed=seed)
     assert out.tokens == mlx_lm_tokens(wrapped, PROMPT, 16, temperature, seed)
@@ -54,7 +54,7 @@ def test_no_intervention_writes_what_mlx_lm_writes(wrapped, temperature, seed):
                            sampler=make_sampler(temp=temperature)) == out.text.removeprefix(" ")
 
 
-@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 3)])
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), pytest.param(1.0, 3, marks=pytest.mark.slow)])
 def test_no_intervention_writes_what_mlx_lm_writes_on_gemma3(gemma3, temperature, seed):
     """Gemma 3 has sliding-window layers (a rotating KV cache) and a 262k vocabulary."""
     out = gemma3.generate(PROMPT, max_tokens=16, temperature=temperature, seed=seed)

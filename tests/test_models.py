@@ -145,6 +145,7 @@ def test_name_errors(monkeypatch):
         mlxterp.load("smollm2-135m")
 
 
+@pytest.mark.slow
 def test_bfloat16_load(tmp_path, monkeypatch, smollm2):
     monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path))
     model, tokenizer = mlxterp.load("smollm2-135m", dtype="bfloat16")

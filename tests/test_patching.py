@@ -150,7 +150,7 @@ def test_chunking_gives_the_same_numbers(wrapped):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("metric", ["kl", "logit_diff"])
+@pytest.mark.parametrize("metric", ["kl", pytest.param("logit_diff", marks=pytest.mark.slow)])
 def test_a_result_does_not_depend_on_batching(wrapped, metric):
     """The same site gives the same recovery swept alone, in a chunk of three, one row per
     forward, and in the full sweep; the engine's clean and corrupted values equal plain
@@ -322,6 +322,26 @@ def test_noising_recovery_moves_toward_the_corrupted_run(wrapped):
         assert label.startswith(f"L5 pos {position}") and best == result.mean.max() > 50
         # a position where the prompts agree moves nothing
         assert abs(result.recovery[0, 0]) <= max(0.01, result.noise[0, 0])
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("cores", [2, 3, 7])
+def test_measuring_in_parts_per_core_gives_each_row_what_one_part_gives(monkeypatch, cores):
+    """On a CPU, `measure` splits the rows over one stream per core; each row's value and noise
+    come from that row, the reference and the same draws alone. Measured equal bit for bit here;
+    asserted to 1e-6 relative, since a reduction's kernel may treat a part's shape differently."""
+    from mlxterp.experiments.pipeline import metrics
+
+    rows = 5 * mx.random.normal((9, 4096), key=mx.random.key(1))
+    reference = 5 * mx.random.normal((4096,), key=mx.random.key(2))
+    for metric in (metrics.METRICS["kl"], metrics.METRICS["cosine"], metrics.logit_diff(3, 4)):
+        monkeypatch.setattr(metrics, "_cores", lambda: 1)
+        whole = metrics.measure(metric, rows, reference)
+        monkeypatch.setattr(metrics, "_cores", lambda cores=cores: cores)
+        assert len(metrics._parts(9)) == (cores if mx.default_device() == mx.cpu else 1)
+        for single, split in zip(whole, metrics.measure(metric, rows, reference), strict=True):
+            np.testing.assert_allclose(split, single, rtol=1e-6, atol=1e-12)
+        assert np.all(whole[1] > 0)  # every row has a noise bound
 
 
 @pytest.mark.slow  # over 15 s here: CI's slow round runs it

@@ -118,6 +118,7 @@ def test_two_ranks_give_the_single_process_result(model, tmp_path):
     np.testing.assert_allclose(sharded.baseline, alone.baseline, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels
 @launched
 def test_one_pair_is_shared_by_sites(model, tmp_path):
@@ -129,6 +130,7 @@ def test_one_pair_is_shared_by_sites(model, tmp_path):
     np.testing.assert_allclose(sharded.recovery, alone.recovery, atol=0.01)
 
 
+@pytest.mark.slow
 @launched
 def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     """The runner fails on the rank that runs pair 1 (a fault injected there alone): both ranks
@@ -145,6 +147,7 @@ def test_an_error_on_one_rank_reaches_every_rank(tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow
 @launched
 def test_a_killed_rank_stops_the_run(tmp_path):
     """Kill one rank mid-sweep: the launcher stops the other, within the bound, and no result

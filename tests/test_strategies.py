@@ -31,8 +31,9 @@ GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("sweep", [dict(component="mlp", over="layer", metric="kl"),
-                                   dict(component="input", over=("layer", "position"), layers=[0, 14, 29],
-                                        metric="kl"),
+                                   pytest.param(dict(component="input", over=("layer", "position"),
+                                                     layers=[0, 14, 29], metric="kl"),
+                                                marks=pytest.mark.slow),
                                    dict(component="self_attn", over=("layer", "head"), layers=[16, 23],
                                         metric="logit_diff", answer=" Mary", wrong_answer=" John")])
 def test_flat_equals_naive(wrapped, sweep):

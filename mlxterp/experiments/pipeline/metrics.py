@@ -17,6 +17,7 @@ Forms are chosen so nothing cancels: the cosine distance is |a/|a| - b/|b||^2 / 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -163,10 +164,27 @@ def measure(metric: Metric, logits: mx.array, reference: mx.array,
     enters through the hidden state and the unembedding), so the aligned draw bounds what a
     distance can move, where independent draws alone underestimate it about 4-fold (measured).
 
+    On a CPU the rows are measured in parts, one per core, each on a stream of its own: MLX runs
+    a CPU stream's elementwise work (the metric's `exp`) on one thread. A row's values and noise
+    do not depend on the parts (each is computed from its own row, the reference and the same
+    draws).
+
     Example:
         >>> values, noise = measure(METRICS["kl"], patched_logits, clean_logits)
     """
     rows, reference = logits.astype(mx.float32), reference.astype(mx.float32)
+    parts = _parts(rows.shape[0])
+    measured = []
+    for stream, (start, end) in zip(_streams(len(parts)), parts, strict=True):
+        with mx.stream(stream):
+            measured.append(_values_and_noise(metric, rows[start:end], reference, samples))
+    values, noise = (mx.concatenate([part[k] for part in measured]) for k in (0, 1))
+    mx.eval(values, noise)
+    return np.array(values, dtype=np.float64), np.array(noise, dtype=np.float64)
+
+
+def _values_and_noise(metric: Metric, rows: mx.array, reference: mx.array,
+                      samples: int) -> tuple[mx.array, mx.array]:
     values = evaluate(metric, rows, reference)
     width = rows.shape[-1]
     scale = mx.max(mx.abs(reference)) * LOGIT_NOISE
@@ -179,6 +197,27 @@ def measure(metric: Metric, logits: mx.array, reference: mx.array,
     moved = [evaluate(metric, rows + row_noise[k], reference + reference_noise[k])
              for k in range(samples)]
     moved += [evaluate(metric, rows + sign * aligned, reference) for sign in (1, -1)]
-    noise = mx.max(mx.abs(mx.stack(moved) - values), axis=0)
-    mx.eval(values, noise)
-    return np.array(values, dtype=np.float64), np.array(noise, dtype=np.float64)
+    return values, mx.max(mx.abs(mx.stack(moved) - values), axis=0)
+
+
+def _parts(rows: int) -> list[tuple[int, int]]:
+    """(start, end) of each part of the rows: one per core on a CPU, one on a GPU."""
+    count = min(rows, _cores()) if mx.default_device() == mx.cpu else 1
+    bounds = [rows * k // count for k in range(count + 1)]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_cpu_streams: list[mx.Stream] = []  # made once: each CPU stream is a thread of MLX's
+
+
+def _streams(count: int) -> list[mx.Stream]:
+    """The default stream for one part; else `count` CPU streams of their own."""
+    if count == 1:
+        return [mx.default_stream(mx.default_device())]
+    while len(_cpu_streams) < count:
+        _cpu_streams.append(mx.new_stream(mx.cpu))
+    return _cpu_streams[:count]
