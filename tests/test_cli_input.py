@@ -38,6 +38,7 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_at_once_with_one_line_and_no_file(tmp_path):
     """SIGINT while the engine computes a 420-site sweep: status 130, one line, no file."""
     out = tmp_path / "out"

@@ -189,6 +189,7 @@ def test_bad_dataset_sweeps_are_refused(model):
     assert kl.answers == [] and json.loads(kl.to_json())["answers"] == []
 
 
+@pytest.mark.slow
 def test_pairs_the_model_gets_wrong_are_named_and_can_be_left_out(model):
     """Of the first 16 IOI pairs SmolLM2 prefers the wrong name on the clean prompt of pair 8:
     the sweep names it in a warning, and answered_pairs leaves it out, as a one-prompt forward

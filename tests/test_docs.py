@@ -435,6 +435,7 @@ def test_api_page_documents_exactly_the_public_names():
                                   f"remove from it (not in mlxterp.__all__): {sorted(documented - public)}")
 
 
+@pytest.mark.slow
 def test_site_builds_strictly_and_loads_nothing_from_other_hosts(tmp_path):
     """`mkdocs build --strict` (as .ci/run does), into a scratch folder: every page and
     docstring renders without a warning, and the pages load no script or style from the web."""

@@ -688,6 +688,7 @@ def test_traces_on_generated_inputs(tiny_smol, names, same_length_texts, data):
     trace_case(tiny_smol, names, inputs, specs, capture, reads, form)
 
 
+@pytest.mark.slow
 @examples(1.5)
 @given(data=st.data())
 def test_valid_traces_equal_the_reference(tiny_smol, names, same_length_texts, data):

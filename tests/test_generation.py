@@ -54,7 +54,8 @@ def test_no_intervention_writes_what_mlx_lm_writes(wrapped, temperature, seed):
                            sampler=make_sampler(temp=temperature)) == out.text.removeprefix(" ")
 
 
-@pytest.mark.parametrize("temperature, seed", [(0.0, None), pytest.param(1.0, 3, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 3)])
 def test_no_intervention_writes_what_mlx_lm_writes_on_gemma3(gemma3, temperature, seed):
     """Gemma 3 has sliding-window layers (a rotating KV cache) and a 262k vocabulary."""
     out = gemma3.generate(PROMPT, max_tokens=16, temperature=temperature, seed=seed)

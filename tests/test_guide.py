@@ -303,6 +303,7 @@ def test_quick_example(quick_example, capsys):
     assert ns["clean_mlp"].shape == (1, 6, 576)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels
 def test_manual_procedure_is_finite_and_reproducible(quick_example):
     ns = dict(quick_example)

@@ -85,6 +85,7 @@ def test_quantized_keeps_affine_weights_and_close_logits(smollm2):
         assert max_error(last_logits(quantized, ids), result) < 1e-3
 
 
+@pytest.mark.slow
 def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path))
     gguf = BUNDLED["smollm2-135m"].gguf_path(tmp_path)

@@ -287,6 +287,7 @@ def test_training_reduces_the_unexplained_variance(wrapped, architecture):
     ).item()
 
 
+@pytest.mark.slow
 def test_a_checkpointed_run_resumes_exactly_and_a_seed_repeats(wrapped, tmp_path, monkeypatch):
     whole = _train(wrapped, seed=3)
     again = _train(wrapped, seed=3)

@@ -101,6 +101,7 @@ def test_a_vector_of_another_width_fails_clearly_and_leaves_the_model_clean(wrap
     assert_model_untouched(wrapped.model, before)
 
 
+@pytest.mark.slow
 def test_cli_generate_streams_text_and_steers(wrapped, vector, tmp_path, capsys):
     assert main(["generate", "The capital of France is", "--max-tokens", "6"]) == 0
     plain = capsys.readouterr().out
