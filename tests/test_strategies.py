@@ -30,7 +30,8 @@ GPU_LIKE = BlockCosts(fixed=3e-4, per_position=0.0, per_shape=0.04)
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("sweep", [dict(component="mlp", over="layer", metric="kl"),
+@pytest.mark.parametrize("sweep", [pytest.param(dict(component="mlp", over="layer", metric="kl"),
+                                                marks=pytest.mark.slow),
                                    pytest.param(dict(component="input", over=("layer", "position"),
                                                      layers=[0, 14, 29], metric="kl"),
                                                 marks=pytest.mark.slow),
