@@ -1,6 +1,7 @@
 """Speed-up of a dataset sweep shared among K processes: 64 IOI pairs, the MLP sweep over every
 layer, logit difference, on the CPU, one BLAS thread per process; each K under
-`mlx.launch -n K --backend ring` on this machine (K = 1 runs without the launcher).
+`mlxterp launch -n K` (or `--launcher mlx`: `mlx.launch -n K --backend ring`) on this machine
+(K = 1 runs without a launcher).
 
     .venv/bin/python bench/bench_sharding.py --ranks 1 2                  # the bundled SmolLM2
     python3 bench/bench_sharding.py --ranks 1 2 4 8 --random .gpu/model   # random weights, same shape
@@ -66,12 +67,16 @@ def run(ranks: int, args: argparse.Namespace, pairs: Path) -> tuple[float, int, 
     if args.random:
         command += ["--random", args.random]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-    if ranks > 1:
+    if ranks > 1 and args.launcher == "mlx":
         # The launcher beside this Python, or MLX's own entry point where pip --target left no script.
         launch = Path(sys.executable).with_name("mlx.launch")
         entry = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
         launcher = [str(launch)] if launch.exists() else [sys.executable, "-c", entry]
         command = [*launcher, "-n", str(ranks), "--backend", "ring", "--env", "OPENBLAS_NUM_THREADS=1",
+                   "--", *command]
+    elif ranks > 1:  # `mlxterp launch`, through its module (pip --target leaves no script either)
+        entry = "import sys; from mlxterp.presentation.cli import main; sys.exit(main())"
+        command = [sys.executable, "-c", entry, "launch", "-n", str(ranks), "--env", "OPENBLAS_NUM_THREADS=1",
                    "--", *command]
     output = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT")]
@@ -87,6 +92,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=64, help="IOI pairs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random", help="a folder with config.json and tokenizer: random weights")
+    parser.add_argument("--launcher", choices=["mlxterp", "mlx"], default="mlxterp",
+                        help="mlxterp launch, or mlx.launch (whose relay threads never sleep)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,7 +106,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         pairs = save_pairs(ioi_pairs(args.n, seed=0), Path(folder) / "ioi.jsonl")
         print(f"{args.n} IOI pairs, MLP x every layer, logit_diff, CPU, 1 BLAS thread per rank, "
-              f"{os.cpu_count()} cores; {'random weights' if args.random else 'SmolLM2-135M float32'}")
+              f"{os.cpu_count()} cores, launcher {args.launcher}; "
+              f"{'random weights' if args.random else 'SmolLM2-135M float32'}")
         measured = {}
         for ranks in args.ranks:  # each printed as it comes, in case a later one runs out of time
             seconds, count, peak = run(ranks, args, pairs)

@@ -168,6 +168,9 @@ VERBS = {
                            st.fixed_dictionaries({}, optional={
                                "--corruption": st.sampled_from(["swap", "x"])})),
     "demo": st.tuples(TEXT, st.fixed_dictionaries({}, optional={"--top": COUNT})),
+    "launch": st.tuples(st.fixed_dictionaries({"-n": st.sampled_from(["1", "2", "0", "x", "2000"])},
+                                              optional={"--env": st.sampled_from(["A=1", "A", "=1"])}),
+                        st.sampled_from(["--", ""]), st.sampled_from(["true", "", "no-such-command"])),
 }
 SMALL = {"patch": ["--layers", "0"], "attribute": ["--layers", "0"], "heads": ["--length", "4"],
          "circuit": ["--steps", "2"],
@@ -204,7 +207,7 @@ def test_generated_argument_lists_never_show_a_traceback(cached_model, tmp_path_
         monkeypatch.chdir(folder)
         verb = data.draw(st.sampled_from(sorted(VERBS)))
         args = argument_list(verb, data.draw(VERBS[verb]))
-        if verb not in ("ioi-pairs", "demo", "generate"):
+        if verb not in ("ioi-pairs", "demo", "generate", "launch"):
             args += ["--out", str(folder / "out")]
         code, out, err = run(args, capsys)
         outcomes[verb, code] += 1

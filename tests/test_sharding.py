@@ -1,5 +1,6 @@
-"""Sweeps shared among processes: how work is split, and real 2-rank runs under
-`mlx.launch --backend ring` over loopback, checked against the single-process result."""
+"""Sweeps shared among processes: how work is split, and real 2-rank runs over loopback under
+`mlxterp launch` (and MLX's own `mlx.launch --backend ring`), checked against the
+single-process result."""
 
 from __future__ import annotations
 
@@ -79,10 +80,14 @@ def _free_port() -> int:
             return port
 
 
-def _launch(command: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
-    """`command` in 2 ranks over loopback, one BLAS thread each."""
-    return subprocess.Popen([str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port",
-                             str(_free_port()), "--env", "OPENBLAS_NUM_THREADS=1", "--", *command],
+def _launch(command: list[str], cwd: Path, launcher: str = "mlxterp", **kwargs) -> subprocess.Popen:
+    """`command` in 2 ranks over loopback, one BLAS thread each, under `mlxterp launch` or
+    `mlx.launch`."""
+    if launcher == "mlx":
+        start = [str(LAUNCH), "-n", "2", "--backend", "ring", "--starting-port", str(_free_port())]
+    else:
+        start = [str(BIN / "mlxterp"), "launch", "-n", "2"]
+    return subprocess.Popen([*start, "--env", "OPENBLAS_NUM_THREADS=1", "--", *command],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
@@ -99,14 +104,16 @@ def model(smollm2):
 
 @pytest.mark.kernels
 @launched
-def test_two_ranks_give_the_single_process_result(model, tmp_path):
-    """The CLI's `patch --pairs` under `mlx.launch -n 2`: one result, written and printed by rank
-    0, equal to the single-process sweep to 0.01 points (the ranks' batches differ in layout)."""
+@pytest.mark.parametrize("launcher", ["mlxterp", pytest.param("mlx", marks=pytest.mark.slow)])
+def test_two_ranks_give_the_single_process_result(model, tmp_path, launcher):
+    """The CLI's `patch --pairs` under `mlxterp launch -n 2` (and `mlx.launch`): one result,
+    written and printed by rank 0, equal to the single-process sweep to 0.01 points (the ranks'
+    batches differ in layout)."""
     pairs = [*ioi_pairs(3, seed=4), PromptPair("The capital of France is", "The capital of Italy is",
                                                 " Paris", " Rome")]
     save_pairs(pairs, tmp_path / "pairs.jsonl")
     output, _ = _finish(_launch([str(BIN / "mlxterp"), "patch", "--pairs", "pairs.jsonl", "--metric",
-                                 "logit_diff", "--layers", "0,9,29", "--out", "out"], tmp_path))
+                                 "logit_diff", "--layers", "0,9,29", "--out", "out"], tmp_path, launcher))
     written = list((tmp_path / "out").glob("*.json"))
     assert len(written) == 1, output
     assert output.count("normalised mean") == 1 and output.count("result saved to") == 1
@@ -169,3 +176,27 @@ def test_a_killed_rank_stops_the_run(tmp_path):
     assert seconds < 30, output
     assert "was killed" in output or "exited with code" in output
     assert not list(tmp_path.glob("out/*.json"))
+
+
+def test_the_launcher_starts_one_ring_and_stops_it_when_a_rank_fails(tmp_path, capfd):
+    """`launch` gives each rank its place in one ring (their all_sum sees both), returns 0 when
+    all end well, and the failing rank's status when one fails, stopping the other at once
+    (that one would sleep for a minute)."""
+    from mlxterp import InputError
+    from mlxterp.experiments.runners.launch import launch
+
+    ring = ("import os; import mlx.core as mx; g = mx.distributed.init(); "  # one write: lines stay whole
+            "total = mx.distributed.all_sum(mx.array([g.rank() + 1])).item(); "
+            "os.write(1, f'rank {g.rank()} of {g.size()} sum {total}\\n'.encode())")
+    assert launch([sys.executable, "-c", ring], 2) == 0
+    out = capfd.readouterr().out
+    assert "rank 0 of 2 sum 3" in out and "rank 1 of 2 sum 3" in out
+    failing = ("import os, sys, time; rank = int(os.environ['MLX_RANK']); "
+               "time.sleep(60) if rank == 0 else sys.exit(3)")
+    start = time.perf_counter()
+    assert launch([sys.executable, "-c", failing], 2) == 3
+    assert time.perf_counter() - start < 30  # not the sleeping rank's minute
+    assert "rank 1 exited with code 3; stopping the other ranks" in capfd.readouterr().err
+    for bad, message in ((([], 2), "no command to launch"), (([sys.executable], 0), "ranks=0")):
+        with pytest.raises(InputError, match=message):
+            launch(*bad)

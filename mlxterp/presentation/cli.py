@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mlxterp.errors import MlxterpError, OutputPathError, RankFailedError
+from mlxterp.errors import InputError, MlxterpError, OutputPathError, RankFailedError
 from mlxterp.paths import remove_partial_files
 from mlxterp.presentation import tables
 
@@ -354,6 +354,21 @@ def ioi(args: argparse.Namespace) -> int:
     return 0
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Run COMMAND as N ranks of one ring group on this machine (`mx.distributed.init()` in each
+    finds its rank); the command's own output is the ranks'."""
+    from mlxterp.experiments.runners.launch import launch as launch_ranks
+
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    environment = {}
+    for assignment in args.env:
+        name, equals, value = assignment.partition("=")
+        if not equals or not name:
+            raise InputError(f"--env {assignment!r}: give NAME=VALUE, e.g. --env OPENBLAS_NUM_THREADS=1.")
+        environment[name] = value
+    return launch_ranks(command, args.n, environment)
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -527,6 +542,13 @@ def _parser() -> argparse.ArgumentParser:
                             help="swap: the two names exchanged; abc: three other names")
     ioi_parser.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     commands.add_parser("doctor", help="MLX version, device, BLAS, model cache, bundled models")
+    launch_parser = commands.add_parser(
+        "launch", help="run a command as N ranks of mx.distributed on this machine (ring back end)")
+    launch_parser.add_argument("-n", type=_count(1, 1024), required=True, help="how many ranks")
+    launch_parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                               help="set in every rank's environment (repeatable)")
+    launch_parser.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                               help="the command each rank runs, after --")
     demo_parser = _command(commands, "demo", "load a model and print its top next tokens", out=None)
     demo_parser.add_argument("prompt", nargs="?", default="The capital of France is")
     demo_parser.add_argument("--top", type=_count(1, 1000), default=5, help="how many tokens to show")
@@ -535,7 +557,7 @@ def _parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"patch": patch, "attribute": attribute, "circuit": circuit, "trace-fact": trace_fact,
             "lens": lens, "heads": heads, "train-lens": train_lens, "train-sae": train_sae,
-            "generate": generate, "doctor": doctor, "demo": demo, "ioi-pairs": ioi}
+            "generate": generate, "doctor": doctor, "demo": demo, "ioi-pairs": ioi, "launch": launch}
 
 
 def _check_writable(args: argparse.Namespace) -> None:
