@@ -2,7 +2,7 @@
 
 `mlx.launch` relays each rank's output through a thread whose `select` also waits for the rank's
 stdin pipe to become writable, which it always is: the threads never sleep. On this project's
-2-core machine the launcher took 73 % of a core, and two ranks sweeping IOI pairs ran 1.06-1.14x
+2-core machine the launcher took 73 % of a core, and two ranks sweeping IOI pairs ran 1.05-1.14x
 faster than one; started by hand, the same two ranks ran 1.9x faster (docs/scale.md). Here the
 ranks write to the terminal themselves, and the launcher sleeps between looks at them.
 
