@@ -68,6 +68,7 @@ def test_atp_is_the_directional_derivative(family, metric):
                     family, metric.name, direction, component, i, estimate, fine)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels
 def test_integrated_gradients_converge_to_the_exact_patch(wrapped):
     """At the first block's input, IG's straight path is the patch itself, so the midpoint rule

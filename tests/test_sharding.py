@@ -104,7 +104,8 @@ def model(smollm2):
 
 @pytest.mark.kernels
 @launched
-@pytest.mark.parametrize("launcher", ["mlxterp", pytest.param("mlx", marks=pytest.mark.slow)])
+@pytest.mark.slow  # the launcher's own ring is checked in the default run, below
+@pytest.mark.parametrize("launcher", ["mlxterp", "mlx"])
 def test_two_ranks_give_the_single_process_result(model, tmp_path, launcher):
     """The CLI's `patch --pairs` under `mlxterp launch -n 2` (and `mlx.launch`): one result,
     written and printed by rank 0, equal to the single-process sweep to 0.01 points (the ranks'
