@@ -104,6 +104,32 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
     assert tokenizer.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
 
 
+def test_a_converted_models_fingerprint_is_hashed_at_its_first_load_only(smollm2, tmp_path, monkeypatch):
+    """Results carry a sha256 of the weights; hashing SmolLM2 costs 0.3 s, which each process's
+    first sweep paid. The fingerprint stored beside a converted model is the weights' own."""
+    from mlxterp.models import identity
+    from mlxterp.models.load import FINGERPRINT_FILE
+
+    model, _ = smollm2
+    stored = identity.fingerprint(model)  # as `load` read it from the converted folder
+    monkeypatch.setattr(identity, "_fingerprints", {})
+    assert identity.fingerprint(model) == stored  # hashed again from the arrays
+    # Stored where absent, read where present (a written value is returned without hashing).
+    path = tmp_path / FINGERPRINT_FILE
+    monkeypatch.setattr(identity, "_fingerprints", {})
+    identity.known_fingerprint(model, path)
+    assert json.loads(path.read_text()) == {"sha256": stored[0], "dtype": "float32"}
+    path.write_text(json.dumps({"sha256": "ab" * 32, "dtype": "float32"}))
+    monkeypatch.setattr(identity, "_fingerprints", {})
+    identity.known_fingerprint(model, path)
+    assert identity.weights_sha256(model) == "ab" * 32
+    # A broken file is only a cache: hashed again and rewritten.
+    path.write_text("{")
+    monkeypatch.setattr(identity, "_fingerprints", {})
+    identity.known_fingerprint(model, path)
+    assert identity.fingerprint(model) == stored and json.loads(path.read_text())["sha256"] == stored[0]
+
+
 def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):
     monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path / "cache"))
     source = BUNDLED["smollm2-135m"].gguf_path(tmp_path)

@@ -4,6 +4,8 @@ arithmetic is (a CPU)."""
 
 from __future__ import annotations
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -18,8 +20,9 @@ from mlxterp.experiments.pipeline.options import SweepOptions
 from mlxterp.experiments.pipeline.plan import Plan
 from mlxterp.experiments.pipeline.sites import sweep_sites
 from mlxterp.experiments.pipeline.sweep import prepare_sweeps
+from mlxterp.experiments.runners import costs as costs_module
 from mlxterp.experiments.runners import engine
-from mlxterp.experiments.runners.costs import BlockCosts, block_costs
+from mlxterp.experiments.runners.costs import SHAPES_KEPT, BlockCosts, block_costs
 from mlxterp.experiments.runners.engine import FLAT, GROW, run_engine
 from mlxterp.experiments.runners.naive import run_naive
 
@@ -104,6 +107,51 @@ def test_flat_builds_at_most_two_shapes_whatever_the_sweep():
 def test_predict_counts_calls_and_shapes():
     costs = BlockCosts(fixed=1.0, per_position=0.5, per_shape=10.0)
     assert costs.predict([(2, 3), (2, 3), (1, 4)]) == 3 * 1.0 + 0.5 * (6 + 6 + 4) + 2 * 10.0
+
+
+def test_a_shape_is_charged_until_built_and_while_the_backend_keeps_it():
+    costs = BlockCosts(fixed=1.0, per_position=0.5, per_shape=10.0)
+    calls = [(2, 3), (2, 3), (1, 4)]
+    costs.record(calls)
+    assert costs.predict(calls) == 3 * 1.0 + 0.5 * (6 + 6 + 4)  # built: no shape charged
+    assert costs.predict([(5, 5)]) == 1.0 + 0.5 * 25 + 10.0  # a new shape is
+    # More shapes than the back end keeps: each call evicts one the next needs, so all are charged.
+    many = [(rows, 1) for rows in range(1, SHAPES_KEPT + 2)]
+    costs.record(many)
+    assert len(costs.built) == SHAPES_KEPT and (2, 3) not in costs.built  # the least recent went
+    assert costs.predict(many) == sum(1.0 + 0.5 * rows for rows, _ in many) + 10.0 * len(many)
+
+
+def test_the_chosen_strategys_shapes_are_recorded_as_built(wrapped, monkeypatch):
+    costs = BlockCosts(fixed=3e-4, per_position=5e-6, per_shape=0.04)  # shapes dear, rows not free
+    monkeypatch.setattr(engine, "block_costs", lambda model: costs)
+    plan = prepare_sweeps(wrapped, *NAMES, SweepOptions(metric="kl", component="mlp", over="layer"))[0].plan
+    forwards = both(wrapped, plan)
+    assert engine.cheaper_strategy(wrapped, forwards) == FLAT
+    assert set(costs.built) == set(forwards[FLAT][0].block_calls())
+    costs.record(forwards[GROW][0].block_calls())  # as after a sweep run with strategy=GROW
+    assert engine.cheaper_strategy(wrapped, forwards) == GROW  # its fewer positions, no new shapes
+
+
+def test_measured_costs_are_stored_for_the_next_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs_module, "_measured", {})
+    model = InterpretableModel(tiny_model("llama", seed=5))
+    measured = block_costs(model)
+    entries = json.loads((tmp_path / costs_module.STORE_NAME).read_text())
+    (key, entry), = entries.items()
+    assert "TransformerBlock" in key and "float32" in key and entry["measured"]
+    # The next process reads them instead of measuring.
+    monkeypatch.setattr(costs_module, "_measured", {})
+    monkeypatch.setattr(costs_module, "_calibrate", lambda *a: pytest.fail("measured again"))
+    assert block_costs(model) == measured
+    # A broken store is only a cache: measured again, and written whole.
+    monkeypatch.undo()
+    monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs_module, "_measured", {})
+    (tmp_path / costs_module.STORE_NAME).write_text("[1, 2")
+    assert block_costs(model).per_position >= 0
+    assert list(json.loads((tmp_path / costs_module.STORE_NAME).read_text())) == [key]
 
 
 def both(model, plan) -> dict:

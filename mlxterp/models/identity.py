@@ -7,10 +7,14 @@ held the model is gone or a cache was rebuilt.
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from mlxterp.paths import write_atomically
 
 NAME_ATTRIBUTE = "mlxterp_name"  # set by `load` on the models it returns
 
@@ -32,9 +36,9 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
         >>> fingerprint(model)
         ('26a5d4629f58...', 'float32')
     """
-    parameters = tree_flatten(model.parameters())
-    key = tuple(id(array) for _, array in parameters)
+    key = tuple(_array_ids(model, []))
     if key not in _fingerprints:
+        parameters = tree_flatten(model.parameters())
         digest = hashlib.sha256()
         for name, array in parameters:
             mx.eval(array)
@@ -44,6 +48,39 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
                   if mx.issubdtype(array.dtype, mx.floating)}
         _fingerprints[key] = digest.hexdigest(), dtypes.pop() if len(dtypes) == 1 else "mixed"
     return _fingerprints[key]
+
+
+def known_fingerprint(model: nn.Module, path: Path) -> None:
+    """Read `model`'s fingerprint from `path`, or compute it and write it there: for weights in
+    a folder that never changes (a converted model in the cache), so that only its first load
+    hashes them, not every process's first sweep (0.3 s for SmolLM2 on this project's CPU).
+
+    Example:
+        >>> known_fingerprint(model, folder / "mlxterp-fingerprint.json")
+    """
+    try:
+        stored = json.loads(path.read_text())
+        _fingerprints[tuple(_array_ids(model, []))] = str(stored["sha256"]), str(stored["dtype"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or broken: hash again
+        sha256, dtype = fingerprint(model)
+        write_atomically(path, lambda temporary: temporary.write_text(
+            json.dumps({"sha256": sha256, "dtype": dtype})))
+
+
+def _array_ids(tree, ids: list[int]) -> list[int]:
+    """The ids of every array in a module tree, in order: the cache key of `fingerprint`. A plain
+    walk (0.13 ms for SmolLM2 here, against 0.7 ms for `tree_flatten(model.parameters())`, which
+    is host time of every sweep); it may include arrays that are not parameters, which only makes
+    the key stricter."""
+    if isinstance(tree, mx.array):
+        ids.append(id(tree))
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            _array_ids(value, ids)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _array_ids(value, ids)
+    return ids
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -14,10 +14,12 @@ import mlx.nn as nn
 from mlxterp.errors import ModelLoadError
 from mlxterp.models.bundled import BUNDLED
 from mlxterp.models.gguf import convert_gguf
-from mlxterp.models.identity import NAME_ATTRIBUTE
+from mlxterp.models.identity import NAME_ATTRIBUTE, known_fingerprint
 
 # Bump when the conversion changes, so that folders converted by older code are not reused.
 CONVERTER_VERSION = 1
+# Beside a converted model: its weights' fingerprint for results' provenance (models/identity.py).
+FINGERPRINT_FILE = "mlxterp-fingerprint.json"
 
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -161,7 +163,9 @@ def load(
         if explicit_dtype:
             model.set_dtype(dtype)
         return _named(model, name), tokenizer
-    model, tokenizer = _mlx_lm_load(str(converted_folder(gguf_path, dtype, quantized)), hub=False)
+    folder = converted_folder(gguf_path, dtype, quantized)
+    model, tokenizer = _mlx_lm_load(str(folder), hub=False)
+    known_fingerprint(model, folder / FINGERPRINT_FILE)
     return _named(model, name), tokenizer
 
 

@@ -403,9 +403,11 @@ def cheaper_strategy(model, forwards: dict[str, list[_BatchedForward]]) -> str:
     costs = block_costs(model)
     if costs is None:
         return GROW
-    predicted = {strategy: costs.predict([call for forward in chunks for call in forward.block_calls()])
-                 for strategy, chunks in forwards.items()}
-    return min(predicted, key=predicted.get)
+    calls = {strategy: [call for forward in chunks for call in forward.block_calls()]
+             for strategy, chunks in forwards.items()}
+    cheaper = min(calls, key=lambda strategy: costs.predict(calls[strategy]))
+    costs.record(calls[cheaper])  # built by the sweep about to run
+    return cheaper
 
 
 def _progress(chunks: list, enabled: bool | None):
