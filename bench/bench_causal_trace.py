@@ -4,6 +4,7 @@ two disagree.
 
     .venv/bin/python bench/bench_causal_trace.py            # about 15 minutes on 2 cores
     .venv/bin/python bench/bench_causal_trace.py --samples 2   # a quicker look
+    python3 bench/bench_causal_trace.py --random .gpu/model --dtype bfloat16   # the GPU machine
 
 The workload of the issue: the three kinds (hidden; MLP and attention windows of 10 layers) of
 a 10-token prompt over 30 layers with 10 noise samples: 3 x 30 x 10 x 10 = 9,000 restorations,
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -24,14 +27,22 @@ from mlxterp import InterpretableModel, Noise
 from mlxterp.blas import blas_status
 from mlxterp.experiments.analyses.causal_tracing import KINDS
 
+sys.path.insert(0, str(Path(__file__).parent))
+from random_model import random_model  # noqa: E402
+
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"  # 10 tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--random", metavar="FOLDER", help="random weights of FOLDER's config.json")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    base, tokenizer = mlxterp.load("smollm2-135m")
+    if args.random:
+        base, tokenizer = random_model(args.random, args.dtype)
+    else:
+        base, tokenizer = mlxterp.load("smollm2-135m", dtype=args.dtype)
     model = InterpretableModel(base, tokenizer)
     ids = mx.array([tokenizer.encode(PROMPT)])
     mx.eval(base(ids))  # warm-up
@@ -42,11 +53,15 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     forward = statistics.median(times)
     restorations = len(KINDS) * len(model.tree.blocks) * ids.shape[1] * args.samples
-    print(f"SmolLM2-135M float32, BLAS: {blas_status().kind}; {ids.shape[1]}-token prompt, "
+    print(f"SmolLM2-135M's shape, {args.dtype} on {mx.default_device()}, BLAS: {blas_status().kind}; "
+          f"{ids.shape[1]}-token prompt, "
           f"{args.samples} samples, {restorations} restorations; one plain forward {forward * 1e3:.0f} ms")
     total = {"engine": 0.0, "naive": 0.0}
     for kind in KINDS:
         results = {}
+        # Warm-up: the engine's forwards are in shapes of their own (one noise sample makes the
+        # same batches), which a GPU back end builds kernels for on first sight.
+        model.causal_trace(PROMPT, Noise(SUBJECT, samples=1), kind=kind)
         for runner in ("engine", "naive"):
             start = time.perf_counter()
             results[runner] = model.causal_trace(PROMPT, Noise(SUBJECT, samples=args.samples), kind=kind,

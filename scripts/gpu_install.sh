@@ -5,6 +5,11 @@
 # image already has CUDA's libraries, torch and transformers), and exports PYTHONPATH with
 # /root/site and this checkout, so `python3 -c "import mlxterp"` works. It returns non-zero,
 # leaving the caller's shell options alone, if a step fails.
+#
+# A folder on PYTHONPATH runs no .pth file, so mlxterp's start-up hook that puts MLX's CPU back
+# end on OpenBLAS (mlxterp/blas.py) does not run there: MLX's CPU matmuls would use the wheel's
+# reference BLAS, a CPU forward 27x slower (1.4 s against 52 ms on that machine's Xeon,
+# 2026-12-06). So the OpenBLAS mlxterp finds goes into LD_PRELOAD, as blas_status()'s fix says.
 mkdir -p /root/wheels && cp .gpu/part2/* /root/wheels/ || return 1
 for first in /root/wheels/*.whl.part00; do
   [ -e "$first" ] || continue  # already joined by an earlier run on this machine
@@ -14,4 +19,12 @@ done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /root/site /root/wheels/*.whl || return 1
 export PYTHONPATH="/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+openblas=$(MLXTERP_NO_BLAS=1 python3 -c "from mlxterp.blas import find_openblas; print(find_openblas() or '')") \
+  || return 1
+if [ -n "$openblas" ]; then
+  export LD_PRELOAD="$openblas${LD_PRELOAD:+:$LD_PRELOAD}"
+else
+  echo "gpu_install.sh: no OpenBLAS on this machine; MLX's CPU back end runs on its reference BLAS" >&2
+fi
+python3 -c "from mlxterp.blas import blas_status; print('CPU BLAS:', blas_status().kind)"
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, 'on', mx.default_device())"
