@@ -36,13 +36,14 @@ def output_path(path: str | Path, suffixes: set[str], overwrite: bool) -> Path:
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """`write(temporary)` then the temporary file renamed to `path`: a file that is there is
-    whole. The temporary file is `.NAME.partial.SUFFIX` beside it (the suffix kept for writers
-    that read the format from it); an interrupted command removes it (`remove_partial_files`).
+    whole. The temporary file is `.NAME.partial-PID.SUFFIX` beside it (the suffix kept for
+    writers that read the format from it; the process id so that two processes writing the same
+    file do not share one); an interrupted command removes it (`remove_partial_files`).
 
     Example:
         >>> write_atomically(Path("out/r.json"), lambda p: p.write_text("{}"))
     """
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    temporary = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
     _partial.add(temporary)
     try:
         write(temporary)

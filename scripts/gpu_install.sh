@@ -19,8 +19,15 @@ done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /root/site /root/wheels/*.whl || return 1
 export PYTHONPATH="/root/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-openblas=$(MLXTERP_NO_BLAS=1 python3 -c "from mlxterp.blas import find_openblas; print(find_openblas() or '')") \
-  || return 1
+# Only a library that loads (its own dependencies found) goes into LD_PRELOAD.
+openblas=$(MLXTERP_NO_BLAS=1 python3 -c "
+import ctypes
+from mlxterp.blas import find_openblas
+path = find_openblas()
+try:
+    print(ctypes.CDLL(path) and path if path else '')
+except OSError:
+    print('')") || return 1
 if [ -n "$openblas" ]; then
   export LD_PRELOAD="$openblas${LD_PRELOAD:+:$LD_PRELOAD}"
 else

@@ -106,7 +106,8 @@ def test_cache_is_keyed_and_reused(tmp_path, monkeypatch):
 
 def test_a_converted_models_fingerprint_is_hashed_at_its_first_load_only(smollm2, tmp_path, monkeypatch):
     """Results carry a sha256 of the weights; hashing SmolLM2 costs 0.3 s, which each process's
-    first sweep paid. The fingerprint stored beside a converted model is the weights' own."""
+    first sweep paid. The fingerprint stored beside a converted model is the weights' own, and is
+    used only for the parameter layout, format and mlx-lm version it was written for."""
     from mlxterp.models import identity
     from mlxterp.models.load import FINGERPRINT_FILE
 
@@ -118,16 +119,19 @@ def test_a_converted_models_fingerprint_is_hashed_at_its_first_load_only(smollm2
     path = tmp_path / FINGERPRINT_FILE
     monkeypatch.setattr(identity, "_fingerprints", {})
     identity.known_fingerprint(model, path)
-    assert json.loads(path.read_text()) == {"sha256": stored[0], "dtype": "float32"}
-    path.write_text(json.dumps({"sha256": "ab" * 32, "dtype": "float32"}))
+    written = json.loads(path.read_text())
+    assert (written["sha256"], written["dtype"]) == stored
+    assert written["format"] == identity.FINGERPRINT_FORMAT
+    path.write_text(json.dumps({**written, "sha256": "ab" * 32}))
     monkeypatch.setattr(identity, "_fingerprints", {})
     identity.known_fingerprint(model, path)
     assert identity.weights_sha256(model) == "ab" * 32
-    # A broken file is only a cache: hashed again and rewritten.
-    path.write_text("{")
-    monkeypatch.setattr(identity, "_fingerprints", {})
-    identity.known_fingerprint(model, path)
-    assert identity.fingerprint(model) == stored and json.loads(path.read_text())["sha256"] == stored[0]
+    # Written for another parameter layout, or broken: hashed again and rewritten.
+    for text in (json.dumps({**written, "sha256": "ab" * 32, "layout": "another"}), "{"):
+        path.write_text(text)
+        monkeypatch.setattr(identity, "_fingerprints", {})
+        identity.known_fingerprint(model, path)
+        assert identity.fingerprint(model) == stored and json.loads(path.read_text()) == written
 
 
 def test_a_failed_conversion_leaves_no_cache_entry(tmp_path, monkeypatch):

@@ -335,9 +335,9 @@ def test_measuring_in_parts_per_core_gives_each_row_what_one_part_gives(monkeypa
     rows = 5 * mx.random.normal((9, 4096), key=mx.random.key(1))
     reference = 5 * mx.random.normal((4096,), key=mx.random.key(2))
     for metric in (metrics.METRICS["kl"], metrics.METRICS["cosine"], metrics.logit_diff(3, 4)):
-        monkeypatch.setattr(metrics, "_cores", lambda: 1)
+        monkeypatch.setattr(metrics, "available_cores", lambda: 1)
         whole = metrics.measure(metric, rows, reference)
-        monkeypatch.setattr(metrics, "_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(metrics, "available_cores", lambda cores=cores: cores)
         assert len(metrics._parts(9)) == (cores if mx.default_device() == mx.cpu else 1)
         for single, split in zip(whole, metrics.measure(metric, rows, reference), strict=True):
             np.testing.assert_allclose(split, single, rtol=1e-6, atol=1e-12)

@@ -145,6 +145,12 @@ def test_measured_costs_are_stored_for_the_next_process(tmp_path, monkeypatch):
     monkeypatch.setattr(costs_module, "_measured", {})
     monkeypatch.setattr(costs_module, "_calibrate", lambda *a: pytest.fail("measured again"))
     assert block_costs(model) == measured
+    # A measurement older than STORE_DAYS is taken again.
+    store = tmp_path / costs_module.STORE_NAME
+    store.write_text(json.dumps({key: {**entry, "measured": "2000-01-01"}}))
+    monkeypatch.setattr(costs_module, "_measured", {})
+    with pytest.raises(pytest.fail.Exception, match="measured again"):
+        block_costs(model)
     # A broken store is only a cache: measured again, and written whole.
     monkeypatch.undo()
     monkeypatch.setenv("MLXTERP_CACHE", str(tmp_path))

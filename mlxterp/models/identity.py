@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+import weakref
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,7 +32,8 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
     """(sha256 of every parameter's name and bytes in tree order, the dtype of the floating-point
     parameters or `"mixed"`), from one walk of the parameters (hashing SmolLM2's 135M: 0.4 s).
 
-    Cached by the identity of the parameter arrays, so casting or loading new weights re-hashes.
+    Cached by the identity of the parameter arrays, so casting or loading new weights re-hashes;
+    an array changed in place (`w[...] = v`) keeps its identity and is not hashed again.
 
     Example:
         >>> fingerprint(model)
@@ -38,33 +41,59 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
     """
     key = tuple(_array_ids(model, []))
     if key not in _fingerprints:
-        parameters = tree_flatten(model.parameters())
-        digest = hashlib.sha256()
-        for name, array in parameters:
-            mx.eval(array)
-            digest.update(name.encode())
-            digest.update(memoryview(mx.contiguous(array)))  # a view (a transpose) is hashed in order
-        dtypes = {str(array.dtype).removeprefix("mlx.core.") for _, array in parameters
-                  if mx.issubdtype(array.dtype, mx.floating)}
-        _fingerprints[key] = digest.hexdigest(), dtypes.pop() if len(dtypes) == 1 else "mixed"
+        _fingerprints[key] = _hash(model)
+        weakref.finalize(model, _fingerprints.pop, key, None)  # ids are reused once arrays are gone
     return _fingerprints[key]
 
 
+def _hash(model: nn.Module) -> tuple[str, str]:
+    parameters = tree_flatten(model.parameters())
+    digest = hashlib.sha256()
+    for name, array in parameters:
+        mx.eval(array)
+        digest.update(name.encode())
+        digest.update(memoryview(mx.contiguous(array)))  # a view (a transpose) is hashed in order
+    dtypes = {str(array.dtype).removeprefix("mlx.core.") for _, array in parameters
+              if mx.issubdtype(array.dtype, mx.floating)}
+    return digest.hexdigest(), dtypes.pop() if len(dtypes) == 1 else "mixed"
+
+
+# Bump when `_hash` changes what it hashes, so that stored fingerprints are not reused.
+FINGERPRINT_FORMAT = 1
+
+
 def known_fingerprint(model: nn.Module, path: Path) -> None:
-    """Read `model`'s fingerprint from `path`, or compute it and write it there: for weights in
-    a folder that never changes (a converted model in the cache), so that only its first load
-    hashes them, not every process's first sweep (0.3 s for SmolLM2 on this project's CPU).
+    """Read `model`'s fingerprint from `path`, or hash it and write it there: for weights in a
+    folder that never changes (a converted model in the cache), so that only its first load
+    hashes them, not every process's first sweep (0.3 s for SmolLM2 on this project's CPU). The
+    file is used only where it was written for the same parameter names, shapes and dtypes by
+    the same format and mlx-lm version (which builds the parameter tree).
 
     Example:
         >>> known_fingerprint(model, folder / "mlxterp-fingerprint.json")
     """
+    import mlx_lm
+
+    layout = hashlib.sha256(",".join(f"{name}{tuple(w.shape)}{w.dtype}" for name, w in
+                                     tree_flatten(model.parameters())).encode()).hexdigest()
+    written_for = {"format": FINGERPRINT_FORMAT, "mlx_lm": mlx_lm.__version__, "layout": layout}
+    key = tuple(_array_ids(model, []))
     try:
         stored = json.loads(path.read_text())
-        _fingerprints[tuple(_array_ids(model, []))] = str(stored["sha256"]), str(stored["dtype"])
-    except (OSError, ValueError, KeyError, TypeError):  # not written yet, or broken: hash again
-        sha256, dtype = fingerprint(model)
+        if {name: stored.get(name) for name in written_for} == written_for:
+            _fingerprints[key] = str(stored["sha256"]), str(stored["dtype"])
+            weakref.finalize(model, _fingerprints.pop, key, None)
+            return
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not written yet, or broken
+        pass
+    _fingerprints[key] = sha256, dtype = _hash(model)
+    weakref.finalize(model, _fingerprints.pop, key, None)
+    try:
         write_atomically(path, lambda temporary: temporary.write_text(
-            json.dumps({"sha256": sha256, "dtype": dtype})))
+            json.dumps({**written_for, "sha256": sha256, "dtype": dtype})))
+    except OSError as err:
+        warnings.warn(f"could not store the weights' fingerprint in {path} ({err}); the next process "
+                      "hashes them again.", stacklevel=2)
 
 
 def _array_ids(tree, ids: list[int]) -> list[int]:

@@ -77,6 +77,11 @@ def _log_softmax(x: mx.array) -> tuple[mx.array, mx.array]:
     return shifted - mx.log(total), exps / total
 
 
+def _noise_scale(reference: mx.array) -> mx.array:
+    """`LOGIT_NOISE` of the largest finite reference logit (a -inf logit is a masked token)."""
+    return mx.max(mx.where(mx.isfinite(reference), mx.abs(reference), 0.0)) * LOGIT_NOISE
+
+
 def _kl_terms(logits: mx.array, reference: mx.array):
     log_reference, reference_probabilities = _log_softmax(reference)
     log_rows, row_probabilities = _log_softmax(logits)
@@ -108,9 +113,10 @@ def _kl_with_noise(logits: mx.array, reference: mx.array) -> tuple[mx.array, mx.
     p, log_p, q, log_q, log_ratio = _kl_terms(logits, reference)
     values = mx.sum(p * log_ratio, axis=-1)
     width = logits.shape[-1]
-    scale = mx.max(mx.abs(reference)) * LOGIT_NOISE
+    scale = _noise_scale(reference)
     gradient = q - p
     difference = logits - reference
+    difference = mx.where(mx.isfinite(difference), difference, 0.0)  # masked tokens do not move
     direction = difference / mx.maximum(mx.linalg.norm(difference, axis=-1, keepdims=True), 1e-30)
     along = mx.sum(gradient * direction, axis=-1)
     mean = mx.sum(q * direction, axis=-1)
@@ -250,7 +256,7 @@ def _values_and_noise(metric: Metric, rows: mx.array, reference: mx.array,
         return metric.with_noise(rows, reference)
     values = evaluate(metric, rows, reference)
     width = rows.shape[-1]
-    scale = mx.max(mx.abs(reference)) * LOGIT_NOISE
+    scale = _noise_scale(reference)
     row_key, reference_key = mx.random.split(mx.random.key(0))
     row_noise = scale * mx.random.normal((samples, width), key=row_key)
     reference_noise = scale * mx.random.normal((samples, width), key=reference_key)
@@ -265,12 +271,13 @@ def _values_and_noise(metric: Metric, rows: mx.array, reference: mx.array,
 
 def _parts(rows: int) -> list[tuple[int, int]]:
     """(start, end) of each part of the rows: one per core on a CPU, one on a GPU."""
-    count = min(rows, _cores()) if mx.default_device() == mx.cpu else 1
+    count = min(rows, available_cores()) if mx.default_device() == mx.cpu else 1
     bounds = [rows * k // count for k in range(count + 1)]
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system says, else all)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -31,6 +31,7 @@ shapes, once built, took 1.03x a forward against FLAT's 1.38x.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -44,6 +45,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlxterp.blas import blas_status
+from mlxterp.experiments.pipeline.metrics import available_cores
 from mlxterp.models.load import cache_dir
 from mlxterp.paths import write_atomically
 from mlxterp.tracing.intercept import call_parameters
@@ -54,10 +57,19 @@ CHAIN = 8  # block calls in a row, evaluated once: what a call adds inside a for
 # Each calibration's first call is in a shape of its own (3 rows, 17, 18, ... positions), so that
 # it pays for whatever the backend builds per shape even when an earlier calibration ran.
 _fresh_positions = itertools.count(CALIBRATION_POSITIONS + 1)
-# The fewest shapes an MLX back end keeps what it built for: CUDA's cuDNN attention graphs, by
-# default (mlx/backend/cuda/scaled_dot_product_attention.cpp, MLX 0.31-0.32).
-SHAPES_KEPT = int(os.environ.get("MLX_CUDA_SDPA_CACHE_SIZE") or 256)
+
+
+def _shapes_kept() -> int:
+    """The fewest shapes an MLX back end keeps what it built for: CUDA's cuDNN attention graphs,
+    256 by default (mlx/backend/cuda/scaled_dot_product_attention.cpp, MLX 0.31-0.32)."""
+    setting = os.environ.get("MLX_CUDA_SDPA_CACHE_SIZE", "")
+    return max(int(setting), 1) if setting.strip().isdigit() else 256
+
+
+SHAPES_KEPT = _shapes_kept()
 STORE_NAME = "block-costs.json"
+STORE_DAYS = 30  # a stored measurement older than this is measured again
+CALIBRATION_VERSION = 2  # bump when `_calibrate` changes what it measures
 
 
 @dataclass(frozen=True)
@@ -127,16 +139,26 @@ def block_costs(model) -> BlockCosts | None:
 
 
 def _stored_key(block) -> str:
-    """What a block call's cost depends on: the device (and a CPU's cores), MLX's version, the
-    block's class and its parameters' shapes and dtypes."""
-    info = mx.device_info()
-    device = f"{mx.default_device()} {info.get('device_name', '')}".strip()
-    if mx.default_device() == mx.cpu:
-        device += f" x{os.cpu_count()}"
+    """What a block call's cost depends on: the device (a CPU's cores and BLAS; a GPU's TF32
+    setting), MLX's version, the calibration's, and the block's class and its parameters' shapes
+    and dtypes."""
     parameters = ",".join(f"{name}{tuple(w.shape)}{str(w.dtype).removeprefix('mlx.core.')}"
                           for name, w in tree_flatten(block.parameters()))
     kind = f"{type(block).__module__}.{type(block).__qualname__}"
-    return f"{device} | mlx {mx.__version__} | {kind} | {parameters}"
+    return f"{_device()} | mlx {mx.__version__} v{CALIBRATION_VERSION} | {kind} | {parameters}"
+
+
+@functools.cache
+def _device_of(device: str) -> str:
+    info = mx.device_info()
+    name = f"{device} {info.get('device_name', '')}".strip()
+    if mx.default_device() == mx.cpu:
+        return f"{name} x{available_cores()} {blas_status().kind} BLAS"
+    return f"{name} TF32={os.environ.get('MLX_ENABLE_TF32', '')}"
+
+
+def _device() -> str:
+    return _device_of(str(mx.default_device()))
 
 
 def _store_path() -> Path:
@@ -154,8 +176,11 @@ def _stored_entries() -> dict[str, dict]:
 
 
 def _stored(key: str) -> BlockCosts | None:
+    """The stored costs for `key`, or None where absent, malformed or older than `STORE_DAYS`."""
     entry = _stored_entries().get(key)
     try:
+        if (date.today() - date.fromisoformat(entry["measured"])).days > STORE_DAYS:
+            return None
         return BlockCosts(float(entry["fixed"]), float(entry["per_position"]), float(entry["per_shape"]))
     except (TypeError, KeyError, ValueError):  # absent, or written by hand wrongly
         return None
