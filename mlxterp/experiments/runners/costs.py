@@ -20,7 +20,7 @@ seconds, plus `per_shape` for each shape the backend has not built yet; the thre
 measured on the model's first block, in its dtype, on the default device, the first time a
 sweep needs them, and kept in `block-costs.json` of the cache folder for the next process (keyed
 by the device, MLX's version and the block's class, parameter shapes and dtypes: the weights'
-values do not change what a call costs). Delete that file to measure again.
+values do not change what a call costs) for `STORE_DAYS`. Delete that file to measure again.
 
 A shape is built once per process and kept: MLX 0.31-0.32's CUDA back end keeps the 256 most
 recent cuDNN attention graphs (`MLX_CUDA_SDPA_CACHE_SIZE`) and 400 CUDA graphs, so the shapes a
