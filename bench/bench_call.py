@@ -32,6 +32,7 @@ from mlxterp.models.identity import known_fingerprint
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_patching import PAIRS  # noqa: E402
 from random_model import bundled_folder, random_model  # noqa: E402
+from timing import timed  # noqa: E402
 
 SWEEPS = {"mlp x layer": dict(component="mlp", over="layer"),
           "input x layer x position": dict(component="input", over=("layer", "position"))}
@@ -56,13 +57,10 @@ def _timed(step, seconds: list[float]):
 
 
 def median_seconds(run, repeats: int) -> float:
+    """`timing.timed`'s median after two warm-up calls (MLX on CUDA is still building on a call's
+    second run)."""
     run(), run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(run, repeats)[0]
 
 
 def steady(folder: str, dtype: str, repeats: int) -> None:

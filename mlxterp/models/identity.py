@@ -41,9 +41,26 @@ def fingerprint(model: nn.Module) -> tuple[str, str]:
     """
     key = tuple(_array_ids(model, []))
     if key not in _fingerprints:
-        _fingerprints[key] = _hash(model)
-        weakref.finalize(model, _fingerprints.pop, key, None)  # ids are reused once arrays are gone
+        _remember(model, key, _hash(model))
     return _fingerprints[key]
+
+
+def _remember(model: nn.Module, key: tuple[int, ...], value: tuple[str, str]) -> tuple[str, str]:
+    _fingerprints[key] = value
+    weakref.finalize(model, _fingerprints.pop, key, None)  # ids are reused once arrays are gone
+    return value
+
+
+def parameter_layout(module: nn.Module) -> str:
+    """Every parameter's name, shape and dtype, in tree order: what a module computes with,
+    whatever the values (the key of stored fingerprints and of stored block costs).
+
+    Example:
+        >>> parameter_layout(model.layers[0])[:40]
+        'self_attn.q_proj.weight(576, 576)float32'
+    """
+    return ",".join(f"{name}{tuple(w.shape)}{str(w.dtype).removeprefix('mlx.core.')}"
+                    for name, w in tree_flatten(module.parameters()))
 
 
 def _hash(model: nn.Module) -> tuple[str, str]:
@@ -74,20 +91,17 @@ def known_fingerprint(model: nn.Module, path: Path) -> None:
     """
     import mlx_lm
 
-    layout = hashlib.sha256(",".join(f"{name}{tuple(w.shape)}{w.dtype}" for name, w in
-                                     tree_flatten(model.parameters())).encode()).hexdigest()
+    layout = hashlib.sha256(parameter_layout(model).encode()).hexdigest()
     written_for = {"format": FINGERPRINT_FORMAT, "mlx_lm": mlx_lm.__version__, "layout": layout}
     key = tuple(_array_ids(model, []))
     try:
         stored = json.loads(path.read_text())
         if {name: stored.get(name) for name in written_for} == written_for:
-            _fingerprints[key] = str(stored["sha256"]), str(stored["dtype"])
-            weakref.finalize(model, _fingerprints.pop, key, None)
+            _remember(model, key, (str(stored["sha256"]), str(stored["dtype"])))
             return
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # not written yet, or broken
         pass
-    _fingerprints[key] = sha256, dtype = _hash(model)
-    weakref.finalize(model, _fingerprints.pop, key, None)
+    sha256, dtype = _remember(model, key, _hash(model))
     try:
         write_atomically(path, lambda temporary: temporary.write_text(
             json.dumps({**written_for, "sha256": sha256, "dtype": dtype})))

@@ -104,7 +104,7 @@ INDEPENDENT_DEVIATIONS = 2.0
 def _kl_with_noise(logits: mx.array, reference: mx.array) -> tuple[mx.array, mx.array]:
     """KL values and their float32 noise, from the derivatives of KL(p || softmax(x)) with
     respect to the row x (gradient q - p, Hessian diag(q) - q q^T) and the reference r (gradient
-    p (log p/q - KL)), for the perturbations `_perturbed_noise` applies (`LOGIT_NOISE` of the
+    p (log p/q - KL)), for the perturbations `_values_and_noise` applies otherwise (`LOGIT_NOISE` of the
     largest reference logit per element, independent on row and reference, and of norm
     `LOGIT_NOISE * max|r| * sqrt(V)` along the row's difference from the reference) to second
     order, plus the rounding of the sum itself. The same bound in one `exp` pass instead of five:

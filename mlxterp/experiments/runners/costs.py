@@ -43,10 +43,10 @@ from datetime import date
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from mlxterp.blas import blas_status
 from mlxterp.experiments.pipeline.metrics import available_cores
+from mlxterp.models.identity import parameter_layout
 from mlxterp.models.load import cache_dir
 from mlxterp.paths import write_atomically
 from mlxterp.tracing.intercept import call_parameters
@@ -142,10 +142,8 @@ def _stored_key(block) -> str:
     """What a block call's cost depends on: the device (a CPU's cores and BLAS; a GPU's TF32
     setting), MLX's version, the calibration's, and the block's class and its parameters' shapes
     and dtypes."""
-    parameters = ",".join(f"{name}{tuple(w.shape)}{str(w.dtype).removeprefix('mlx.core.')}"
-                          for name, w in tree_flatten(block.parameters()))
     kind = f"{type(block).__module__}.{type(block).__qualname__}"
-    return f"{_device()} | mlx {mx.__version__} v{CALIBRATION_VERSION} | {kind} | {parameters}"
+    return f"{_device()} | mlx {mx.__version__} v{CALIBRATION_VERSION} | {kind} | {parameter_layout(block)}"
 
 
 @functools.cache
